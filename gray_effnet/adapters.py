@@ -1,0 +1,306 @@
+"""Grayscale stem adapters: how a 1-channel image meets a stem conv pretrained on 3 channels.
+
+An ImageNet stem computes ``y = conv(n, w)`` on the normalised image ``n_c = (x_c - mu_c) / sigma_c``
+with a weight ``w`` of shape (O, 3, k, k). For a gray image every colour channel is the same ``x``,
+and the adapters below are four ways of feeding it:
+
+* ``repeat``: expand ``x`` to 3 channels (a view), normalise per channel, run the stock conv.
+* ``broadcast``: Keras' mechanism. ``(x - mean) / std`` with (1, 3, 1, 1) statistics broadcasts
+  (B, 1, H, W) to (B, 3, H, W) by itself, then the stock conv runs. Bitwise equal to ``repeat``.
+* ``sum``: timm's ``in_chans=1``. A 1-channel conv whose weight is ``sum_c w_c``
+  (``timm.models.adapt_input_conv``), fed ``(x - mean(mu)) / mean(sigma)``. Equal to ``repeat`` only
+  when the statistics are the same for every channel.
+* ``fold``: ours. ``conv(n, w) = conv(x, sum_c w_c / sigma_c) - conv(1, sum_c w_c mu_c / sigma_c)``,
+  where ``1`` is an image of ones padded exactly as ``x`` is, so even the zero-padded borders match.
+  The 3-channel ``w`` stays the trainable parameter, so training ``fold`` is training ``repeat``.
+
+Each adapter is a module that replaces the model's first conv and owns that conv's parameters. A new
+adapter needs only a subclass of ``StemAdapter`` and ``@register_adapter("name")``.
+"""
+
+import copy
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from timm.layers import Conv2dSame
+from timm.layers.conv2d_same import conv2d_same
+from timm.models import adapt_input_conv
+from torch import Tensor, nn
+
+from .errors import InputError
+
+__all__ = [
+    "ADAPTERS",
+    "StemAdapter",
+    "create_adapter",
+    "get_adapter_class",
+    "list_adapters",
+    "register_adapter",
+]
+
+ADAPTERS: dict[str, type["StemAdapter"]] = {}
+
+
+def register_adapter(name: str):
+    """Class decorator that adds a ``StemAdapter`` subclass to ``ADAPTERS`` under ``name``.
+
+    Example:
+        >>> @register_adapter("mine")
+        ... class MyStem(StemAdapter):
+        ...     def normalize(self, x):
+        ...         return (x - self.mean) / self.std
+    """
+
+    def wrap(cls: type["StemAdapter"]) -> type["StemAdapter"]:
+        if name in ADAPTERS:
+            raise InputError(f"adapter {name!r} is already registered (by {ADAPTERS[name].__qualname__})")
+        cls.name = name
+        ADAPTERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_adapters() -> list[str]:
+    """Names of the registered adapters, in registration order."""
+    return list(ADAPTERS)
+
+
+def get_adapter_class(name: str) -> type["StemAdapter"]:
+    """Look up an adapter class; an unknown name raises ``ValueError`` that lists the valid ones."""
+    try:
+        return ADAPTERS[name]
+    except KeyError:
+        raise InputError(f"unknown adapter {name!r}; choose one of: {', '.join(list_adapters())}") from None
+
+
+def create_adapter(name: str, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float]) -> "StemAdapter":
+    """Wrap a pretrained 3-channel stem conv in the adapter called ``name``.
+
+    Args:
+        name: a name from ``list_adapters()``.
+        conv: the model's first conv, with 3 input channels. ``repeat``, ``broadcast`` and ``fold`` keep
+            this very module (and so its ``Parameter`` objects); ``sum`` makes a 1-channel copy.
+        mean: the 3 per-channel means the weights were trained with, on the [0, 1] scale.
+        std: the 3 per-channel standard deviations.
+    """
+    return get_adapter_class(name).from_rgb_conv(conv, mean, std)
+
+
+def conv_forward(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Run ``conv``'s own convolution, padding rule included, with another weight and bias.
+
+    timm's ``tf_`` models use ``Conv2dSame``, whose TensorFlow 'same' padding depends on the input size;
+    other models use ``nn.Conv2d`` with fixed padding. Both rules must be kept for ``fold`` to be exact.
+    """
+    if isinstance(conv, Conv2dSame):
+        return conv2d_same(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if type(conv) is nn.Conv2d:
+        return conv._conv_forward(x, weight, bias)
+    # Any other Conv2d subclass: let its own forward run with the substituted tensors.
+    params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+    return torch.func.functional_call(conv, params, (x,))
+
+
+def _check_stem(conv: nn.Module, in_chans: int) -> None:
+    if not isinstance(conv, nn.Conv2d):
+        raise InputError(f"the first layer must be an nn.Conv2d to adapt it; got {type(conv).__name__}")
+    if conv.in_channels != in_chans or conv.groups != 1:
+        raise InputError(
+            f"expected a stem conv with {in_chans} input channel(s) and groups=1; "
+            f"got in_channels={conv.in_channels}, groups={conv.groups}"
+        )
+
+
+def _stats(values: Sequence[float], what: str) -> Tensor:
+    t = torch.as_tensor(values, dtype=torch.float32).flatten()
+    if t.numel() != 3:
+        raise InputError(f"{what} must have 3 values (one per RGB channel); got {tuple(t.tolist())}")
+    return t.view(1, 3, 1, 1)
+
+
+def _with_weight(conv: nn.Conv2d, weight: Tensor) -> nn.Conv2d:
+    """A copy of ``conv`` (same class, stride, padding, device, dtype) that owns ``weight``."""
+    new = copy.deepcopy(conv)
+    new.weight = nn.Parameter(weight.to(conv.weight), requires_grad=conv.weight.requires_grad)
+    new.in_channels = weight.shape[1]
+    return new
+
+
+class StemAdapter(nn.Module):
+    """Base class: ``forward(x) = project(normalize(x))`` for ``x`` of shape (B, 1, H, W) in [0, 1].
+
+    Subclasses set ``name`` (through ``register_adapter``), ``in_chans`` (the input channels of the conv
+    they train) and the two notes that ``gray_effnet.explain`` prints, and override ``normalize`` and,
+    where needed, ``project``, ``from_rgb_conv`` and ``rgb_conv``.
+
+    Attributes:
+        conv: the stem conv whose parameters this adapter trains.
+        mean: (1, 3, 1, 1) per-channel means of the pretrained weights (not saved in the state dict).
+        std: (1, 3, 1, 1) per-channel standard deviations.
+    """
+
+    name: ClassVar[str] = ""
+    in_chans: ClassVar[int] = 3
+    normalize_note: ClassVar[str] = ""
+    project_note: ClassVar[str] = ""
+
+    def __init__(self, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        _check_stem(conv, self.in_chans)
+        self.conv = conv
+        device = conv.weight.device
+        self.register_buffer("mean", _stats(mean, "mean").to(device), persistent=False)
+        self.register_buffer("std", _stats(std, "std").to(device), persistent=False)
+
+    @classmethod
+    def from_rgb_conv(cls, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float]) -> "StemAdapter":
+        """Build the adapter from a 3-channel stem conv; the default keeps ``conv`` itself."""
+        return cls(conv, mean, std)
+
+    def rgb_conv(self) -> nn.Conv2d:
+        """A 3-channel conv that gives the same output as this adapter on gray input (``set_adapter``)."""
+        return self.conv
+
+    def normalize(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def project(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Shape: (B, 1, H, W) -> (B, O, H', W'), the stem conv's output."""
+        return self.project(self.normalize(x))
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+@register_adapter("repeat")
+class RepeatStem(StemAdapter):
+    """Expand the gray channel to 3 (a view, no copy), normalise per channel, run the stock conv."""
+
+    normalize_note = "expand (a view) to 3 channels, then (x - mean_c) / std_c per channel"
+    project_note = "the stock 3-channel stem conv"
+
+    def normalize(self, x: Tensor) -> Tensor:
+        x = x.expand(-1, 3, -1, -1)  # (B,1,H,W) -> (B,3,H,W): stride 0 on channels, no copy yet
+        return (x - self.mean) / self.std  # the subtraction writes the (B,3,H,W) result
+
+
+@register_adapter("broadcast")
+class BroadcastStem(StemAdapter):
+    """The Keras mechanism, made explicit: 3-channel statistics broadcast over a 1-channel image."""
+
+    normalize_note = "(x - mean) / std, and mean has shape (1, 3, 1, 1), so the 1-channel x broadcasts to 3"
+    project_note = "the stock 3-channel stem conv"
+
+    def normalize(self, x: Tensor) -> Tensor:
+        # (B,1,H,W) - (1,3,1,1) -> (B,3,H,W). Each element is (x - mean_c) / std_c from the same operands
+        # as in `repeat`, so the two are bitwise equal. Keras' in-model Normalization layer does this.
+        return (x - self.mean) / self.std
+
+
+@register_adapter("sum")
+class SumStem(StemAdapter):
+    """timm's ``in_chans=1`` route: a 1-channel conv with the RGB weights summed, averaged statistics.
+
+    The trainable weight is the (O, 1, k, k) sum, as in ``timm.create_model(..., in_chans=1)``.
+    """
+
+    in_chans = 1
+    normalize_note = "(x - mean(mean)) / mean(std): timm's loader averages 3-channel stats for 1 channel"
+    project_note = "a 1-channel stem conv whose weight is the RGB weights summed (timm adapt_input_conv)"
+
+    def __init__(self, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__(conv, mean, std)
+        self.register_buffer("mean1", self.mean.mean().view(1, 1, 1, 1), persistent=False)
+        self.register_buffer("std1", self.std.mean().view(1, 1, 1, 1), persistent=False)
+
+    @classmethod
+    def from_rgb_conv(cls, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float]) -> "SumStem":
+        _check_stem(conv, 3)
+        return cls(_with_weight(conv, adapt_input_conv(1, conv.weight.detach())), mean, std)
+
+    def rgb_conv(self) -> nn.Conv2d:
+        return _with_weight(self.conv, gray_stem_weight_to_rgb(self.conv.weight.detach(), self.std))
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return (x - self.mean1) / self.std1
+
+
+@register_adapter("fold")
+class FoldStem(StemAdapter):
+    """An exact 1-channel equivalent of ``repeat``: normalisation folded into the stem weights.
+
+    ``w' = sum_c w_c / std_c`` and ``b' = sum_c w_c mean_c / std_c`` are derived from the 3-channel
+    weight in every forward, so gradients reach the same parameters as under ``repeat``. The offset
+    ``conv(ones, b')`` uses the stem's own padding: constant inside, different on the zero-padded
+    borders. With no gradient to track it is cached per input size, device, dtype and weight version.
+    """
+
+    normalize_note = "none here: the normalisation is folded into the stem weights"
+    project_note = "1-channel conv with sum_c w_c / std_c, minus conv(ones, sum_c w_c mean_c / std_c)"
+    cache_size: ClassVar[int] = 8
+
+    def __init__(self, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__(conv, mean, std)
+        self._offsets: dict[tuple, tuple[tuple, Tensor]] = {}
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return x
+
+    def folded_weights(self) -> tuple[Tensor, Tensor]:
+        """The (O, 1, k, k) weight applied to ``x`` and the (O, 1, k, k) kernel of the offset map."""
+        w = self.conv.weight
+        mean, std = self.mean.to(w.dtype), self.std.to(w.dtype)  # (1,3,1,1) broadcasts over (O,3,k,k)
+        return (w / std).sum(1, keepdim=True), (w * (mean / std)).sum(1, keepdim=True)
+
+    def offset(self, x: Tensor, offset_weight: Tensor) -> Tensor:
+        """``conv(ones, offset_weight)`` for images of ``x``'s size; (1, O, H', W')."""
+        ones = torch.ones((1, 1, *x.shape[-2:]), dtype=x.dtype, device=x.device)
+        return conv_forward(self.conv, ones, offset_weight)
+
+    def _cached_offset(self, x: Tensor) -> Tensor | None:
+        w = self.conv.weight
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and w.requires_grad):
+            return None  # training: the offset must stay in the graph; compiled: let the compiler fuse it
+        autocast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        key = (tuple(x.shape[-2:]), x.device, x.dtype, autocast)
+        # data_ptr and _version change whenever the weights or statistics are replaced or updated in place.
+        state = tuple((t.data_ptr(), t._version) for t in (w, self.mean, self.std))
+        hit = self._offsets.get(key)
+        if hit is not None and hit[0] == state:
+            return hit[1]
+        offset = self.offset(x, self.folded_weights()[1])
+        if len(self._offsets) >= self.cache_size:
+            self._offsets.pop(next(iter(self._offsets)))
+        self._offsets[key] = (state, offset)
+        return offset
+
+    def project(self, x: Tensor) -> Tensor:
+        offset = self._cached_offset(x)
+        if offset is None:
+            weight, offset_weight = self.folded_weights()
+            offset = self.offset(x, offset_weight)
+        else:
+            weight = self.folded_weights()[0]
+        # (B,1,H,W) -> (B,O,H',W'); the (1,O,H',W') offset broadcasts over the batch.
+        return conv_forward(self.conv, x, weight, self.conv.bias) - offset
+
+    def _apply(self, fn, recurse=True):
+        self._offsets.clear()  # .to(), .half(), ... make new tensors; drop maps built for the old ones
+        return super()._apply(fn, recurse)
+
+
+def gray_stem_weight_to_rgb(weight: Tensor, std: Sequence[float]) -> Tensor:
+    """Spread a 1-channel stem weight (O, 1, k, k) over RGB so that it is exact on gray input.
+
+    ``w_c = w * std_c / (3 * mean(std))``: then ``sum_c w_c (x - mu_c) / std_c = w (x - mean(mu)) / mean(std)``,
+    which is what ``sum`` computes. ``set_adapter`` uses it to leave ``sum``, and weight loading uses it to
+    put 1-channel (``in_chans=1``) timm weights into a 3-channel stem.
+    """
+    s = _stats(std, "std").to(weight)
+    return weight * s / (3 * s.mean())
+
