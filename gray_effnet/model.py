@@ -53,6 +53,10 @@ class GrayEfficientNet(nn.Module):
         std: per-channel standard deviations; default: the model's ``pretrained_cfg``.
         class_names: optional labels, saved with checkpoints.
         img_size: optional (H, W) the model is meant for, saved with checkpoints.
+        head_init_std: a classifier that the weights do not provide (``num_classes`` differs) starts as
+            N(0, head_init_std^2) with zero bias, so that the first logits are small. timm's EfficientNet
+            init gives logits of std ~6 for 10 classes, which costs about an epoch of fine-tuning.
+            None keeps timm's init. Unused without weights.
         **timm_kwargs: passed to ``timm.create_model`` (``drop_rate``, ``drop_path_rate``, ...).
 
     Shape:
@@ -77,6 +81,7 @@ class GrayEfficientNet(nn.Module):
         std: Sequence[float] | None = None,
         class_names: Sequence[str] | None = None,
         img_size: Sequence[int] | None = None,
+        head_init_std: float | None = 0.01,
         **timm_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -102,10 +107,15 @@ class GrayEfficientNet(nn.Module):
         info = getattr(self.model, "feature_info", None)
         self.min_size = int(info[-1]["reduction"]) if info else 32
 
+        head_loaded = True
         if weights is not None:
-            load_weights_file(self.model, weights, std=self.std)
+            head_loaded = load_weights_file(self.model, weights, std=self.std)
         elif pretrained:
-            load_pretrained(self.model, model_name, num_classes=num_classes, std=self.std)
+            head_loaded = load_pretrained(self.model, model_name, num_classes=num_classes, std=self.std)
+        head = self.model.get_classifier()
+        if not head_loaded and head_init_std is not None and isinstance(head, nn.Linear):
+            nn.init.normal_(head.weight, std=head_init_std)
+            nn.init.zeros_(head.bias)
         conv = self.model.get_submodule(self.stem_name)
         self.model.set_submodule(self.stem_name, create_adapter(adapter, conv, self.mean, self.std))
 

@@ -74,6 +74,9 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions of a new file
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -202,8 +205,12 @@ def _to_timm_names(state_dict: dict[str, Tensor], model: nn.Module, source: str)
     return state_dict
 
 
-def _load_into(model: nn.Module, state_dict: dict[str, Tensor], std, source: str) -> None:
-    """Load a timm-named state dict into a 3-channel timm model, strictly but for the classifier."""
+def _load_into(model: nn.Module, state_dict: dict[str, Tensor], std, source: str) -> bool:
+    """Load a timm-named state dict into a 3-channel timm model, strictly but for the classifier.
+
+    Returns:
+        Whether the classifier came from the file (False: its shape differed, a fresh one is kept).
+    """
     from .model import first_conv_name
 
     state_dict = _to_timm_names(state_dict, model, source)
@@ -233,16 +240,16 @@ def _load_into(model: nn.Module, state_dict: dict[str, Tensor], std, source: str
             + "; ".join(parts)
         )
     model.load_state_dict(state_dict, strict=False)
+    return all(k in state_dict for k in _classifier_keys(model) if k in target)
 
 
-def load_weights_file(model: nn.Module, path: str | os.PathLike, std) -> dict[str, Any]:
-    """Load a local weights file into a 3-channel timm model; returns the file's gray_effnet metadata.
+def load_weights_file(model: nn.Module, path: str | os.PathLike, std) -> bool:
+    """Load a local weights file into a 3-channel timm model; returns whether the classifier was loaded.
 
     The classifier is kept when its shape fits and reset otherwise; ``std`` spreads 1-channel stems.
     """
-    state_dict, meta = read_weights_file(path)
-    _load_into(model, state_dict, std, str(path))
-    return meta
+    state_dict, _ = read_weights_file(path)
+    return _load_into(model, state_dict, std, str(path))
 
 
 # -- pretrained -----------------------------------------------------------------------------------------
@@ -304,21 +311,21 @@ def _no_weights_message(model_name: str, why: str) -> str:
     )
 
 
-def load_pretrained(model: nn.Module, model_name: str, num_classes: int, std) -> str:
-    """Load ImageNet weights into a 3-channel timm model; returns where they came from."""
+def load_pretrained(model: nn.Module, model_name: str, num_classes: int, std) -> bool:
+    """Load ImageNet weights into a 3-channel timm model; returns whether the classifier was loaded."""
     bundled = bundled_weights_path(model_name)
     if bundled is not None:
         state_dict, _ = read_weights_file(bundled)
-        _load_into(model, state_dict, std, f"bundled package weights {bundled.name}")
-        return str(bundled)
+        _logger.info("loading %s's ImageNet weights from %s", model_name, bundled)
+        return _load_into(model, state_dict, std, f"bundled package weights {bundled.name}")
     cfg = model.pretrained_cfg
     if not (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")):
         raise WeightsError(_no_weights_message(model_name, "timm has no pretrained weights for it"))
     cached = _cached_hub_file(cfg)
     if cached is not None:
         state_dict, _ = read_weights_file(cached)
-        _load_into(model, state_dict, std, str(cached))
-        return str(cached)
+        _logger.info("loading %s's ImageNet weights from the cache: %s", model_name, cached)
+        return _load_into(model, state_dict, std, str(cached))
     host = _hub_host() if cfg.get("hf_hub_id") else (urlparse(cfg.get("url", "")).hostname or _hub_host())
     if not _reachable(host):
         raise WeightsError(_no_weights_message(model_name, f"{host} cannot be reached (offline?)"))
@@ -328,7 +335,7 @@ def load_pretrained(model: nn.Module, model_name: str, num_classes: int, std) ->
         timm_load_pretrained(model, num_classes=num_classes, in_chans=3)
     except Exception as e:  # network and hub errors come from deep inside huggingface_hub
         raise WeightsError(_no_weights_message(model_name, f"the download failed ({type(e).__name__}: {e})")) from None
-    return cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")
+    return num_classes == cfg.get("num_classes", 1000)
 
 
 # -- rebuilding -----------------------------------------------------------------------------------------

@@ -62,6 +62,16 @@ class TestBundled:
         model = GrayEfficientNet("tf_efficientnet_lite0", num_classes=9, pretrained=True)
         assert model.model.classifier.weight.shape == (9, 1280)
         torch.testing.assert_close(model.stem.conv.weight, lite0_pretrained.stem.conv.weight)
+        assert model.model.classifier.weight.std().item() == pytest.approx(0.01, rel=0.1)  # head_init_std
+        assert not model.model.classifier.bias.any()
+        timm_init = GrayEfficientNet("tf_efficientnet_lite0", num_classes=9, pretrained=True, head_init_std=None)
+        assert timm_init.model.classifier.weight.std() > 0.1
+
+    def test_loaded_classifier_kept(self, tmp_path):
+        src = make_model("efficientnet_b0", "repeat", num_classes=10)
+        path = save_weights(src, tmp_path / "w.safetensors")
+        model = GrayEfficientNet("efficientnet_b0", num_classes=10, weights=str(path))
+        assert torch.equal(model.model.classifier.weight, src.model.classifier.weight)
 
 
 class TestLocalFiles:
@@ -158,8 +168,7 @@ class TestHub:
         target = timm.create_model("efficientnet_b0")
         url = "https://example.invalid/b0_test.pth"
         target.pretrained_cfg = {**target.pretrained_cfg, "hf_hub_id": None, "url": url}
-        source = load_pretrained(target, "efficientnet_b0", num_classes=1000, std=src.std)
-        assert source.endswith("b0_test.pth")
+        assert load_pretrained(target, "efficientnet_b0", num_classes=1000, std=src.std)  # the head too
         assert torch.equal(target.conv_stem.weight, src.stem.conv.weight)
 
 

@@ -1,0 +1,218 @@
+"""Train and eval steps: one AMP code path, device-side metrics, DDP-aware reductions."""
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .errors import InputError, NonFiniteLossError
+
+__all__ = ["EvalResult", "amp_setup", "evaluate", "peak_memory_mb", "train_one_epoch"]
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_setup(device: torch.device, amp: str) -> tuple[Callable, torch.amp.GradScaler]:
+    """``(autocast, scaler)`` as in nanoGPT: a context factory, and a scaler enabled only for fp16.
+
+    bf16 has float32's exponent range, so its gradients need no scaling; fp16 does.
+    """
+    if amp not in AMP_DTYPES:
+        raise InputError(f"amp must be one of {', '.join(AMP_DTYPES)}; got {amp!r}")
+    dtype = AMP_DTYPES[amp]
+    autocast = nullcontext if dtype is None else partial(torch.autocast, device_type=device.type, dtype=dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    return autocast, scaler
+
+
+def _all_reduce(t: Tensor) -> Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA's max allocated, or the CPU's max resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    except ImportError:  # Windows
+        return float("nan")
+
+
+def _to_device(images: Tensor, targets: Tensor, device: torch.device, channels_last: bool):
+    # uint8 batches cross the bus at 1 byte per pixel; pinned memory makes the copy asynchronous.
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(device, non_blocking=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    criterion: nn.Module,
+    device: torch.device,
+    epoch: int,
+    autocast: Callable = nullcontext,
+    scaler: torch.amp.GradScaler | None = None,
+    clip_grad: float | None = None,
+    channels_last: bool = False,
+    log_every: int = 20,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train for one epoch; returns loss, accuracy, images/s, seconds, skipped files and steps.
+
+    ``.item()`` waits for the device, so losses are checked for NaN/inf only every ``log_every`` steps
+    and at the end; the error names the first bad step of that window. Raises ``NonFiniteLossError``.
+    """
+    model.train()
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    steps_per_epoch = len(loader)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = torch.zeros((), device=device, dtype=torch.long)
+    window: list[Tensor] = []
+    skipped = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
+
+    def check(step: int) -> None:
+        losses = torch.stack(window).float()
+        bad = (~torch.isfinite(losses)).nonzero().flatten().cpu()
+        # Every rank must learn of a bad loss on any rank, or the others would wait in the next all-reduce.
+        if _all_reduce(torch.tensor(len(bad), device=device)).item():
+            where = f"step {step - len(window) + 2 + int(bad[0])}" if len(bad) else "a step on another rank"
+            raise NonFiniteLossError(
+                f"the loss became non-finite at epoch {epoch}, {where} (of {steps_per_epoch}); training "
+                "stopped. Lower --lr, use --amp bf16 rather than fp16, or set --clip-grad. "
+                "The last good checkpoint is kept."
+            )
+        losses = losses.cpu()
+        bar.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        window.clear()
+
+    for step, batch in enumerate(bar):
+        skipped += batch.skipped
+        if batch.targets.numel() == 0:
+            continue
+        images, targets = _to_device(batch.images, batch.targets, device, channels_last)
+        with autocast():
+            logits = model(images)
+            loss = criterion(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if clip_grad:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        if scheduler is not None:
+            scheduler.step_update(num_updates=epoch * steps_per_epoch + step + 1)
+        n = targets.numel()
+        window.append(loss.detach())
+        loss_sum += loss.detach().double() * n
+        correct += (logits.detach().argmax(-1) == targets).sum()
+        seen += n
+        if (step + 1) % log_every == 0:
+            check(step)
+    if window:
+        check(steps_per_epoch - 1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    totals = _all_reduce(torch.stack([loss_sum, correct.double(), seen.double()]))
+    images = totals[2].item()
+    return {
+        "train_loss": totals[0].item() / max(images, 1),
+        "train_acc": totals[1].item() / max(images, 1),
+        "img_per_s": images / seconds if seconds > 0 else float("nan"),
+        "seconds": seconds,
+        "train_skipped": int(_all_reduce(torch.tensor(skipped, device=device)).item()),
+    }
+
+
+@dataclass
+class EvalResult:
+    """Validation metrics; ``confusion[t, p]`` counts images of class ``t`` predicted as ``p``."""
+
+    loss: float
+    acc: float
+    confusion: Tensor
+    skipped: int = 0
+    predictions: list[tuple[str, int, int, float]] = field(default_factory=list)  # path, target, pred, prob
+
+    def per_class(self) -> tuple[Tensor, Tensor]:
+        """Precision and recall of each class (NaN where undefined)."""
+        c = self.confusion.double()
+        tp = c.diag()
+        return tp / c.sum(0), tp / c.sum(1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    num_classes: int,
+    autocast: Callable = nullcontext,
+    criterion: nn.Module | None = None,
+    channels_last: bool = False,
+    keep_predictions: bool = False,
+    progress: bool = True,
+    desc: str = "eval",
+) -> EvalResult:
+    """Evaluate on every image of ``loader`` once (summed over DDP ranks).
+
+    Targets below 0 mark unlabelled images: they are predicted but count in no metric.
+    """
+    model.eval()
+    criterion = criterion or nn.CrossEntropyLoss()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+    skipped = 0
+    predictions = []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        skipped += batch.skipped
+        if batch.targets.numel() == 0:
+            continue
+        images, targets = _to_device(batch.images, batch.targets, device, channels_last)
+        with autocast():
+            logits = model(images)
+        logits = logits.float()
+        pred = logits.argmax(-1)
+        labelled = targets >= 0
+        if labelled.any():
+            loss_sum += criterion(logits[labelled], targets[labelled]).double() * labelled.sum()
+            confusion += torch.bincount(targets[labelled] * num_classes + pred[labelled], minlength=num_classes**2)
+        if keep_predictions:
+            prob = logits.softmax(-1).gather(1, pred[:, None])[:, 0]
+            predictions += list(zip(batch.paths, targets.tolist(), pred.tolist(), prob.tolist()))
+    _all_reduce(loss_sum)
+    _all_reduce(confusion)
+    if keep_predictions and dist.is_available() and dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, predictions)
+        predictions = sorted(p for part in gathered for p in part)
+    skipped = int(_all_reduce(torch.tensor(skipped, device=device)).item())
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    total = int(confusion.sum())
+    return EvalResult(
+        loss=loss_sum.item() / total if total else math.nan,
+        acc=confusion.diag().sum().item() / total if total else math.nan,
+        confusion=confusion,
+        skipped=skipped,
+        predictions=predictions,
+    )

@@ -1,0 +1,279 @@
+"""Reading gray images (8/16 bit, colour, odd formats), folders, splits, bad files and loaders."""
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gray_effnet import DataError
+from gray_effnet.data import (
+    GrayImageFolder,
+    UnreadableImageWarning,
+    build_transforms,
+    collate,
+    find_images,
+    load_folder,
+    make_loader,
+    prepare_digits,
+    read_gray,
+    set_loader_epoch,
+    split_samples,
+)
+
+
+def gradient(h=20, w=30, hi=255, dtype=np.uint8) -> np.ndarray:
+    return np.linspace(0, hi, h * w).reshape(h, w).astype(dtype)
+
+
+def write_folder(root: Path, counts: dict[str, int], size=(16, 16)) -> Path:
+    rng = np.random.default_rng(0)
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(root / cls / f"{i:03d}.png")
+    return root
+
+
+class TestReadGray:
+    def test_8bit_stays_uint8(self, tmp_path):
+        a = gradient()
+        Image.fromarray(a).save(tmp_path / "g.png")
+        x = read_gray(tmp_path / "g.png")
+        assert x.dtype == torch.uint8 and x.shape == (1, 20, 30)
+        assert torch.equal(x[0], torch.from_numpy(a))
+
+    @pytest.mark.parametrize("suffix", [".png", ".tif"])
+    def test_16bit_keeps_full_precision(self, tmp_path, suffix):
+        a = gradient(hi=65535, dtype=np.uint16)
+        Image.fromarray(a).save(tmp_path / f"g{suffix}")
+        x = read_gray(tmp_path / f"g{suffix}")
+        assert x.dtype == torch.float32
+        torch.testing.assert_close(x[0], torch.from_numpy(a.astype(np.float32) / 65535), rtol=0, atol=1e-7)
+        assert len(torch.unique(x)) > 256  # 'L' conversion would have clamped to 256 levels (Pillow #3011)
+
+    def test_12bit_in_16bit(self, tmp_path):
+        a = gradient(hi=4095, dtype=np.uint16)
+        Image.fromarray(a).save(tmp_path / "dark.png")
+        full = read_gray(tmp_path / "dark.png")
+        assert full.max().item() == pytest.approx(4095 / 65535)  # dark, but exact
+        assert read_gray(tmp_path / "dark.png", intensity="12").max().item() == pytest.approx(1.0)
+        minmax = read_gray(tmp_path / "dark.png", intensity="minmax")
+        assert minmax.min().item() == 0.0 and minmax.max().item() == 1.0
+
+    def test_bad_intensity(self, tmp_path):
+        Image.fromarray(gradient()).save(tmp_path / "g.png")
+        with pytest.raises(DataError, match="intensity must be 'full', 'minmax' or a bit depth 1..32; got 'bright'"):
+            read_gray(tmp_path / "g.png", intensity="bright")
+
+    def test_float_tiff(self, tmp_path):
+        a = np.linspace(0, 1, 600, dtype=np.float32).reshape(20, 30)
+        Image.fromarray(a, mode="F").save(tmp_path / "f.tif")
+        torch.testing.assert_close(read_gray(tmp_path / "f.tif")[0], torch.from_numpy(a))
+
+    @pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "LA", "CMYK", "1"])
+    def test_colour_modes_to_luminance(self, tmp_path, mode):
+        rgb = Image.fromarray(np.stack([gradient(), gradient()[::-1], np.full((20, 30), 90, np.uint8)], -1))
+        img = rgb.convert(mode)
+        path = tmp_path / ("c.jpg" if mode == "CMYK" else "c.png")
+        img.save(path, quality=100) if mode == "CMYK" else img.save(path)
+        x = read_gray(path)
+        assert x.dtype == torch.uint8 and x.shape == (1, 20, 30)
+        with Image.open(path) as ref:
+            expected = np.asarray(ref.convert("L"))
+        assert torch.equal(x[0], torch.from_numpy(expected.copy()))
+
+    def test_rgb_luma_weights(self, tmp_path):
+        Image.new("RGB", (4, 4), (200, 100, 50)).save(tmp_path / "c.png")
+        assert read_gray(tmp_path / "c.png")[0, 0, 0].item() == round(200 * 0.299 + 100 * 0.587 + 50 * 0.114)
+
+    def test_exif_orientation(self, tmp_path):
+        a = gradient(10, 30)
+        img = Image.fromarray(a)
+        exif = img.getexif()
+        exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+        img.save(tmp_path / "o.jpg", exif=exif, quality=100)
+        x = read_gray(tmp_path / "o.jpg")
+        assert x.shape == (1, 30, 10)
+
+    def test_multipage_tiff_first_frame(self, tmp_path):
+        frames = [Image.fromarray(np.full((8, 8), v, np.uint8)) for v in (10, 200)]
+        frames[0].save(tmp_path / "m.tif", save_all=True, append_images=frames[1:])
+        assert read_gray(tmp_path / "m.tif").unique().tolist() == [10]
+
+    def test_animated_gif_first_frame(self, tmp_path):
+        frames = [Image.fromarray(np.full((8, 8), v, np.uint8)) for v in (30, 220)]
+        frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+        assert read_gray(tmp_path / "a.gif").unique().tolist() == [30]
+
+
+class TestFolders:
+    def test_layout_and_ignored_files(self, tmp_path):
+        root = write_folder(tmp_path / "d", {"a": 3, "b": 2})
+        (root / "a" / ".DS_Store").write_bytes(b"\0\0")
+        (root / "a" / "notes.txt").write_text("hi")
+        (root / "b" / "labels.csv").write_text("x,y")
+        (root / ".hidden").mkdir()
+        found = find_images(root)
+        assert found.classes == ["a", "b"]
+        assert len(found.samples) == 5
+        assert sorted(Path(p).name for p in found.ignored) == [".DS_Store", "labels.csv", "notes.txt"]
+
+    def test_missing_folder(self, tmp_path):
+        with pytest.raises(DataError, match="does not exist or is not a folder"):
+            load_folder(tmp_path / "nope")
+
+    def test_empty_folder(self, tmp_path):
+        with pytest.raises(DataError, match="has no class subfolders; expected one subfolder per class"):
+            load_folder(tmp_path)
+
+    def test_loose_images(self, tmp_path):
+        Image.fromarray(gradient()).save(tmp_path / "x.png")
+        with pytest.raises(DataError, match=r"no class subfolders \(found loose images such as x.png\)"):
+            load_folder(tmp_path)
+
+    def test_single_class(self, tmp_path):
+        with pytest.raises(DataError, match=r"has a single class \(a\); a classifier needs at least 2"):
+            load_folder(write_folder(tmp_path, {"a": 4}))
+
+    def test_empty_class_folder(self, tmp_path):
+        root = write_folder(tmp_path, {"a": 4, "b": 4})
+        (root / "c").mkdir()
+        (root / "c" / "readme.txt").write_text("no images here")
+        with pytest.raises(DataError, match="class folder\\(s\\) with no images in .*: c"):
+            load_folder(root)
+
+    def test_train_val_class_sets_differ(self, tmp_path):
+        write_folder(tmp_path / "train", {"a": 2, "b": 2, "c": 2})
+        write_folder(tmp_path / "val", {"a": 2, "b": 2, "d": 2})
+        with pytest.raises(DataError, match=r"only in train: \['c'\]; only in val: \['d'\]"):
+            load_folder(tmp_path)
+
+    def test_presplit_used_as_is(self, tmp_path):
+        write_folder(tmp_path / "train", {"a": 5, "b": 3})
+        write_folder(tmp_path / "val", {"a": 1, "b": 2})
+        data = load_folder(tmp_path)
+        assert data.presplit and (len(data.train), len(data.val)) == (8, 3)
+
+
+class TestSplit:
+    samples = [(f"/d/{c}/{i:03d}.png", label) for label, (c, n) in enumerate([("a", 50), ("b", 20), ("c", 7)])
+               for i in range(n)]
+
+    def test_deterministic(self):
+        assert split_samples(self.samples, 0.2, seed=3) == split_samples(list(reversed(self.samples)), 0.2, seed=3)
+        assert split_samples(self.samples, 0.2, seed=3) != split_samples(self.samples, 0.2, seed=4)
+
+    def test_stratified_and_complete(self):
+        train, val = split_samples(self.samples, 0.2, seed=0)
+        assert sorted(train + val) == sorted(self.samples) and not set(train) & set(val)
+        per_class = [sum(1 for _, lab in val if lab == k) for k in range(3)]
+        assert per_class == [10, 4, 1]
+
+    def test_bad_fraction(self):
+        with pytest.raises(DataError, match="val_split must be between 0 and 1; got 1.5"):
+            split_samples(self.samples, 1.5, seed=0)
+
+
+class TestBadFiles:
+    @pytest.fixture
+    def messy(self, tmp_path):
+        root = write_folder(tmp_path, {"a": 6, "b": 6}, size=(32, 32))
+        (root / "a" / "empty.png").write_bytes(b"")
+        (root / "a" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(1).integers(0, 256, (128, 128), dtype=np.uint8)).save(buf, format="JPEG")
+        (root / "b" / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+        return root
+
+    def test_skipped_with_warning_naming_each(self, messy):
+        with pytest.warns(UnreadableImageWarning) as record:
+            data = load_folder(messy, val_split=0.25, seed=0)
+        named = " ".join(str(w.message) for w in record)
+        assert "empty.png" in named and "corrupt.png" in named
+        kept = {Path(p).name for p, _ in data.train + data.val}
+        assert not {"empty.png", "corrupt.png"} & kept
+        # A truncated JPEG has a valid header: it is caught when decoded, during training, and skipped there.
+        assert "truncated.jpg" in kept
+
+    def test_truncated_skipped_at_read_time(self, messy):
+        ds = GrayImageFolder([(str(messy / "b" / "truncated.jpg"), 1), (str(messy / "b" / "000.png"), 1)],
+                             build_transforms((32, 32), train=False))
+        with pytest.warns(UnreadableImageWarning, match="truncated.jpg"):
+            batch = collate([ds[0], ds[1]])
+        assert batch.images.shape == (1, 1, 32, 32) and batch.skipped == 1
+
+    def test_strict_refuses_and_lists_all(self, messy):
+        with pytest.raises(DataError) as info:
+            load_folder(messy, strict=True)
+        message = str(info.value)
+        assert "--strict-data: 3 unreadable file(s)" in message
+        for name in ("empty.png", "corrupt.png", "truncated.jpg"):
+            assert name in message
+
+    def test_nothing_readable(self, tmp_path):
+        for cls in ("a", "b"):
+            (tmp_path / cls).mkdir()
+            (tmp_path / cls / "x.png").write_bytes(b"")
+            (tmp_path / cls / "y.png").write_bytes(b"")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnreadableImageWarning)
+            with pytest.raises(DataError, match="no readable images left"):
+                load_folder(tmp_path)
+
+
+class TestLoader:
+    def test_uint8_one_channel_batches(self, tmp_path):
+        data = load_folder(write_folder(tmp_path, {"a": 6, "b": 6}, size=(20, 28)), val_split=0.25)
+        ds = GrayImageFolder(data.train, build_transforms((32, 48), train=True), data.scan.wide)
+        batch = next(iter(make_loader(ds, 4, train=True, workers=0)))
+        assert batch.images.dtype == torch.uint8 and batch.images.shape == (4, 1, 32, 48)
+        assert batch.images.element_size() * batch.images[0].numel() == 32 * 48  # 1 byte per pixel
+
+    def test_mixed_depths_give_float(self, tmp_path):
+        root = write_folder(tmp_path, {"a": 3, "b": 3})
+        Image.fromarray(gradient(16, 16, 65535, np.uint16)).save(root / "b" / "deep.png")
+        data = load_folder(root, val_split=0.3)
+        assert data.scan.wide
+        ds = GrayImageFolder(data.train + data.val, build_transforms((16, 16), train=False), data.scan.wide)
+        batch = next(iter(make_loader(ds, 7, train=False, workers=0)))
+        assert batch.images.dtype == torch.float32 and batch.images.max() <= 1
+
+    def test_converted_counted(self, tmp_path):
+        root = write_folder(tmp_path, {"a": 3, "b": 3})
+        Image.new("RGB", (16, 16), (10, 200, 30)).save(root / "a" / "rgb.png")
+        Image.new("RGBA", (16, 16)).save(root / "b" / "rgba.png")
+        assert load_folder(root, val_split=0.3).scan.converted == 2
+
+    def test_epoch_order_is_reproducible(self, tmp_path):
+        data = load_folder(write_folder(tmp_path, {"a": 8, "b": 8}), val_split=0.25)
+        ds = GrayImageFolder(data.train, build_transforms((16, 16), train=False))
+
+        def order(epoch):
+            loader = make_loader(ds, 4, train=True, workers=0, seed=5)
+            set_loader_epoch(loader, epoch, seed=5)
+            return [p for batch in loader for p in batch.paths]
+
+        assert order(1) == order(1) and order(1) != order(2)
+
+    def test_eval_covers_every_image_once_per_rank_split(self, tmp_path):
+        data = load_folder(write_folder(tmp_path, {"a": 7, "b": 6}), val_split=0.5)
+        ds = GrayImageFolder(data.val, build_transforms((16, 16), train=False))
+        paths = [p for rank in range(2) for b in make_loader(ds, 2, False, 0, world_size=2, rank=rank) for p in b.paths]
+        assert sorted(paths) == sorted(p for p, _ in data.val)
+
+
+class TestDigits:
+    def test_written_once_as_png_folders(self, tmp_path):
+        pytest.importorskip("sklearn")
+        root = prepare_digits(tmp_path, per_class=5)
+        data = find_images(root)
+        assert data.classes == [str(d) for d in range(10)] and len(data.samples) == 50
+        img = read_gray(data.samples[0][0])
+        assert img.dtype == torch.uint8 and img.shape == (1, 8, 8) and img.max() > 200
+        mtime = Path(data.samples[0][0]).stat().st_mtime_ns
+        assert prepare_digits(tmp_path, per_class=5) == root
+        assert Path(data.samples[0][0]).stat().st_mtime_ns == mtime  # reused, not rewritten

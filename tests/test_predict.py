@@ -1,0 +1,55 @@
+"""python -m gray_effnet predict: labelled and flat folders."""
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gray_effnet import GrayEfficientNet, save_weights
+from gray_effnet.__main__ import main
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    model = GrayEfficientNet("tf_efficientnet_lite0", num_classes=3, class_names=["cat", "dog", "owl"],
+                             img_size=(32, 40))
+    return save_weights(model, tmp_path / "best.safetensors")
+
+
+def _images(folder, n, seed=0):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (24, 30), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+class TestPredict:
+    def test_labelled_folder(self, checkpoint, tmp_path, capsys):
+        _images(tmp_path / "data" / "dog", 3)
+        _images(tmp_path / "data" / "owl", 2, seed=1)
+        out = tmp_path / "p.csv"
+        assert main(["predict", "--weights", str(checkpoint), "--data", str(tmp_path / "data"), "--output",
+                     str(out), "--workers", "0"]) == 0
+        printed = capsys.readouterr().out
+        assert "on 5 images" in printed and "confusion matrix" in printed
+        with open(out) as f:
+            rows = list(csv.DictReader(f))
+        assert sorted(r["target"] for r in rows) == ["dog", "dog", "dog", "owl", "owl"]
+        assert all(r["prediction"] in ("cat", "dog", "owl") for r in rows)
+
+    def test_flat_folder(self, checkpoint, tmp_path, capsys):
+        _images(tmp_path / "flat", 4)
+        (tmp_path / "flat" / "broken.png").write_bytes(b"")
+        out = tmp_path / "p.csv"
+        assert main(["predict", "--weights", str(checkpoint), "--data", str(tmp_path / "flat"), "--output",
+                     str(out), "--workers", "0"]) == 0
+        printed = capsys.readouterr().out
+        assert "skipping unreadable image" in printed and "4 images predicted as" in printed
+        with open(out) as f:
+            assert len(list(csv.DictReader(f))) == 4
+
+    def test_unknown_class_folder(self, checkpoint, tmp_path, capsys):
+        _images(tmp_path / "data" / "horse", 1)
+        assert main(["predict", "--weights", str(checkpoint), "--data", str(tmp_path / "data")]) == 2
+        assert "not classes of the checkpoint: ['horse']" in capsys.readouterr().err

@@ -1,0 +1,237 @@
+"""train.py end to end on a tiny digits subset: outputs, resume, kills, NaN, evaluate, torchrun."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from gray_effnet import GrayEffnetError, NonFiniteLossError, WeightsError, load_model
+from gray_effnet.checkpoint import STATE_NAME
+from gray_effnet.data import prepare_digits
+from gray_effnet.weights import read_weights_file
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--img-size", "32", "32", "--batch-size", "16", "--workers", "0", "--no-progress", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    pytest.importorskip("sklearn")
+    return prepare_digits(tmp_path_factory.mktemp("cache"), per_class=12)
+
+
+def run(*argv: str) -> None:
+    train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def metrics(out: Path) -> list[dict]:
+    with open(out / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """Metric rows without the wall-clock columns."""
+    return [{k: float(v) for k, v in r.items() if k not in ("img_per_s", "seconds", "peak_mem_mb")} for r in rows]
+
+
+class _Crash(Exception):
+    pass
+
+
+class TestDemoPath:
+    def test_outputs(self, digits, tmp_path, capsys):
+        out = tmp_path / "run"
+        run("--data", digits, "--epochs", "2", "--adapter", "broadcast", "--output", out, *FAST)
+        rows = metrics(out)
+        assert [r["epoch"] for r in rows] == ["0", "1"]
+        assert list(rows[0])[:8] == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "img_per_s",
+                                     "seconds"]
+        assert all(0.0 <= float(r["val_acc"]) <= 1.0 for r in rows)
+        config = json.loads((out / "config.json").read_text())
+        assert config["args"]["adapter"] == "broadcast" and config["versions"]["torch"] == torch.__version__
+        model = load_model(out / "best.safetensors")
+        assert (model.adapter, model.num_classes, model.img_size) == ("broadcast", 10, (32, 32))
+        assert model.class_names == [str(d) for d in range(10)]
+        _, meta = read_weights_file(out / "last.safetensors")
+        assert meta["epoch"] == 1
+        assert not list(out.glob(".*.tmp"))
+        printed = capsys.readouterr().out
+        assert "best val acc" in printed and "evaluate: python train.py --evaluate" in printed
+
+    def test_evaluate(self, digits, tmp_path, capsys):
+        out = tmp_path / "run"
+        run("--data", digits, "--epochs", "1", "--output", out, *FAST)
+        capsys.readouterr()
+        run("--evaluate", "--weights", out / "best.safetensors", "--data", digits, *FAST)
+        printed = capsys.readouterr().out
+        assert "accuracy" in printed and "precision" in printed and "confusion matrix" in printed
+        with open(out / "predictions.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 20 and set(rows[0]) == {"path", "target", "prediction", "probability", "correct"}
+
+
+class TestResume:
+    def test_equals_uninterrupted(self, digits, tmp_path, monkeypatch):
+        full, cut = tmp_path / "full", tmp_path / "cut"
+        run("--data", digits, "--epochs", "2", "--output", full, *FAST)
+
+        real_save = train.save_checkpoint
+
+        def save_then_crash(output, model, optimizer, scaler, epoch, *rest):
+            real_save(output, model, optimizer, scaler, epoch, *rest)
+            raise _Crash  # the process dies right after epoch 0 is saved
+
+        monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+        with pytest.raises(_Crash):
+            run("--data", digits, "--epochs", "2", "--output", cut, *FAST)
+        monkeypatch.setattr(train, "save_checkpoint", real_save)
+        run("--data", digits, "--epochs", "2", "--output", cut, "--resume", *FAST)
+
+        for got, want in zip(comparable(metrics(cut)), comparable(metrics(full)), strict=True):
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+        a, _ = read_weights_file(full / "last.safetensors")
+        b, _ = read_weights_file(cut / "last.safetensors")
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    @pytest.mark.parametrize("flag, value", [("--adapter", "sum"), ("--model", "tf_efficientnet_lite1")])
+    def test_other_settings_refused(self, digits, tmp_path, flag, value):
+        out = tmp_path / "run"
+        run("--data", digits, "--epochs", "1", "--output", out, *FAST)
+        settings = ["--adapter", "fold", "--model", "tf_efficientnet_lite0"]
+        settings[settings.index(flag) + 1] = value
+        with pytest.raises(WeightsError, match="cannot resume from .* it was made for another model"):
+            run("--data", digits, "--epochs", "2", "--output", out, "--resume", "--no-pretrained", *settings, *FAST)
+
+    def test_auto_resume_starts_fresh_when_empty(self, digits, tmp_path, capsys):
+        run("--data", digits, "--epochs", "1", "--output", tmp_path / "new", "--resume", *FAST)
+        assert "nothing to resume" in capsys.readouterr().out
+        assert len(metrics(tmp_path / "new")) == 1
+
+    def test_missing_explicit_path(self, digits, tmp_path):
+        with pytest.raises(WeightsError, match="--resume .*: no checkpoint at"):
+            run("--data", digits, "--output", tmp_path, "--resume", tmp_path / "nope", *FAST)
+
+
+class TestNonFinite:
+    def test_stops_naming_epoch_and_step_and_keeps_last_good(self, digits, tmp_path, monkeypatch):
+        out = tmp_path / "run"
+        calls = {"n": 0}
+        real = torch.nn.CrossEntropyLoss
+
+        class NanAfter(real):
+            def forward(self, logits, target):
+                loss = super().forward(logits, target)
+                if torch.is_grad_enabled():
+                    calls["n"] += 1
+                    if calls["n"] == 6 + 3:  # 6 steps per epoch: epoch 1, step 3
+                        return loss * float("nan")
+                return loss
+
+        monkeypatch.setattr(torch.nn, "CrossEntropyLoss", NanAfter)
+        with pytest.raises(NonFiniteLossError, match="non-finite at epoch 1, step 3 \\(of 6\\)"):
+            run("--data", digits, "--epochs", "3", "--output", out, *FAST)
+        state = torch.load(out / STATE_NAME, weights_only=True)
+        assert state["epoch"] == 0 and len(metrics(out)) == 1
+
+    def test_bf16_has_no_scaler_fp16_has_one(self):
+        from gray_effnet.engine import amp_setup
+
+        assert not amp_setup(torch.device("cpu"), "bf16")[1].is_enabled()
+        assert amp_setup(torch.device("cpu"), "fp16")[1].is_enabled()
+        with pytest.raises(GrayEffnetError, match="amp must be one of none, bf16, fp16; got 'fp8'"):
+            amp_setup(torch.device("cpu"), "fp8")
+
+
+def _start(args: list, out: Path, prelude: str = "") -> subprocess.Popen:
+    code = f"import runpy, sys\n{prelude}\nsys.argv = {['train.py', *map(str, args)]!r}\n"
+    code += "runpy.run_path('train.py', run_name='__main__')\n"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(pred, proc: subprocess.Popen, timeout: float = 240) -> None:
+    end = time.time() + timeout
+    while not pred():
+        assert proc.poll() is None, f"train.py ended early:\n{proc.stdout.read()}"
+        assert time.time() < end, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+class TestKill:
+    """kill -9 a real training process, then --resume: every epoch once, no half-written file trusted."""
+
+    def _args(self, digits, out):
+        return ["--data", digits, "--epochs", "2", "--output", out, "--img-size", "48", "48", "--batch-size", "8",
+                "--workers", "0", "--no-progress"]
+
+    def _resume_and_check(self, digits, out):
+        res = subprocess.run([sys.executable, "train.py", *map(str, self._args(digits, out)), "--resume"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert [r["epoch"] for r in metrics(out)] == ["0", "1"]
+        assert not list(out.glob(".*.tmp"))
+        assert load_model(out / "best.safetensors").num_classes == 10
+        return res.stdout
+
+    def test_kill_during_epoch(self, digits, tmp_path):
+        out = tmp_path / "run"
+        proc = _start(self._args(digits, out), out)
+        _wait_for(lambda: (out / STATE_NAME).exists(), proc)
+        time.sleep(0.5)  # well inside epoch 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert torch.load(out / STATE_NAME, weights_only=True)["epoch"] == 0
+        assert "resumed from" in self._resume_and_check(digits, out)
+
+    def test_kill_during_checkpoint_write(self, digits, tmp_path):
+        out = tmp_path / "run"
+        marker = tmp_path / "writing"
+        # torch.save writes half of the epoch-1 state file, then the process hangs there until killed.
+        prelude = f"""
+import io, time, torch
+_save = torch.save
+def half_save(obj, f, *a, **k):
+    if isinstance(obj, dict) and obj.get("epoch") == 1:
+        buf = io.BytesIO(); _save(obj, buf, *a, **k)
+        with open(f, "wb") as fh:
+            fh.write(buf.getvalue()[: len(buf.getvalue()) // 2]); fh.flush()
+        open({str(marker)!r}, "w").close(); time.sleep(600)
+    return _save(obj, f, *a, **k)
+torch.save = half_save
+"""
+        proc = _start(self._args(digits, out), out, prelude)
+        _wait_for(marker.exists, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert list(out.glob(".*.tmp")), "the half-written temporary file should be there"
+        assert torch.load(out / STATE_NAME, weights_only=True)["epoch"] == 0  # the complete previous one
+        printed = self._resume_and_check(digits, out)
+        assert "removed temporary files of an interrupted write" in printed
+
+
+@pytest.mark.slow
+class TestTorchrun:
+    def test_two_process_gloo(self, digits, tmp_path):
+        if shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists():
+            pytest.skip("torchrun is not installed")
+        out = tmp_path / "ddp"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               "--data", str(digits), "--epochs", "1", "--output", str(out), *FAST]
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "on cpu x2" in res.stdout
+        assert res.stdout.count("epoch 0:") == 1  # rank-0 logging only
+        assert len(metrics(out)) == 1
+        assert load_model(out / "last.safetensors").adapter == "fold"

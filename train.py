@@ -1,0 +1,271 @@
+"""Fine-tune an ImageNet EfficientNet on grayscale images, with an explicit gray stem adapter.
+
+With no arguments it trains the offline demo: scikit-learn's digits, written once as PNG class folders,
+on the bundled ImageNet weights of tf_efficientnet_lite0. No network and no data of yours are needed.
+
+Single process (CPU, or one GPU):
+    python train.py --adapter broadcast
+    python train.py --data /path/to/folders --img-size 84 112 --epochs 20 --amp bf16 --channels-last
+Several GPUs on one machine (or nodes: see torchrun --help), one process each:
+    torchrun --standalone --nproc_per_node=4 train.py --data /path/to/folders
+Resume after an interruption (the same command, plus --resume):
+    python train.py --data /path/to/folders --output runs/xray --resume
+Evaluate a checkpoint on the validation split (accuracy, per-class precision/recall, confusion matrix):
+    python train.py --evaluate --weights runs/xray/best.safetensors --data /path/to/folders
+"""
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils.distributed import init_distributed_device_so
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import gray_effnet
+from gray_effnet import GrayEfficientNet, GrayEffnetError, list_adapters, load_model
+from gray_effnet.checkpoint import (
+    cleanup_temporaries,
+    load_state,
+    resolve_resume,
+    save_checkpoint,
+    set_rng_state,
+    write_metrics,
+)
+from gray_effnet.data import (
+    INTENSITY_HELP,
+    GrayImageFolder,
+    build_transforms,
+    load_folder,
+    make_loader,
+    prepare_digits,
+    set_loader_epoch,
+)
+from gray_effnet.engine import amp_setup, evaluate, peak_memory_mb, train_one_epoch
+from gray_effnet.report import format_eval, write_predictions
+from gray_effnet.weights import atomic_write
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and weights")
+    g.add_argument("--model", default="tf_efficientnet_lite0", help="any timm EfficientNet (or CNN with a Conv2d stem)")
+    g.add_argument("--adapter", default="fold", choices=list_adapters(), help="how the gray image meets the stem")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="start from ImageNet weights (bundled offline for tf_efficientnet_lite0/1/2)")
+    g.add_argument("--weights", default=None, help="a local weights file (.safetensors/.pth); overrides --pretrained")
+    g.add_argument("--drop-rate", type=float, default=0.2, help="dropout before the classifier")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None,
+                   help="ImageFolder tree (or one with train/ and val/); default: the digits demo")
+    g.add_argument("--val-split", type=float, default=0.2, help="validation fraction when DIR has no train/val")
+    g.add_argument("--img-size", nargs=2, type=int, default=None, metavar=("H", "W"),
+                   help="input size, H != W is fine (default: 64 64; with --evaluate, the checkpoint's)")
+    g.add_argument("--batch-size", type=int, default=64, help="per process")
+    g.add_argument("--workers", type=int, default=2, help="data loader processes per training process")
+    g.add_argument("--intensity", default="full", help=INTENSITY_HELP)
+    g.add_argument("--strict-data", action="store_true", help="decode every file first; refuse to start if any is bad")
+    g.add_argument("--crop-scale", type=float, default=0.8, help="smallest area of the random crop (1 = no crop)")
+    g.add_argument("--hflip", type=float, default=0.0, help="horizontal flip probability")
+    g.add_argument("--rotate", type=float, default=0.0, help="random rotation range in degrees")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=6)
+    g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (for the global batch)")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warmup, then cosine decay")
+    g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this")
+    g = p.add_argument_group("speed")
+    g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast dtype")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on recent GPUs)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (DDP)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--output", default=None, help="output folder (default: runs/<model>-<adapter>)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="continue from PATH, or with no PATH from OUTPUT/last.state.pt if it exists")
+    g.add_argument("--evaluate", action="store_true", help="only evaluate --weights on the validation split")
+    g.add_argument("--log-every", type=int, default=20, help="steps between loss checks and progress updates")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
+    return p
+
+
+def log(*a) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, flush=True)
+
+
+def resolve_data(args, primary: bool):
+    """The data folder (writing the demo digits once), checked and split before anything trains."""
+    root = args.data
+    if root is None:
+        if primary:
+            root = prepare_digits()
+        if dist.is_initialized():
+            dist.barrier()  # the other ranks wait for rank 0 to write the PNGs
+        root = prepare_digits()
+    return root, load_folder(root, val_split=args.val_split, seed=args.seed, strict=args.strict_data)
+
+
+def run_evaluate(args, device: torch.device, autocast) -> None:
+    if not args.weights:
+        raise gray_effnet.InputError("--evaluate needs --weights PATH (a checkpoint of this project)")
+    model = load_model(args.weights).to(device)
+    root, folder = resolve_data(args, primary=True)
+    if model.class_names and model.class_names != folder.classes:
+        raise gray_effnet.DataError(
+            f"the checkpoint's classes {model.class_names} differ from {root}'s {folder.classes}")
+    img_size = args.img_size or model.img_size or (64, 64)
+    ds = GrayImageFolder(folder.val, build_transforms(img_size, train=False), folder.scan.wide, args.intensity)
+    loader = make_loader(ds, args.batch_size, train=False, workers=args.workers, pin_memory=device.type == "cuda")
+    result = evaluate(model, loader, device, model.num_classes, autocast, keep_predictions=True,
+                      progress=not args.no_progress)
+    print(format_eval(result, folder.classes))
+    out = Path(args.output) if args.output else Path(args.weights).parent
+    print(f"predictions: {write_predictions(out / 'predictions.csv', result, folder.classes)}")
+
+
+def main(args) -> None:
+    # -- devices and processes --------------------------------------------------------------------------
+    d = init_distributed_device_so(device=args.device)  # reads torchrun's env; gloo on CPU, nccl on CUDA
+    device, rank, world = torch.device(d["device"]), d["global_rank"], d["world_size"]
+    primary = rank == 0
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    autocast, scaler = amp_setup(device, args.amp)
+    if args.evaluate:
+        return run_evaluate(args, device, autocast)
+    output = Path(args.output or f"runs/{args.model}-{args.adapter}")
+    if primary:
+        output.mkdir(parents=True, exist_ok=True)
+        stale = cleanup_temporaries(output)
+        if stale:
+            log(f"removed temporary files of an interrupted write: {', '.join(stale)}")
+
+    # -- data: every check runs before the first step -----------------------------------------------------
+    root, folder = resolve_data(args, primary)
+    h, w = args.img_size or (64, 64)
+    train_ds = GrayImageFolder(folder.train, build_transforms((h, w), True, args.crop_scale, args.hflip, args.rotate),
+                               folder.scan.wide, args.intensity)
+    val_ds = GrayImageFolder(folder.val, build_transforms((h, w), False), folder.scan.wide, args.intensity)
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_ds, args.batch_size, True, args.workers, pin, args.seed, world, rank)
+    val_loader = make_loader(val_ds, args.batch_size, False, args.workers, pin, args.seed, world, rank)
+    log(f"data: {root}: {len(folder.classes)} classes, {len(folder.train)} train / {len(folder.val)} val images"
+        f"{' (given split)' if folder.presplit else f' (seeded stratified split, {args.val_split:.0%} val)'}; "
+        f"{folder.scan.converted} converted from colour, {len(folder.scan.bad)} unreadable skipped, "
+        f"{len(folder.ignored)} non-image files ignored; {'float32' if train_ds.wide else 'uint8'} batches")
+
+    # -- model. Order: to(device) -> channels_last -> optimizer -> compile -> DDP, because the optimizer
+    # must hold the parameters that live on the device, and DDP must wrap the module that will run. ---------
+    model = GrayEfficientNet(args.model, adapter=args.adapter, num_classes=len(folder.classes),
+                             pretrained=args.pretrained and not args.weights, weights=args.weights,
+                             class_names=folder.classes, img_size=(h, w), drop_rate=args.drop_rate)
+    if args.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    unwrapped = model  # saved and evaluated: no DDP collectives, no '_orig_mod.' prefixes
+    lr = args.lr * args.batch_size * world / 64  # --lr is for a global batch of 64; scale linearly
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=args.weight_decay)
+    steps_per_epoch = len(train_loader)
+    scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch, lr_min=lr * 0.01,
+                                  warmup_t=int(args.warmup_epochs * steps_per_epoch), warmup_lr_init=lr * 0.01,
+                                  t_in_epochs=False)
+    if args.compile:
+        model = torch.compile(model)
+    eval_model = model
+    if world > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+
+    # -- resume ---------------------------------------------------------------------------------------------
+    start_epoch, history, best_acc = 0, [], -1.0
+    state_path = resolve_resume(args.resume, output) if args.resume else None
+    if args.resume == "auto" and state_path is None:
+        log(f"--resume: nothing to resume in {output}, starting fresh")
+    if state_path is not None:
+        state = load_state(state_path, {"model_name": args.model, "adapter": args.adapter,
+                                        "num_classes": len(folder.classes)})
+        unwrapped.load_timm_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, history, best_acc = state["epoch"] + 1, state["history"], state["best_val_acc"]
+        if primary:
+            set_rng_state(state["rng"])
+        else:  # only rank 0's generators are saved; the others get fresh, distinct seeds
+            torch.manual_seed(args.seed + rank + 1000 * start_epoch)
+        scheduler.step_update(start_epoch * steps_per_epoch)
+        if primary:
+            write_metrics(output / "metrics.csv", history)  # drop rows of an epoch that did not finish
+        log(f"resumed from {state_path} after epoch {state['epoch']} (best val_acc {best_acc:.4f})")
+
+    if primary:
+        config = {"args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+                  "resolved": {"data": str(root), "output": str(output), "lr": lr, "world_size": world,
+                               "classes": folder.classes, "device": str(device),
+                               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+                               else platform.processor() or platform.machine()},
+                  "versions": {"gray_effnet": gray_effnet.__version__, "torch": torch.__version__,
+                               "timm": timm.__version__, "python": platform.python_version()}}
+        with atomic_write(output / "config.json") as tmp:
+            tmp.write_text(json.dumps(config, indent=2))
+
+    # -- train ----------------------------------------------------------------------------------------------
+    log(f"training {args.model} with the {args.adapter!r} stem on {device} x{world}: {args.epochs} epochs, "
+        f"{steps_per_epoch} steps each, batch {args.batch_size}x{world}, {h}x{w}, amp {args.amp}")
+    run_start = time.perf_counter()
+    for epoch in range(start_epoch, args.epochs):
+        set_loader_epoch(train_loader, epoch, args.seed)
+        stats = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, device, epoch, autocast, scaler,
+                                args.clip_grad, args.channels_last, args.log_every, primary and not args.no_progress)
+        result = evaluate(eval_model, val_loader, device, len(folder.classes), autocast, criterion,
+                          args.channels_last, progress=primary and not args.no_progress, desc=f"epoch {epoch} val")
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **stats,  # lr: where the epoch ended
+               "val_loss": result.loss, "val_acc": result.acc,
+               "peak_mem_mb": peak_memory_mb(device), "val_skipped": result.skipped}
+        history.append(row)
+        is_best = result.acc > best_acc
+        best_acc = max(best_acc, result.acc)
+        if primary:
+            save_checkpoint(output, unwrapped, optimizer, scaler, epoch, history, best_acc, is_best, vars(args))
+        log(f"epoch {epoch}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.4f} | "
+            f"val loss {result.loss:.4f} acc {result.acc:.4f}{' (best)' if is_best else ''} | "
+            f"{stats['img_per_s']:.0f} img/s, {stats['seconds']:.1f}s")
+
+    # -- summary ----------------------------------------------------------------------------------------------
+    skipped = sum(r.get("train_skipped", 0) + r.get("val_skipped", 0) for r in history)
+    log(f"\ndone in {time.perf_counter() - run_start:.0f}s: best val acc {best_acc:.4f} "
+        f"(epoch {max(history, key=lambda r: r['val_acc'])['epoch'] if history else '-'})\n"
+        f"  outputs in {output}/: best.safetensors, last.safetensors, last.state.pt, metrics.csv, config.json\n"
+        f"  {folder.scan.converted} images converted from colour to gray; {len(folder.scan.bad)} unreadable at the "
+        f"start and {skipped} unreadable while training were skipped\n"
+        f"  evaluate: python train.py --evaluate --weights {output}/best.safetensors"
+        + (f" --data {args.data}" if args.data else ""))
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    try:
+        main(args)
+    except GrayEffnetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished epochs are saved; continue with the same command plus --resume", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
