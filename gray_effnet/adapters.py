@@ -186,7 +186,7 @@ class RepeatStem(StemAdapter):
 
     def normalize(self, x: Tensor) -> Tensor:
         x = x.expand(-1, 3, -1, -1)  # (B,1,H,W) -> (B,3,H,W): stride 0 on channels, no copy yet
-        return (x - self.mean) / self.std  # the subtraction writes the (B,3,H,W) result
+        return (x - self.mean).div_(self.std)  # the subtraction writes the (B,3,H,W) result; divide in place
 
 
 @register_adapter("broadcast")
@@ -199,7 +199,7 @@ class BroadcastStem(StemAdapter):
     def normalize(self, x: Tensor) -> Tensor:
         # (B,1,H,W) - (1,3,1,1) -> (B,3,H,W). Each element is (x - mean_c) / std_c from the same operands
         # as in `repeat`, so the two are bitwise equal. Keras' in-model Normalization layer does this.
-        return (x - self.mean) / self.std
+        return (x - self.mean).div_(self.std)
 
 
 @register_adapter("sum")
@@ -227,7 +227,7 @@ class SumStem(StemAdapter):
         return _with_weight(self.conv, gray_stem_weight_to_rgb(self.conv.weight.detach(), self.std))
 
     def normalize(self, x: Tensor) -> Tensor:
-        return (x - self.mean1) / self.std1
+        return (x - self.mean1).div_(self.std1)
 
 
 @register_adapter("fold")
@@ -246,7 +246,7 @@ class FoldStem(StemAdapter):
 
     def __init__(self, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__(conv, mean, std)
-        self._offsets: dict[tuple, tuple[tuple, Tensor]] = {}
+        self._offsets: dict[tuple, tuple[tuple, tuple[Tensor, Tensor]]] = {}
 
     def normalize(self, x: Tensor) -> Tensor:
         return x
@@ -262,10 +262,11 @@ class FoldStem(StemAdapter):
         ones = torch.ones((1, 1, *x.shape[-2:]), dtype=x.dtype, device=x.device)
         return conv_forward(self.conv, ones, offset_weight)
 
-    def _cached_offset(self, x: Tensor) -> Tensor | None:
+    def _cached(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The folded weight and offset map for ``x``'s size, from the cache when no gradient is tracked."""
         w = self.conv.weight
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and w.requires_grad):
-            return None  # training: the offset must stay in the graph; compiled: let the compiler fuse it
+            return None  # training: both must stay in the graph; compiled: let the compiler fuse them
         autocast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
         key = (tuple(x.shape[-2:]), x.device, x.dtype, autocast)
         # data_ptr and _version change whenever the weights or statistics are replaced or updated in place.
@@ -273,21 +274,22 @@ class FoldStem(StemAdapter):
         hit = self._offsets.get(key)
         if hit is not None and hit[0] == state:
             return hit[1]
-        offset = self.offset(x, self.folded_weights()[1])
+        weight, offset_weight = self.folded_weights()
+        folded = (weight, self.offset(x, offset_weight))
         if len(self._offsets) >= self.cache_size:
             self._offsets.pop(next(iter(self._offsets)))
-        self._offsets[key] = (state, offset)
-        return offset
+        self._offsets[key] = (state, folded)
+        return folded
 
     def project(self, x: Tensor) -> Tensor:
-        offset = self._cached_offset(x)
-        if offset is None:
+        folded = self._cached(x)
+        if folded is None:
             weight, offset_weight = self.folded_weights()
-            offset = self.offset(x, offset_weight)
-        else:
-            weight = self.folded_weights()[0]
-        # (B,1,H,W) -> (B,O,H',W'); the (1,O,H',W') offset broadcasts over the batch.
-        return conv_forward(self.conv, x, weight, self.conv.bias) - offset
+            folded = (weight, self.offset(x, offset_weight))
+        weight, offset = folded
+        # (B,1,H,W) -> (B,O,H',W'); the (1,O,H',W') offset broadcasts over the batch. In place is safe: the
+        # conv's backward needs its input and weight, not its output.
+        return conv_forward(self.conv, x, weight, self.conv.bias).sub_(offset)
 
     def _apply(self, fn, recurse=True):
         self._offsets.clear()  # .to(), .half(), ... make new tensors; drop maps built for the old ones
