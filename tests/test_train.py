@@ -152,6 +152,20 @@ class TestNonFinite:
             amp_setup(torch.device("cpu"), "fp8")
 
 
+class TestSpeedFlags:
+    """The CUDA-oriented flags run on the CPU too, so every branch of them is exercised here."""
+
+    @pytest.mark.parametrize("flags", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16", "--clip-grad", "1"]])
+    def test_completes_with_finite_metrics(self, digits, tmp_path, flags):
+        out = tmp_path / "run"
+        run("--data", digits, "--epochs", "1", "--output", out, *flags, *FAST)
+        row = comparable(metrics(out))[0]
+        assert all(v == v and abs(v) != float("inf") for v in row.values())
+        assert load_model(out / "last.safetensors").adapter == "fold"
+        scaler = torch.load(out / STATE_NAME, weights_only=True)["scaler"]
+        assert bool(scaler) == (flags[1] == "fp16")  # a GradScaler only for fp16
+
+
 def _start(args: list, out: Path, prelude: str = "") -> subprocess.Popen:
     code = f"import runpy, sys\n{prelude}\nsys.argv = {['train.py', *map(str, args)]!r}\n"
     code += "runpy.run_path('train.py', run_name='__main__')\n"
