@@ -246,7 +246,8 @@ class FoldStem(StemAdapter):
 
     def __init__(self, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__(conv, mean, std)
-        self._offsets: dict[tuple, tuple[tuple, tuple[Tensor, Tensor]]] = {}
+        self._offsets: dict[tuple, tuple[tuple, tuple]] = {}
+        self._band_cache: dict[tuple[int, int], tuple[int, int, int, int] | None] = {}
 
     def normalize(self, x: Tensor) -> Tensor:
         return x
@@ -262,11 +263,42 @@ class FoldStem(StemAdapter):
         ones = torch.ones((1, 1, *x.shape[-2:]), dtype=x.dtype, device=x.device)
         return conv_forward(self.conv, ones, offset_weight)
 
-    def _cached(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
-        """The folded weight and offset map for ``x``'s size, from the cache when no gradient is tracked."""
+    def _bands(self, size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+        """Output rows (top, bottom) and columns (left, right) whose kernel window reaches into the padding.
+
+        The rest, the interior, sees no padding: there the offset is one constant per output channel. None
+        when no output position is interior (an image hardly larger than the kernel). Depends on the size
+        and the conv's geometry only, so it is computed once per size.
+        """
+        if size not in self._band_cache:
+            kh, kw = self.conv.weight.shape[-2:]
+            # Counts of in-image kernel taps per output position; the probe runs on the CPU in float32.
+            taps = conv_forward(self.conv, torch.ones(1, 1, *size), torch.ones(1, 1, kh, kw))[0, 0]
+            full = taps == kh * kw
+            rows, cols = full.any(1).nonzero().flatten(), full.any(0).nonzero().flatten()
+            bands = None
+            if len(rows) and len(cols):
+                h, w = taps.shape
+                bands = (int(rows[0]), h - 1 - int(rows[-1]), int(cols[0]), w - 1 - int(cols[-1]))
+            self._band_cache[size] = bands
+        return self._band_cache[size]
+
+    def _terms(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(weight, bias, correction) of ``project``; see there."""
+        weight, offset_weight = self.folded_weights()
+        offset = self.offset(x, offset_weight)
+        bands = None if torch.compiler.is_compiling() else self._bands(tuple(x.shape[-2:]))
+        if bands is None:  # no interior (or compiling): subtract the whole map
+            return weight, self.conv.bias, offset
+        inner = offset[0, :, bands[0], bands[2]]  # (O,): the offset wherever the window sees no padding
+        bias = -inner if self.conv.bias is None else self.conv.bias - inner
+        return weight, bias, offset - inner.view(1, -1, 1, 1)  # the correction is 0 inside, nonzero on borders
+
+    def _cached_terms(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """``_terms``, from the cache when no gradient is tracked."""
         w = self.conv.weight
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and w.requires_grad):
-            return None  # training: both must stay in the graph; compiled: let the compiler fuse them
+            return self._terms(x)  # training: they must stay in the graph; compiled: let the compiler fuse them
         autocast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
         key = (tuple(x.shape[-2:]), x.device, x.dtype, autocast)
         # data_ptr and _version change whenever the weights or statistics are replaced or updated in place.
@@ -274,22 +306,34 @@ class FoldStem(StemAdapter):
         hit = self._offsets.get(key)
         if hit is not None and hit[0] == state:
             return hit[1]
-        weight, offset_weight = self.folded_weights()
-        folded = (weight, self.offset(x, offset_weight))
+        terms = self._terms(x)
         if len(self._offsets) >= self.cache_size:
             self._offsets.pop(next(iter(self._offsets)))
-        self._offsets[key] = (state, folded)
-        return folded
+        self._offsets[key] = (state, terms)
+        return terms
 
     def project(self, x: Tensor) -> Tensor:
-        folded = self._cached(x)
-        if folded is None:
-            weight, offset_weight = self.folded_weights()
-            folded = (weight, self.offset(x, offset_weight))
-        weight, offset = folded
-        # (B,1,H,W) -> (B,O,H',W'); the (1,O,H',W') offset broadcasts over the batch. In place is safe: the
-        # conv's backward needs its input and weight, not its output.
-        return conv_forward(self.conv, x, weight, self.conv.bias).sub_(offset)
+        """``conv(x, w') - offset``, with the offset's interior constant carried by the conv's bias.
+
+        The conv applies the bias for free, so only the border bands need a correction, not a pass over
+        the whole (B, O, H', W') output. In place is safe: the conv's backward does not need its output.
+        """
+        weight, bias, correction = self._cached_terms(x)
+        out = conv_forward(self.conv, x, weight, bias)  # (B,1,H,W) -> (B,O,H',W')
+        bands = None if torch.compiler.is_compiling() else self._bands(tuple(x.shape[-2:]))
+        if bands is None:
+            return out.sub_(correction)  # the whole offset map, broadcast over the batch
+        top, bottom, left, right = bands
+        h, w = out.shape[-2:]
+        if top:
+            out[..., :top, :] -= correction[..., :top, :]
+        if bottom:
+            out[..., h - bottom:, :] -= correction[..., h - bottom:, :]
+        if left:
+            out[..., top:h - bottom, :left] -= correction[..., top:h - bottom, :left]
+        if right:
+            out[..., top:h - bottom, w - right:] -= correction[..., top:h - bottom, w - right:]
+        return out
 
     def _apply(self, fn, recurse=True):
         self._offsets.clear()  # .to(), .half(), ... make new tensors; drop maps built for the old ones
