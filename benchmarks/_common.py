@@ -323,6 +323,18 @@ def write_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str], path:
     return path
 
 
+def report(rows: Sequence[dict[str, Any]], columns: Sequence[str], csv_path: str | os.PathLike, title: str,
+           notes: Sequence[str] = (), md_path: str | os.PathLike | None = None, header: str = "") -> None:
+    """Write ``rows`` as CSV and Markdown (``md_path``: default, the CSV path with ``.md``), print the table."""
+    csv_path = Path(csv_path)
+    md_path = Path(md_path) if md_path else csv_path.with_suffix(".md")
+    write_csv(rows, csv_path)
+    write_markdown(rows, columns, md_path, title, notes)
+    print(f"\n{header}" if header else "")
+    print(format_table(rows, columns))
+    print(f"\nwrote {csv_path} and {md_path}")
+
+
 def default_output(stem: str, suffix: str) -> Path:
     """``benchmarks/results/<stem><suffix>``, whatever the working directory."""
     return RESULTS_DIR / f"{stem}{suffix}"

@@ -44,13 +44,11 @@ from _common import (
     Spread,
     default_output,
     environment,
-    format_table,
     interleave,
+    report,
     resolve_device,
     synchronize,
     warm_up,
-    write_csv,
-    write_markdown,
 )
 from torch import Tensor, nn
 
@@ -283,9 +281,6 @@ if __name__ == "__main__":
         "ratio_to_stock: median over rounds of candidate/stock samples/s in the same round (>1 = faster); "
         "ratio_iqr: its quartiles. peak_mem_mb = state (weights, buffers, optimizer) + peak working memory.",
     ]
-    write_csv(rows, csv_path)
-    write_markdown(rows, TABLE_COLUMNS, md_path, f"Stem adapters vs stock timm: {args.model}", notes)
-    print(f"\n{args.model}  {rows[0]['img_size']}  batch {args.batch_size}  {rows[0]['device_name']}  "
-          f"{rows[0]['dtype']}  torch {rows[0]['torch']}  timm {rows[0]['timm']}")
-    print(format_table(rows, TABLE_COLUMNS))
-    print(f"\nwrote {csv_path} and {md_path}")
+    header = (f"{args.model}  {rows[0]['img_size']}  batch {args.batch_size}  {rows[0]['device_name']}  "
+              f"{rows[0]['dtype']}  torch {rows[0]['torch']}  timm {rows[0]['timm']}")
+    report(rows, TABLE_COLUMNS, csv_path, f"Stem adapters vs stock timm: {args.model}", notes, md_path, header)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import default_output, environment, format_table, write_csv, write_markdown  # noqa: E402
+from _common import default_output, environment, report  # noqa: E402
 
 from gray_effnet import GrayEfficientNet  # noqa: E402
 from gray_effnet.explain import equivalence  # noqa: E402
@@ -65,12 +65,9 @@ def main(args: argparse.Namespace) -> None:
                              **environment(torch.device("cpu"), "float32", model="tf_efficientnet_lite0",
                                            img_size=f"{args.img_size}x{args.img_size}", images=len(names))})
     csv_path = Path(args.csv or default_output("fidelity", ".csv"))
-    write_csv(rows, csv_path)
     notes = [f"{len(names)} scikit-image photos, gray: {', '.join(names)}. Max over the photos; logits_rel is "
              "relative to max |repeat logits|; top1_agree is the share of photos whose ImageNet top-1 is repeat's."]
-    write_markdown(rows, COLUMNS, csv_path.with_suffix(".md"), "Adapters against repeat on real gray photos", notes)
-    print(format_table(rows, COLUMNS))
-    print(f"\nwrote {csv_path} and {csv_path.with_suffix('.md')}")
+    report(rows, COLUMNS, csv_path, "Adapters against repeat on real gray photos", notes)
 
 
 if __name__ == "__main__":

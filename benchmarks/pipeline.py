@@ -38,13 +38,11 @@ from _common import (
     Spread,
     default_output,
     environment,
-    format_table,
     interleave,
+    report,
     resolve_device,
     synchronize,
     warm_up,
-    write_csv,
-    write_markdown,
 )
 from PIL import Image
 from timm.models import get_pretrained_cfg
@@ -309,13 +307,9 @@ if __name__ == "__main__":
         "quartiles. bytes_ratio: torchvision's bytes per image over this pipeline's. images_per_sec counts "
         "whole epochs, worker start-up included; steady_images_per_sec leaves out the first batch.",
     ]
-    write_csv(rows, csv_path)
-    write_markdown(rows, TABLE_COLUMNS, md_path, "Input pipelines: torchvision Grayscale(3) vs gray_effnet", notes
-                   + [verdict.split("\n\n")[0].replace("\n", "  \n")])
     r = rows[0]
-    print(f"\n{r['num_images']} images ({r['src_images']}, {r['file_kb']} KB) -> {r['img_size']}  batch "
-          f"{r['batch_size']}  workers {r['workers']}  {r['device_name']}  torch {r['torch']}")
-    print(format_table(rows, TABLE_COLUMNS))
-    print()
-    print(verdict)
-    print(f"\nwrote {csv_path} and {md_path}")
+    header = (f"{r['num_images']} images ({r['src_images']}, {r['file_kb']} KB) -> {r['img_size']}  batch "
+              f"{r['batch_size']}  workers {r['workers']}  {r['device_name']}  torch {r['torch']}")
+    report(rows, TABLE_COLUMNS, csv_path, "Input pipelines: torchvision Grayscale(3) vs gray_effnet",
+           notes + [verdict.split("\n\n")[0].replace("\n", "  \n")], md_path, header)
+    print(f"\n{verdict}")

@@ -19,12 +19,10 @@ from _common import (  # noqa: E402
     Spread,
     default_output,
     environment,
-    format_table,
     interleave,
+    report,
     resolve_device,
     warm_up,
-    write_csv,
-    write_markdown,
 )
 
 COLUMNS = ["candidate", "ms_per_step", "ratio_to_conv3", "macs_per_image"]
@@ -61,11 +59,8 @@ def main(args: argparse.Namespace) -> None:
                           out_channels=args.out_channels),
         })
     csv_path = Path(args.csv or default_output(f"stem_conv-{device.type}", ".csv"))
-    write_csv(rows, csv_path)
     notes = ["ratio_to_conv3: median over rounds of conv-3 time / candidate time in the same round (>1 = faster)."]
-    write_markdown(rows, COLUMNS, csv_path.with_suffix(".md"), "Stem convolutions: 3 against 1 input channel", notes)
-    print(format_table(rows, COLUMNS))
-    print(f"\nwrote {csv_path} and {csv_path.with_suffix('.md')}")
+    report(rows, COLUMNS, csv_path, "Stem convolutions: 3 against 1 input channel", notes)
 
 
 if __name__ == "__main__":
