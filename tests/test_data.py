@@ -206,6 +206,20 @@ class TestBadFiles:
             batch = collate([ds[0], ds[1]])
         assert batch.images.shape == (1, 1, 32, 32) and batch.skipped == 1
 
+    def test_any_decoder_exception_is_a_bad_file(self, messy, monkeypatch):
+        """Malformed files make Pillow raise all kinds of errors, not only OSError."""
+        real_open = Image.open
+
+        def flaky_open(path, *a, **k):
+            if str(path).endswith("003.png"):
+                raise KeyError("a malformed chunk table")
+            return real_open(path, *a, **k)
+
+        monkeypatch.setattr(Image, "open", flaky_open)
+        with pytest.warns(UnreadableImageWarning, match="003.png .*KeyError"):
+            data = load_folder(messy, val_split=0.25)
+        assert not any(p.endswith("003.png") for p, _ in data.train + data.val)
+
     def test_strict_refuses_and_lists_all(self, messy):
         with pytest.raises(DataError) as info:
             load_folder(messy, strict=True)

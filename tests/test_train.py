@@ -63,6 +63,11 @@ class TestDemoPath:
         assert model.class_names == [str(d) for d in range(10)]
         _, meta = read_weights_file(out / "last.safetensors")
         assert meta["epoch"] == 1
+        from_state = load_model(out / STATE_NAME).eval()  # the resume file rebuilds the same model
+        last = load_model(out / "last.safetensors").eval()
+        x = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
+        with torch.no_grad():
+            assert torch.equal(from_state(x), last(x))
         assert not list(out.glob(".*.tmp"))
         printed = capsys.readouterr().out
         assert "best val acc" in printed and "evaluate: python train.py --evaluate" in printed
