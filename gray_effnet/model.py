@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .adapters import StemAdapter, create_adapter, gray_stem_weight_to_rgb
 from .errors import InputError
 
-__all__ = ["GrayEfficientNet", "first_conv_name"]
+__all__ = ["GrayEfficientNet", "first_conv_name", "timm_names"]
 
 
 def first_conv_name(model: nn.Module) -> str:
@@ -25,6 +25,12 @@ def first_conv_name(model: nn.Module) -> str:
     if not name:
         raise InputError(f"{type(model).__name__} does not name its first conv in pretrained_cfg['first_conv']")
     return name
+
+
+def timm_names(state_dict: dict[str, Tensor], stem_name: str) -> dict[str, Tensor]:
+    """Rename the adapter's ``<stem>.conv.*`` entries of a timm model's state dict to timm's ``<stem>.*``."""
+    inner = f"{stem_name}.conv."
+    return {(f"{stem_name}.{k[len(inner):]}" if k.startswith(inner) else k): v for k, v in state_dict.items()}
 
 
 def _check_model_name(name: str) -> None:
@@ -181,13 +187,7 @@ class GrayEfficientNet(nn.Module):
 
         ``in_chans`` is 1 for the ``sum`` adapter and 3 for the others.
         """
-        inner = f"{self.stem_name}.conv."
-        out = {}
-        for key, value in self.model.state_dict().items():
-            if key.startswith(inner):
-                key = f"{self.stem_name}.{key[len(inner):]}"
-            out[key] = value
-        return out
+        return timm_names(self.model.state_dict(), self.stem_name)
 
     def load_timm_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True):
         """Load a timm-native state dict, converting the stem between 1 and 3 channels where needed."""

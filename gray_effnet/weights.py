@@ -196,12 +196,9 @@ def _to_timm_names(state_dict: dict[str, Tensor], model: nn.Module, source: str)
         return _from_efficientnet_pytorch(state_dict, model, source)
     # A GrayEfficientNet.state_dict() saved with torch.save: 'model.' prefix, adapter's '.conv.' in the stem.
     if all(k.startswith("model.") for k in state_dict):
-        from .model import first_conv_name
+        from .model import first_conv_name, timm_names
 
-        stem = first_conv_name(model)
-        inner = f"{stem}.conv."
-        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
-        state_dict = {(f"{stem}.{k[len(inner):]}" if k.startswith(inner) else k): v for k, v in state_dict.items()}
+        state_dict = timm_names({k.removeprefix("model."): v for k, v in state_dict.items()}, first_conv_name(model))
     return state_dict
 
 
