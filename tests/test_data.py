@@ -55,13 +55,16 @@ class TestReadGray:
         torch.testing.assert_close(x[0], torch.from_numpy(a.astype(np.float32) / 65535), rtol=0, atol=1e-7)
         assert len(torch.unique(x)) > 256  # 'L' conversion would have clamped to 256 levels (Pillow #3011)
 
-    def test_12bit_in_16bit(self, tmp_path):
+    @pytest.mark.parametrize("suffix", [".png", ".tif"])
+    def test_12bit_in_16bit(self, tmp_path, suffix):
         a = gradient(hi=4095, dtype=np.uint16)
-        Image.fromarray(a).save(tmp_path / "dark.png")
-        full = read_gray(tmp_path / "dark.png")
+        path = tmp_path / f"dark{suffix}"
+        Image.fromarray(a).save(path)
+        full = read_gray(path)
         assert full.max().item() == pytest.approx(4095 / 65535)  # dark, but exact
-        assert read_gray(tmp_path / "dark.png", intensity="12").max().item() == pytest.approx(1.0)
-        minmax = read_gray(tmp_path / "dark.png", intensity="minmax")
+        assert read_gray(path, intensity="12").max().item() == pytest.approx(1.0)
+        assert len(torch.unique(read_gray(path, intensity="12"))) > 256
+        minmax = read_gray(path, intensity="minmax")
         assert minmax.min().item() == 0.0 and minmax.max().item() == 1.0
 
     def test_bad_intensity(self, tmp_path):

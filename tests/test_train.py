@@ -1,6 +1,7 @@
 """train.py end to end on a tiny digits subset: outputs, resume, kills, NaN, evaluate, torchrun."""
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -10,13 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import train
 from gray_effnet import GrayEffnetError, NonFiniteLossError, WeightsError, load_model
 from gray_effnet.checkpoint import STATE_NAME
-from gray_effnet.data import prepare_digits
+from gray_effnet.data import UnreadableImageWarning, prepare_digits
 from gray_effnet.weights import read_weights_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +48,16 @@ def comparable(rows: list[dict]) -> list[dict]:
 
 class _Crash(Exception):
     pass
+
+
+class _Payload:
+    """Unpickling this runs a shell command: a stand-in for a malicious checkpoint."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
 
 
 class TestDemoPath:
@@ -84,6 +97,33 @@ class TestDemoPath:
         assert len(rows) == 20 and set(rows[0]) == {"path", "target", "prediction", "probability", "correct"}
 
 
+class TestMessyFolder:
+    def test_trains_through_bad_files_and_counts_them(self, digits, tmp_path, capsys):
+        """Corrupt, empty, truncated, colour, 16-bit and non-image files in the class folders."""
+        root = tmp_path / "messy"
+        shutil.copytree(digits, root)
+        rng = np.random.default_rng(0)
+        (root / "0" / "empty.png").write_bytes(b"")
+        (root / "1" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (128, 128), dtype=np.uint8)).save(buf, format="JPEG")
+        for d in range(10):  # a truncated JPEG in every class, so one lands in training whatever the split
+            (root / str(d) / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+        Image.new("RGBA", (8, 8), (200, 10, 10, 128)).save(root / "2" / "rgba.png")
+        Image.new("CMYK", (8, 8), (0, 50, 100, 0)).save(root / "3" / "cmyk.jpg")
+        Image.fromarray(rng.integers(0, 4096, (8, 8), dtype=np.uint16)).save(root / "4" / "deep.tif")
+        (root / "5" / "notes.txt").write_text("not an image")
+        (root / "6" / ".DS_Store").write_bytes(b"\0")
+        out = tmp_path / "run"
+        with pytest.warns(UnreadableImageWarning):
+            run("--data", root, "--epochs", "1", "--output", out, *FAST)
+        printed = capsys.readouterr().out
+        assert "2 converted from colour, 2 unreadable skipped, 2 non-image files ignored; float32 batches" in printed
+        row = metrics(out)[0]
+        assert int(row["train_skipped"]) + int(row["val_skipped"]) == 10  # the truncated JPEGs, while reading
+        assert "10 unreadable while training were skipped" in printed
+
+
 class TestResume:
     def test_equals_uninterrupted(self, digits, tmp_path, monkeypatch):
         full, cut = tmp_path / "full", tmp_path / "cut"
@@ -121,6 +161,15 @@ class TestResume:
         run("--data", digits, "--epochs", "1", "--output", tmp_path / "new", "--resume", *FAST)
         assert "nothing to resume" in capsys.readouterr().out
         assert len(metrics(tmp_path / "new")) == 1
+
+    def test_pickle_payload_in_resume_file_refused(self, digits, tmp_path):
+        out = tmp_path / "run"
+        out.mkdir()
+        marker = tmp_path / "pwned"
+        torch.save({"epoch": 0, "payload": _Payload(marker)}, out / STATE_NAME)
+        with pytest.raises(WeightsError, match="refusing to load .*last.state.pt: it holds pickled Python objects"):
+            run("--data", digits, "--output", out, "--resume", *FAST)
+        assert not marker.exists()
 
     def test_missing_explicit_path(self, digits, tmp_path):
         with pytest.raises(WeightsError, match="--resume .*: no checkpoint at"):
@@ -238,6 +287,19 @@ torch.save = half_save
         assert torch.load(out / STATE_NAME, weights_only=True)["epoch"] == 0  # the complete previous one
         printed = self._resume_and_check(digits, out)
         assert "removed temporary files of an interrupted write" in printed
+
+
+class TestCli:
+    def test_untrusted_weights_error_without_traceback(self, digits, tmp_path):
+        marker = tmp_path / "pwned"
+        evil = tmp_path / "evil.pth"
+        torch.save({"state_dict": {}, "payload": _Payload(marker)}, evil)
+        res = subprocess.run([sys.executable, "train.py", "--data", str(digits), "--weights", str(evil),
+                              "--output", str(tmp_path / "run"), *FAST], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 2
+        assert "error: refusing to load" in res.stderr and "Traceback" not in res.stderr
+        assert not marker.exists()
 
 
 @pytest.mark.slow
