@@ -2,6 +2,8 @@
 
 import copy
 import functools
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +36,16 @@ def make_model(name: str, adapter: str = "repeat", num_classes: int = 10) -> Gra
 def gray_batch(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(b, 1, h, w, generator=g)
+
+
+class PicklePayload:
+    """Unpickling this runs a shell command that creates ``target``: a stand-in for a malicious checkpoint."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
 
 
 @pytest.fixture

@@ -22,6 +22,8 @@ from gray_effnet.checkpoint import STATE_NAME
 from gray_effnet.data import UnreadableImageWarning, prepare_digits
 from gray_effnet.weights import read_weights_file
 
+from .conftest import PicklePayload
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--img-size", "32", "32", "--batch-size", "16", "--workers", "0", "--no-progress", "--log-every", "2"]
 
@@ -49,15 +51,6 @@ def comparable(rows: list[dict]) -> list[dict]:
 class _Crash(Exception):
     pass
 
-
-class _Payload:
-    """Unpickling this runs a shell command: a stand-in for a malicious checkpoint."""
-
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.target}",))
 
 
 class TestDemoPath:
@@ -166,7 +159,7 @@ class TestResume:
         out = tmp_path / "run"
         out.mkdir()
         marker = tmp_path / "pwned"
-        torch.save({"epoch": 0, "payload": _Payload(marker)}, out / STATE_NAME)
+        torch.save({"epoch": 0, "payload": PicklePayload(marker)}, out / STATE_NAME)
         with pytest.raises(WeightsError, match="refusing to load .*last.state.pt: it holds pickled Python objects"):
             run("--data", digits, "--output", out, "--resume", *FAST)
         assert not marker.exists()
@@ -293,7 +286,7 @@ class TestCli:
     def test_untrusted_weights_error_without_traceback(self, digits, tmp_path):
         marker = tmp_path / "pwned"
         evil = tmp_path / "evil.pth"
-        torch.save({"state_dict": {}, "payload": _Payload(marker)}, evil)
+        torch.save({"state_dict": {}, "payload": PicklePayload(marker)}, evil)
         res = subprocess.run([sys.executable, "train.py", "--data", str(digits), "--weights", str(evil),
                               "--output", str(tmp_path / "run"), *FAST], cwd=ROOT, capture_output=True, text=True,
                              timeout=300)

@@ -1,8 +1,6 @@
 """Weights: bundled Lite0/1/2, local files, untrusted pickles, offline hub, checkpoints of this project."""
 
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from safetensors.torch import save_file
 from gray_effnet import GrayEfficientNet, WeightsError, list_adapters, load_model, save_weights
 from gray_effnet.weights import bundled_weights_path, load_pretrained, read_weights_file
 
-from .conftest import gray_batch, make_model
+from .conftest import PicklePayload, gray_batch, make_model
 
 
 def _photo(name: str, size=(224, 224)) -> torch.Tensor:
@@ -121,21 +119,12 @@ class TestLocalFiles:
             GrayEfficientNet("efficientnet_b0", weights=str(path))
 
 
-class _Payload:
-    """Unpickling this calls os.system: a stand-in for a malicious checkpoint."""
-
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.target}",))
-
 
 class TestUntrusted:
     def test_pickle_payload_refused_and_not_run(self, tmp_path):
         marker = tmp_path / "pwned"
         path = tmp_path / "evil.pth"
-        torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Payload(marker)}, path)
+        torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": PicklePayload(marker)}, path)
         with pytest.raises(WeightsError, match="refusing to load .*evil.pth: it holds pickled Python objects"):
             GrayEfficientNet("efficientnet_b0", weights=str(path))
         with pytest.raises(WeightsError, match="refusing to load"):
