@@ -88,7 +88,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast dtype")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on recent GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (DDP)")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (DDP on CUDA)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
@@ -144,6 +144,8 @@ def main(args) -> None:
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     autocast, scaler = amp_setup(device, args.amp)
+    if args.sync_bn and device.type != "cuda":  # torch's SyncBatchNorm raises on CPU modules mid-setup
+        raise gray_effnet.InputError(f"--sync-bn needs CUDA devices; this run is on {device.type}")
     if args.evaluate:
         return run_evaluate(args, device, autocast)
     output = Path(args.output or f"runs/{args.model}-{args.adapter}")

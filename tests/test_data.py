@@ -250,6 +250,17 @@ class TestLoader:
         assert batch.images.dtype == torch.uint8 and batch.images.shape == (4, 1, 32, 48)
         assert batch.images.element_size() * batch.images[0].numel() == 32 * 48  # 1 byte per pixel
 
+    def test_augmentation_keeps_size_and_dtype(self):
+        x = torch.randint(0, 256, (1, 20, 28), dtype=torch.uint8)
+        for train, kw in [(True, {"hflip": 1.0, "rotate": 15.0, "crop_scale": 0.5}), (False, {})]:
+            out = build_transforms((32, 48), train, **kw)(x)
+            assert out.shape == (1, 32, 48) and out.dtype == torch.uint8
+        # The same seed gives the same random crop (scale 1 may still change the aspect ratio); then the flip.
+        torch.manual_seed(0)
+        crop = build_transforms((20, 28), True, crop_scale=1.0)(x)
+        torch.manual_seed(0)
+        assert torch.equal(build_transforms((20, 28), True, crop_scale=1.0, hflip=1.0)(x), crop.flip(-1))
+
     def test_mixed_depths_give_float(self, tmp_path):
         root = write_folder(tmp_path, {"a": 3, "b": 3})
         Image.fromarray(gradient(16, 16, 65535, np.uint16)).save(root / "b" / "deep.png")

@@ -199,6 +199,12 @@ class TestNonFinite:
             amp_setup(torch.device("cpu"), "fp8")
 
 
+class TestFlags:
+    def test_sync_bn_needs_cuda(self, digits, tmp_path):
+        with pytest.raises(GrayEffnetError, match="--sync-bn needs CUDA devices; this run is on cpu"):
+            run("--data", digits, "--output", tmp_path, "--sync-bn", *FAST)
+
+
 class TestSpeedFlags:
     """The CUDA-oriented flags run on the CPU too, so every branch of them is exercised here."""
 
