@@ -33,6 +33,8 @@ from .errors import InputError
 __all__ = [
     "ADAPTERS",
     "StemAdapter",
+    "conv_forward",
+    "conv_with_weight",
     "create_adapter",
     "get_adapter_class",
     "list_adapters",
@@ -120,7 +122,7 @@ def _stats(values: Sequence[float], what: str) -> Tensor:
     return t.view(1, 3, 1, 1)
 
 
-def _with_weight(conv: nn.Conv2d, weight: Tensor) -> nn.Conv2d:
+def conv_with_weight(conv: nn.Conv2d, weight: Tensor) -> nn.Conv2d:
     """A copy of ``conv`` (same class, stride, padding, device, dtype) that owns ``weight``."""
     new = copy.deepcopy(conv)
     new.weight = nn.Parameter(weight.to(conv.weight), requires_grad=conv.weight.requires_grad)
@@ -221,10 +223,10 @@ class SumStem(StemAdapter):
     @classmethod
     def from_rgb_conv(cls, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float]) -> "SumStem":
         _check_stem(conv, 3)
-        return cls(_with_weight(conv, adapt_input_conv(1, conv.weight.detach())), mean, std)
+        return cls(conv_with_weight(conv, adapt_input_conv(1, conv.weight.detach())), mean, std)
 
     def rgb_conv(self) -> nn.Conv2d:
-        return _with_weight(self.conv, gray_stem_weight_to_rgb(self.conv.weight.detach(), self.std))
+        return conv_with_weight(self.conv, gray_stem_weight_to_rgb(self.conv.weight.detach(), self.std))
 
     def normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean1).div_(self.std1)
@@ -283,18 +285,18 @@ class FoldStem(StemAdapter):
             self._band_cache[size] = bands
         return self._band_cache[size]
 
-    def _terms(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-        """(weight, bias, correction) of ``project``; see there."""
+    def _terms(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, tuple[int, int, int, int] | None]:
+        """(weight, bias, correction, bands) of ``project``; see there."""
         weight, offset_weight = self.folded_weights()
         offset = self.offset(x, offset_weight)
         bands = None if torch.compiler.is_compiling() else self._bands(tuple(x.shape[-2:]))
         if bands is None:  # no interior (or compiling): subtract the whole map
-            return weight, self.conv.bias, offset
+            return weight, self.conv.bias, offset, None
         inner = offset[0, :, bands[0], bands[2]]  # (O,): the offset wherever the window sees no padding
         bias = -inner if self.conv.bias is None else self.conv.bias - inner
-        return weight, bias, offset - inner.view(1, -1, 1, 1)  # the correction is 0 inside, nonzero on borders
+        return weight, bias, offset - inner.view(1, -1, 1, 1), bands  # the correction is 0 inside
 
-    def _cached_terms(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    def _cached_terms(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, tuple[int, int, int, int] | None]:
         """``_terms``, from the cache when no gradient is tracked."""
         w = self.conv.weight
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and w.requires_grad):
@@ -318,9 +320,8 @@ class FoldStem(StemAdapter):
         The conv applies the bias for free, so only the border bands need a correction, not a pass over
         the whole (B, O, H', W') output. In place is safe: the conv's backward does not need its output.
         """
-        weight, bias, correction = self._cached_terms(x)
+        weight, bias, correction, bands = self._cached_terms(x)
         out = conv_forward(self.conv, x, weight, bias)  # (B,1,H,W) -> (B,O,H',W')
-        bands = None if torch.compiler.is_compiling() else self._bands(tuple(x.shape[-2:]))
         if bands is None:
             return out.sub_(correction)  # the whole offset map, broadcast over the batch
         top, bottom, left, right = bands

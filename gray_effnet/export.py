@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .adapters import StemAdapter, _with_weight, create_adapter
+from .adapters import StemAdapter, conv_with_weight, create_adapter
 from .errors import InputError, WeightsError
 from .model import GrayEfficientNet
 from .weights import atomic_write, load_model
@@ -64,8 +64,8 @@ class FoldedStem(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, weight: Tensor, offset_weight: Tensor) -> None:
         super().__init__()
-        self.conv = _with_weight(conv, weight).requires_grad_(False)
-        self.offset_conv = _with_weight(conv, offset_weight).requires_grad_(False)
+        self.conv = conv_with_weight(conv, weight).requires_grad_(False)
+        self.offset_conv = conv_with_weight(conv, offset_weight).requires_grad_(False)
         self.offset_conv.bias = None
 
     @classmethod
