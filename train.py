@@ -15,6 +15,7 @@ Evaluate a checkpoint on the validation split (accuracy, per-class precision/rec
 """
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -32,9 +33,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import gray_effnet
-from gray_effnet import GrayEfficientNet, GrayEffnetError, list_adapters, load_model
+from gray_effnet import DataError, GrayEfficientNet, GrayEffnetError, InputError, WeightsError, list_adapters
 from gray_effnet.checkpoint import (
+    EpochRow,
     cleanup_temporaries,
+    load_model,
     load_state,
     resolve_resume,
     save_checkpoint,
@@ -50,13 +53,18 @@ from gray_effnet.data import (
     prepare_digits,
     set_loader_epoch,
 )
-from gray_effnet.engine import amp_setup, evaluate, peak_memory_mb, train_one_epoch
+from gray_effnet.engine import amp_setup, evaluate, process_peak_mem_mb, train_one_epoch
+from gray_effnet.model import min_input_size
 from gray_effnet.report import format_eval, write_predictions
 from gray_effnet.weights import atomic_write
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every default shown in --help, and the module docstring kept as written."""
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model and weights")
     g.add_argument("--model", default="tf_efficientnet_lite0", help="any timm EfficientNet (or CNN with a Conv2d stem)")
     g.add_argument("--adapter", default="fold", choices=list_adapters(), help="how the gray image meets the stem")
@@ -106,6 +114,40 @@ def log(*a) -> None:
         print(*a, flush=True)
 
 
+def plural(n: int, word: str, words: str | None = None) -> str:
+    return f"{n} {word if n == 1 else words or word + 's'}"
+
+
+def check_args(args) -> None:
+    """Refuse impossible arguments before any work: no data scan, no model, no output folder."""
+    checks = [
+        (args.epochs >= 1, f"--epochs must be at least 1; got {args.epochs}"),
+        (args.batch_size >= 1, f"--batch-size must be at least 1; got {args.batch_size}"),
+        (args.workers >= 0, f"--workers must be 0 or more; got {args.workers}"),
+        (args.lr > 0, f"--lr must be positive; got {args.lr}"),
+        (args.weight_decay >= 0, f"--weight-decay must be 0 or more; got {args.weight_decay}"),
+        (args.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more; got {args.warmup_epochs}"),
+        (0 < args.val_split < 1, f"--val-split must be between 0 and 1; got {args.val_split}"),
+        (0 < args.crop_scale <= 1, f"--crop-scale must be in (0, 1]; got {args.crop_scale}"),
+        (0 <= args.hflip <= 1, f"--hflip is a probability in [0, 1]; got {args.hflip}"),
+        (0 <= args.rotate <= 180, f"--rotate must be in [0, 180] degrees; got {args.rotate}"),
+        (0 <= args.label_smoothing < 1, f"--label-smoothing must be in [0, 1); got {args.label_smoothing}"),
+        (args.clip_grad is None or args.clip_grad > 0, f"--clip-grad must be positive; got {args.clip_grad}"),
+        (args.log_every >= 1, f"--log-every must be at least 1; got {args.log_every}"),
+        (not args.evaluate or args.weights, "--evaluate needs --weights PATH (a checkpoint of this project)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+    if not args.evaluate:
+        smallest = min_input_size(args.model)  # also checks the model name, suggesting close ones
+        if args.img_size is not None and min(args.img_size) < smallest:
+            raise InputError(f"--img-size {args.img_size[0]} {args.img_size[1]} is smaller than {args.model}'s "
+                             f"total stride; use at least {smallest} {smallest}")
+    if args.sync_bn and not str(args.device).startswith("cuda"):  # torch's SyncBatchNorm raises on CPU modules
+        raise InputError(f"--sync-bn needs CUDA devices; this run is on {args.device}")
+
+
 def resolve_data(args, primary: bool):
     """The data folder (writing the demo digits once), checked and split before anything trains."""
     root = args.data
@@ -118,25 +160,38 @@ def resolve_data(args, primary: bool):
     return root, load_folder(root, val_split=args.val_split, seed=args.seed, strict=args.strict_data)
 
 
+def data_line(args, root, folder, wide: bool) -> str:
+    split = " (given split)" if folder.presplit else f" (seeded stratified split, {args.val_split:.0%} val)"
+    classes = plural(len(folder.classes), "class", "classes")
+    return (f"data: {root}: {classes}, {len(folder.train)} train / {len(folder.val)} val images{split}; "
+            f"{folder.scan.converted} converted from colour, {len(folder.scan.bad)} unreadable skipped, "
+            f"{len(folder.ignored)} non-image files ignored; {'float32' if wide else 'uint8'} batches")
+
+
 def run_evaluate(args, device: torch.device, autocast) -> None:
-    if not args.weights:
-        raise gray_effnet.InputError("--evaluate needs --weights PATH (a checkpoint of this project)")
     model = load_model(args.weights).to(device)
     root, folder = resolve_data(args, primary=True)
     if model.class_names and model.class_names != folder.classes:
-        raise gray_effnet.DataError(
-            f"the checkpoint's classes {model.class_names} differ from {root}'s {folder.classes}")
+        raise DataError(f"the checkpoint's classes {model.class_names} differ from {root}'s {folder.classes}")
     img_size = args.img_size or model.img_size or (64, 64)
-    ds = GrayImageFolder(folder.val, build_transforms(img_size, train=False), folder.scan.wide, args.intensity)
+    if min(img_size) < model.min_size:
+        raise InputError(f"--img-size {img_size[0]} {img_size[1]} is smaller than the model's total stride "
+                         f"{model.min_size}")
+    ds = GrayImageFolder(folder.val, build_transforms(img_size, train=False), wide=folder.scan.wide,
+                         intensity=args.intensity)
     loader = make_loader(ds, args.batch_size, train=False, workers=args.workers, pin_memory=device.type == "cuda")
-    result = evaluate(model, loader, device, model.num_classes, autocast, keep_predictions=True,
-                      progress=not args.no_progress)
+    log(data_line(args, root, folder, ds.wide) + f"; evaluating the {len(folder.val)} validation images")
+    result = evaluate(model, loader, device=device, num_classes=model.num_classes, autocast=autocast,
+                      keep_predictions=True, progress=not args.no_progress)
     print(format_eval(result, folder.classes))
     out = Path(args.output) if args.output else Path(args.weights).parent
-    print(f"predictions: {write_predictions(out / 'predictions.csv', result, folder.classes)}")
+    path = out / "eval_predictions.csv"
+    replaced = path.exists()
+    print(f"predictions: {write_predictions(path, result, folder.classes)}{' (replaced)' if replaced else ''}")
 
 
 def main(args) -> None:
+    check_args(args)
     # -- devices and processes --------------------------------------------------------------------------
     d = init_distributed_device_so(device=args.device)  # reads torchrun's env; gloo on CPU, nccl on CUDA
     device, rank, world = torch.device(d["device"]), d["global_rank"], d["world_size"]
@@ -144,30 +199,29 @@ def main(args) -> None:
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     autocast, scaler = amp_setup(device, args.amp)
-    if args.sync_bn and device.type != "cuda":  # torch's SyncBatchNorm raises on CPU modules mid-setup
-        raise gray_effnet.InputError(f"--sync-bn needs CUDA devices; this run is on {device.type}")
     if args.evaluate:
         return run_evaluate(args, device, autocast)
     output = Path(args.output or f"runs/{args.model}-{args.adapter}")
-    if primary:
-        output.mkdir(parents=True, exist_ok=True)
-        stale = cleanup_temporaries(output)
-        if stale:
-            log(f"removed temporary files of an interrupted write: {', '.join(stale)}")
 
-    # -- data: every check runs before the first step -----------------------------------------------------
+    # -- everything that can refuse the run, before anything is written: resume state, data, model -------------
+    state_path = resolve_resume(args.resume, output) if args.resume else None
+    if args.resume == "auto" and state_path is None:
+        log(f"--resume: nothing to resume in {output}, starting fresh")
     root, folder = resolve_data(args, primary)
+    state = None
+    if state_path is not None:
+        state = load_state(state_path, {"model_name": args.model, "adapter": args.adapter,
+                                        "num_classes": len(folder.classes)})
     h, w = args.img_size or (64, 64)
     train_ds = GrayImageFolder(folder.train, build_transforms((h, w), True, args.crop_scale, args.hflip, args.rotate),
-                               folder.scan.wide, args.intensity)
-    val_ds = GrayImageFolder(folder.val, build_transforms((h, w), False), folder.scan.wide, args.intensity)
-    pin = device.type == "cuda"
-    train_loader = make_loader(train_ds, args.batch_size, True, args.workers, pin, args.seed, world, rank)
-    val_loader = make_loader(val_ds, args.batch_size, False, args.workers, pin, args.seed, world, rank)
-    log(f"data: {root}: {len(folder.classes)} classes, {len(folder.train)} train / {len(folder.val)} val images"
-        f"{' (given split)' if folder.presplit else f' (seeded stratified split, {args.val_split:.0%} val)'}; "
-        f"{folder.scan.converted} converted from colour, {len(folder.scan.bad)} unreadable skipped, "
-        f"{len(folder.ignored)} non-image files ignored; {'float32' if train_ds.wide else 'uint8'} batches")
+                               wide=folder.scan.wide, intensity=args.intensity)
+    val_ds = GrayImageFolder(folder.val, build_transforms((h, w), False), wide=folder.scan.wide,
+                             intensity=args.intensity)
+    loader_kw = {"workers": args.workers, "pin_memory": device.type == "cuda", "seed": args.seed,
+                 "world_size": world, "rank": rank}
+    train_loader = make_loader(train_ds, args.batch_size, train=True, **loader_kw)
+    val_loader = make_loader(val_ds, args.batch_size, train=False, **loader_kw)
+    log(data_line(args, root, folder, train_ds.wide))
 
     # -- model. Order: to(device) -> channels_last -> optimizer -> compile -> DDP, because the optimizer
     # must hold the parameters that live on the device, and DDP must wrap the module that will run. ---------
@@ -195,26 +249,29 @@ def main(args) -> None:
 
     # -- resume ---------------------------------------------------------------------------------------------
     start_epoch, history, best_acc = 0, [], -1.0
-    state_path = resolve_resume(args.resume, output) if args.resume else None
-    if args.resume == "auto" and state_path is None:
-        log(f"--resume: nothing to resume in {output}, starting fresh")
-    if state_path is not None:
-        state = load_state(state_path, {"model_name": args.model, "adapter": args.adapter,
-                                        "num_classes": len(folder.classes)})
-        unwrapped.load_timm_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+    if state is not None:
+        try:
+            unwrapped.load_timm_state_dict(state["model"], source=str(state_path))
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            if primary:
+                set_rng_state(state["rng"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:  # torch's own checks of the state dicts
+            raise WeightsError(f"cannot resume from {state_path}: {type(e).__name__}: {e}") from None
+        if not primary:  # only rank 0's generators are saved; the others get fresh, distinct seeds
+            torch.manual_seed(args.seed + rank + 1000 * (state["epoch"] + 1))
         start_epoch, history, best_acc = state["epoch"] + 1, state["history"], state["best_val_acc"]
-        if primary:
-            set_rng_state(state["rng"])
-        else:  # only rank 0's generators are saved; the others get fresh, distinct seeds
-            torch.manual_seed(args.seed + rank + 1000 * start_epoch)
         scheduler.step_update(start_epoch * steps_per_epoch)
-        if primary:
-            write_metrics(output / "metrics.csv", history)  # drop rows of an epoch that did not finish
         log(f"resumed from {state_path} after epoch {state['epoch']} (best val_acc {best_acc:.4f})")
 
+    # -- outputs: written only now that the run has started ----------------------------------------------------
     if primary:
+        output.mkdir(parents=True, exist_ok=True)
+        stale = cleanup_temporaries(output)
+        if stale:
+            log(f"removed temporary files of an interrupted write: {', '.join(stale)}")
+        if state is not None:
+            write_metrics(output / "metrics.csv", history)  # drop rows of an epoch that did not finish
         config = {"args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
                   "resolved": {"data": str(root), "output": str(output), "lr": lr, "world_size": world,
                                "classes": folder.classes, "device": str(device),
@@ -226,29 +283,34 @@ def main(args) -> None:
             tmp.write_text(json.dumps(config, indent=2))
 
     # -- train ----------------------------------------------------------------------------------------------
-    log(f"training {args.model} with the {args.adapter!r} stem on {device} x{world}: {args.epochs} epochs, "
-        f"{steps_per_epoch} steps each, batch {args.batch_size}x{world}, {h}x{w}, amp {args.amp}")
+    log(f"training {args.model} with the {args.adapter!r} stem on {device} x{world}: "
+        f"{plural(args.epochs, 'epoch')}, {plural(steps_per_epoch, 'step')} each, batch {args.batch_size}x{world}, "
+        f"{h}x{w}, amp {args.amp}; val loss is cross-entropy without label smoothing")
     run_start = time.perf_counter()
+    progress = primary and not args.no_progress
     for epoch in range(start_epoch, args.epochs):
         set_loader_epoch(train_loader, epoch, args.seed)
-        stats = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, device, epoch, autocast, scaler,
-                                args.clip_grad, args.channels_last, args.log_every, primary and not args.no_progress)
-        result = evaluate(eval_model, val_loader, device, len(folder.classes), autocast, criterion,
-                          args.channels_last, progress=primary and not args.no_progress, desc=f"epoch {epoch} val")
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **stats,  # lr: where the epoch ended
-               "val_loss": result.loss, "val_acc": result.acc,
-               "peak_mem_mb": peak_memory_mb(device), "val_skipped": result.skipped}
-        history.append(row)
+        stats = train_one_epoch(model, train_loader, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
+                                device=device, epoch=epoch, autocast=autocast, scaler=scaler,
+                                clip_grad=args.clip_grad, channels_last=args.channels_last,
+                                log_every=args.log_every, progress=progress)
+        result = evaluate(eval_model, val_loader, device=device, num_classes=len(folder.classes), autocast=autocast,
+                          channels_last=args.channels_last, progress=progress, desc=f"epoch {epoch} val")
+        row = EpochRow(epoch=epoch, lr=optimizer.param_groups[0]["lr"], **stats,  # lr: where the epoch ended
+                       val_loss=result.loss, val_acc=result.acc,
+                       process_peak_mem_mb=process_peak_mem_mb(device), val_skipped=result.skipped)
+        history.append(dataclasses.asdict(row))
         is_best = result.acc > best_acc
         best_acc = max(best_acc, result.acc)
         if primary:
-            save_checkpoint(output, unwrapped, optimizer, scaler, epoch, history, best_acc, is_best, vars(args))
-        log(f"epoch {epoch}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.4f} | "
-            f"val loss {result.loss:.4f} acc {result.acc:.4f}{' (best)' if is_best else ''} | "
-            f"{stats['img_per_s']:.0f} img/s, {stats['seconds']:.1f}s")
+            save_checkpoint(output, unwrapped, optimizer=optimizer, scaler=scaler, history=history,
+                            best_val_acc=best_acc, is_best=is_best, args=vars(args))
+        log(f"epoch {epoch}: train loss {row.train_loss:.4f} acc {row.train_acc:.4f} | "
+            f"val loss {row.val_loss:.4f} acc {row.val_acc:.4f}{' (best)' if is_best else ''} | "
+            f"{row.img_per_s:.0f} img/s, {row.seconds:.1f}s")
 
     # -- summary ----------------------------------------------------------------------------------------------
-    skipped = sum(r.get("train_skipped", 0) + r.get("val_skipped", 0) for r in history)
+    skipped = sum(r["train_skipped"] + r["val_skipped"] for r in history)
     log(f"\ndone in {time.perf_counter() - run_start:.0f}s: best val acc {best_acc:.4f} "
         f"(epoch {max(history, key=lambda r: r['val_acc'])['epoch'] if history else '-'})\n"
         f"  outputs in {output}/: best.safetensors, last.safetensors, last.state.pt, metrics.csv, config.json\n"
@@ -258,16 +320,23 @@ def main(args) -> None:
         + (f" --data {args.data}" if args.data else ""))
 
 
-if __name__ == "__main__":
-    args = get_args_parser().parse_args()
+def cli(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, run, and turn this project's errors into one ``error:`` line and exit code 2."""
+    args = get_args_parser().parse_args(argv)
     try:
         main(args)
     except GrayEffnetError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: finished epochs are saved; continue with the same command plus --resume", file=sys.stderr)
-        sys.exit(130)
+        print("\ninterrupted: finished epochs are saved; continue with the same command plus --resume",
+              file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -56,7 +56,7 @@ def zero_shot(args, root: Path) -> dict[str, dict]:
     """Max |logits - repeat's| with the ImageNet head on validation images, for each adapter."""
     folder = load_folder(root, seed=args.seed)
     ds = GrayImageFolder(folder.val[: args.fidelity_images], build_transforms(args.img_size, train=False),
-                         folder.scan.wide)
+                         wide=folder.scan.wide)
     x = collate([ds[i] for i in range(len(ds))]).images
     model = GrayEfficientNet(args.model, adapter="repeat", pretrained=args.pretrained).eval()
     return {row["adapter"]: row for row in equivalence(model, x, args.adapters)}
@@ -96,7 +96,7 @@ def summarise(adapter: str, epochs: list[dict], fidelity: dict, code: int) -> di
             "final_train_loss": last["train_loss"],
             "sec_per_epoch": sum(e["seconds"] for e in epochs) / len(epochs),
             "img_per_s": sum(e["img_per_s"] for e in epochs) / len(epochs),
-            "peak_mem_mb": max(e["peak_mem_mb"] for e in epochs),
+            "peak_mem_mb": max(e["process_peak_mem_mb"] for e in epochs),
         })
     if fidelity:
         row.update({

@@ -78,7 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify a folder of images with a checkpoint, write a CSV")
     p.add_argument("--weights", required=True)
     p.add_argument("--data", required=True, help="a folder of images, with or without class subfolders")
-    p.add_argument("--output", default=None, help="CSV path (default: predictions.csv beside the weights)")
+    p.add_argument("--output", default=None, help="CSV path (default: predictions_<folder>.csv beside the weights)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default=None)

@@ -311,7 +311,7 @@ class GrayImageFolder(Dataset):
         intensity: see ``read_gray``.
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform=None, wide: bool = False,
+    def __init__(self, samples: Sequence[tuple[str, int]], transform=None, *, wide: bool = False,
                  intensity: str = "full") -> None:
         _check_intensity(intensity)
         self.samples = list(samples)
@@ -359,6 +359,7 @@ def collate(items: list[tuple[Tensor, int, str] | None]) -> Batch:
 def make_loader(
     dataset: Dataset,
     batch_size: int,
+    *,
     train: bool,
     workers: int = 2,
     pin_memory: bool = False,
@@ -418,7 +419,8 @@ def prepare_digits(cache_dir: str | os.PathLike | None = None, per_class: int | 
         from sklearn.datasets import load_digits
     except ImportError:
         raise DataError(
-            "the demo data set needs scikit-learn (pip install 'gray_effnet[demo]'), or pass --data DIR"
+            "the demo data set needs scikit-learn (from a checkout: pip install -e '.[demo]'; otherwise: "
+            "pip install scikit-learn), or pass --data DIR"
         ) from None
     name = "digits" if per_class is None else f"digits-{per_class}"
     root = Path(cache_dir or default_cache_dir()) / name

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .errors import InputError, NonFiniteLossError
 
-__all__ = ["EvalResult", "amp_setup", "evaluate", "peak_memory_mb", "train_one_epoch"]
+__all__ = ["EvalResult", "amp_setup", "evaluate", "process_peak_mem_mb", "train_one_epoch"]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,8 +38,8 @@ def _all_reduce(t: Tensor) -> Tensor:
     return t
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA's max allocated, or the CPU's max resident set size."""
+def process_peak_mem_mb(device: torch.device) -> float:
+    """Peak memory since the process started: CUDA's max allocated, or the CPU's max resident set size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
@@ -61,6 +61,7 @@ def _to_device(images: Tensor, targets: Tensor, device: torch.device, channels_l
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
+    *,
     optimizer: torch.optim.Optimizer,
     scheduler,
     criterion: nn.Module,
@@ -165,10 +166,10 @@ class EvalResult:
 def evaluate(
     model: nn.Module,
     loader: Iterable,
+    *,
     device: torch.device,
     num_classes: int,
     autocast: Callable = nullcontext,
-    criterion: nn.Module | None = None,
     channels_last: bool = False,
     keep_predictions: bool = False,
     progress: bool = True,
@@ -176,10 +177,12 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate on every image of ``loader`` once (summed over DDP ranks).
 
-    Targets below 0 mark unlabelled images: they are predicted but count in no metric.
+    Targets below 0 mark unlabelled images: they are predicted but count in no metric. The loss is the plain
+    cross-entropy (no label smoothing) wherever it is reported: after each epoch, by ``--evaluate``, by
+    ``predict``.
     """
     model.eval()
-    criterion = criterion or nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     skipped = 0

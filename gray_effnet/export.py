@@ -1,6 +1,7 @@
 """Export a checkpoint to ONNX or TorchScript: raw 1-channel pixels in, logits out.
 
-``python -m gray_effnet export --weights runs/demo/best.safetensors --format onnx --output best.onnx``
+``python -m gray_effnet export --weights runs/tf_efficientnet_lite0-broadcast/best.safetensors --format onnx
+--output best.onnx``
 
 Whatever adapter the checkpoint was trained with, the exported stem is the ``fold`` stem: one input
 channel, normalisation folded into the weights (``gray_effnet.adapters.FoldStem``), so a deployed model
@@ -22,9 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import StemAdapter, conv_with_weight, create_adapter
+from .checkpoint import load_model
 from .errors import InputError, WeightsError
 from .model import GrayEfficientNet
-from .weights import atomic_write, load_model
+from .weights import atomic_write
 
 __all__ = ["ATOL", "FORMATS", "RTOL", "ExportResult", "FoldedStem", "export", "exportable"]
 
@@ -94,7 +96,7 @@ def exportable(model: GrayEfficientNet) -> nn.Module:
         - Output: (B, num_classes).
 
     Example:
-        >>> net = exportable(load_model("runs/demo/best.safetensors"))
+        >>> net = exportable(load_model("runs/tf_efficientnet_lite0-broadcast/best.safetensors"))
         >>> scripted = torch.jit.script(net)
     """
     net = copy.deepcopy(model.model)
@@ -171,7 +173,8 @@ def _run_exported(fmt: str, path: Path, xs: list[Tensor]) -> list[Tensor] | str:
     try:
         import onnxruntime as ort
     except ImportError:
-        return "onnxruntime is not installed (pip install 'gray_effnet[onnx]')"
+        return ("onnxruntime is not installed (from a checkout: pip install -e '.[onnx]'; "
+                "otherwise: pip install onnx onnxruntime)")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return [torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]) for x in xs]
 
@@ -228,7 +231,7 @@ def export(
         - Exported output: (B, num_classes) logits.
 
     Example:
-        >>> print(export("runs/demo/best.safetensors", "onnx", "runs/demo/best.onnx"))
+        >>> print(export("runs/tf_efficientnet_lite0-broadcast/best.safetensors", "onnx", "runs/demo/best.onnx"))
         >>> import onnxruntime as ort
         >>> x = (gray[None, None] / 255).astype("float32")  # a (H, W) uint8 numpy image -> (1, 1, H, W)
         >>> logits = ort.InferenceSession("runs/demo/best.onnx").run(None, {"image": x})[0]
@@ -239,7 +242,8 @@ def export(
         try:
             import onnx  # noqa: F401  the legacy exporter needs it to write the file
         except ImportError:
-            raise InputError("ONNX export needs the onnx package: pip install 'gray_effnet[onnx]'") from None
+            raise InputError("ONNX export needs the onnx package (from a checkout: pip install -e '.[onnx]'; "
+                             "otherwise: pip install onnx onnxruntime)") from None
     model = load_model(weights).eval()
     size = img_size if img_size is not None else (model.img_size or (224, 224))
     xs = _check_inputs(model, size)

@@ -6,31 +6,20 @@ from typing import Any
 
 import timm
 import torch
-from timm.models import adapt_input_conv
 from torch import Tensor, nn
 
-from .adapters import StemAdapter, create_adapter, gray_stem_weight_to_rgb
+from .adapters import StemAdapter, create_adapter
 from .errors import InputError
+from .weights import (
+    classifier_keys,
+    first_conv_name,
+    fit_state_dict,
+    pretrained_weights_file,
+    read_weights_file,
+    timm_names,
+)
 
-__all__ = ["GrayEfficientNet", "first_conv_name", "timm_names"]
-
-
-def first_conv_name(model: nn.Module) -> str:
-    """The stem conv's module path, as timm records it in ``pretrained_cfg["first_conv"]``."""
-    name = getattr(model, "pretrained_cfg", {}).get("first_conv")
-    if isinstance(name, (list, tuple)):
-        if len(name) != 1:
-            raise InputError(f"the model has {len(name)} input convs ({name}); only one can be adapted")
-        name = name[0]
-    if not name:
-        raise InputError(f"{type(model).__name__} does not name its first conv in pretrained_cfg['first_conv']")
-    return name
-
-
-def timm_names(state_dict: dict[str, Tensor], stem_name: str) -> dict[str, Tensor]:
-    """Rename the adapter's ``<stem>.conv.*`` entries of a timm model's state dict to timm's ``<stem>.*``."""
-    inner = f"{stem_name}.conv."
-    return {(f"{stem_name}.{k[len(inner):]}" if k.startswith(inner) else k): v for k, v in state_dict.items()}
+__all__ = ["GrayEfficientNet", "min_input_size"]
 
 
 def _check_model_name(name: str) -> None:
@@ -38,6 +27,18 @@ def _check_model_name(name: str) -> None:
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; timm.list_models('*efficientnet*') lists them"
         raise InputError(f"unknown timm model {name!r}{hint}")
+
+
+def _total_stride(model: nn.Module) -> int:
+    info = getattr(model, "feature_info", None)
+    return int(info[-1]["reduction"]) if info else 32
+
+
+def min_input_size(model_name: str) -> int:
+    """The smallest H and W ``model_name`` accepts (its total stride), found without allocating weights."""
+    _check_model_name(model_name)
+    with torch.device("meta"):
+        return _total_stride(timm.create_model(model_name, pretrained=False))
 
 
 class GrayEfficientNet(nn.Module):
@@ -91,8 +92,6 @@ class GrayEfficientNet(nn.Module):
         **timm_kwargs: Any,
     ) -> None:
         super().__init__()
-        from .weights import load_pretrained, load_weights_file  # weights.py builds models: import late
-
         _check_model_name(model_name)
         if num_classes < 1:
             raise InputError(f"num_classes must be at least 1; got {num_classes}")
@@ -110,20 +109,19 @@ class GrayEfficientNet(nn.Module):
         self.mean = tuple(float(v) for v in (mean if mean is not None else cfg["mean"]))
         self.std = tuple(float(v) for v in (std if std is not None else cfg["std"]))
         # The total stride: a smaller image has no pixel left after the last stage.
-        info = getattr(self.model, "feature_info", None)
-        self.min_size = int(info[-1]["reduction"]) if info else 32
+        self.min_size = _total_stride(self.model)
+        conv = self.model.get_submodule(self.stem_name)
+        self.model.set_submodule(self.stem_name, create_adapter(adapter, conv, self.mean, self.std))
 
         head_loaded = True
-        if weights is not None:
-            head_loaded = load_weights_file(self.model, weights, std=self.std)
-        elif pretrained:
-            head_loaded = load_pretrained(self.model, model_name, num_classes=num_classes, std=self.std)
+        source = weights if weights is not None else pretrained_weights_file(model_name, cfg) if pretrained else None
+        if source is not None:
+            state_dict, _ = read_weights_file(source)
+            head_loaded = self.load_timm_state_dict(state_dict, source=str(source), pretrained=True)
         head = self.model.get_classifier()
         if not head_loaded and head_init_std is not None and isinstance(head, nn.Linear):
             nn.init.normal_(head.weight, std=head_init_std)
             nn.init.zeros_(head.bias)
-        conv = self.model.get_submodule(self.stem_name)
-        self.model.set_submodule(self.stem_name, create_adapter(adapter, conv, self.mean, self.std))
 
     # -- the stem ------------------------------------------------------------------------------------
     @property
@@ -189,23 +187,38 @@ class GrayEfficientNet(nn.Module):
         """
         return timm_names(self.model.state_dict(), self.stem_name)
 
-    def load_timm_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True):
-        """Load a timm-native state dict, converting the stem between 1 and 3 channels where needed."""
-        state_dict = dict(state_dict)
-        stem_key = f"{self.stem_name}.weight"
-        stem = self.stem
-        if stem_key in state_dict:
-            w = state_dict[stem_key]
-            if w.shape[1] == 1 and stem.in_chans == 3:
-                state_dict[stem_key] = gray_stem_weight_to_rgb(w, self.std)
-            elif w.shape[1] == 3 and stem.in_chans == 1:
-                state_dict[stem_key] = adapt_input_conv(1, w)
-        mapped = {}
-        for key, value in state_dict.items():
-            if key.startswith(f"{self.stem_name}.") and key.count(".") == self.stem_name.count(".") + 1:
-                key = f"{self.stem_name}.conv.{key[len(self.stem_name) + 1:]}"
-            mapped[key] = value
-        return self.model.load_state_dict(mapped, strict=strict)
+    def load_timm_state_dict(self, state_dict: dict[str, Tensor], *, source: str = "the state dict",
+                             pretrained: bool = False) -> bool:
+        """Load weights under timm's names (or this model's own), converting the stem between 1 and 3 channels.
+
+        Every key and shape is checked (``gray_effnet.weights.fit_state_dict``).
+
+        Args:
+            state_dict: a timm state dict (3-channel or ``in_chans=1``), ``timm_state_dict()``, ``state_dict()``
+                or an efficientnet-pytorch one.
+            source: names the weights in error messages.
+            pretrained: the weights come from another task: a classifier of another shape is left out (the
+                model keeps its fresh one) and the stem adapter's own parameters may be missing. Otherwise
+                every tensor must be there.
+
+        Returns:
+            Whether the classifier was loaded.
+
+        Raises:
+            WeightsError: the weights do not fit, with examples of what is missing, unexpected or misshapen.
+        """
+        stem, conv_params = self.stem, set(self.stem.conv.state_dict())
+        own = {f"{self.stem_name}.{k}" for k in stem.state_dict() if not k.startswith("conv.")}
+        fitted, head_loaded = fit_state_dict(
+            state_dict, self.timm_state_dict(), stem_key=f"{self.stem_name}.weight", std=self.std,
+            head_keys=classifier_keys(self.model) if pretrained else (), optional_keys=own if pretrained else (),
+            source=source, target_name=self.model_name,
+        )
+        prefix = f"{self.stem_name}."
+        inner = {(f"{prefix}conv.{k[len(prefix):]}" if k.startswith(prefix) and k[len(prefix):] in conv_params
+                  else k): v for k, v in fitted.items()}
+        self.model.load_state_dict(inner, strict=False)  # fit_state_dict checked every key and shape
+        return head_loaded
 
     def describe(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild this model (``gray_effnet.load_model``)."""

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import load_model
 from .data import IMG_EXTENSIONS, GrayImageFolder, build_transforms, find_images, make_loader, scan_images
 from .engine import evaluate
 from .errors import DataError
 from .report import format_eval, write_predictions
-from .weights import load_model
 
 __all__ = ["labelled_samples", "predict"]
 
@@ -52,15 +52,23 @@ def predict(args: argparse.Namespace) -> None:
     bad = {p for p, _ in scan.bad}
     samples = [s for s in samples if s[0] not in bad]
     size = model.img_size or tuple(model.model.pretrained_cfg["input_size"][1:])
-    dataset = GrayImageFolder(samples, build_transforms(size, train=False), scan.wide, args.intensity)
+    dataset = GrayImageFolder(samples, build_transforms(size, train=False), wide=scan.wide, intensity=args.intensity)
     loader = make_loader(dataset, args.batch_size, train=False, workers=args.workers,
                          pin_memory=device.type == "cuda")
-    result = evaluate(model, loader, device, model.num_classes, keep_predictions=True, desc="predict")
+    result = evaluate(model, loader, device=device, num_classes=model.num_classes, keep_predictions=True,
+                      desc="predict")
     if labelled:
         print(format_eval(result, names))
     else:
         counts = Counter(names[pred] for _, _, pred, _ in result.predictions)
         print(f"{len(result.predictions)} images predicted as: "
               + ", ".join(f"{name}: {n}" for name, n in counts.most_common()))
-    out = Path(args.output) if args.output else Path(args.weights).parent / "predictions.csv"
-    print(f"predictions: {write_predictions(out, result, names)}")
+    out = Path(args.output) if args.output else default_output(Path(args.weights), root)
+    replaced = out.exists()
+    print(f"predictions: {write_predictions(out, result, names)}{' (replaced)' if replaced else ''}")
+
+
+def default_output(weights: Path, data: Path) -> Path:
+    """``predictions_<data folder>.csv`` beside the weights: one file per folder, none shared with --evaluate."""
+    name = data.resolve().name or "root"
+    return weights.parent / f"predictions_{name}.csv"

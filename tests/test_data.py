@@ -245,7 +245,7 @@ class TestBadFiles:
 class TestLoader:
     def test_uint8_one_channel_batches(self, tmp_path):
         data = load_folder(write_folder(tmp_path, {"a": 6, "b": 6}, size=(20, 28)), val_split=0.25)
-        ds = GrayImageFolder(data.train, build_transforms((32, 48), train=True), data.scan.wide)
+        ds = GrayImageFolder(data.train, build_transforms((32, 48), train=True), wide=data.scan.wide)
         batch = next(iter(make_loader(ds, 4, train=True, workers=0)))
         assert batch.images.dtype == torch.uint8 and batch.images.shape == (4, 1, 32, 48)
         assert batch.images.element_size() * batch.images[0].numel() == 32 * 48  # 1 byte per pixel
@@ -266,7 +266,7 @@ class TestLoader:
         Image.fromarray(gradient(16, 16, 65535, np.uint16)).save(root / "b" / "deep.png")
         data = load_folder(root, val_split=0.3)
         assert data.scan.wide
-        ds = GrayImageFolder(data.train + data.val, build_transforms((16, 16), train=False), data.scan.wide)
+        ds = GrayImageFolder(data.train + data.val, build_transforms((16, 16), train=False), wide=data.scan.wide)
         batch = next(iter(make_loader(ds, 7, train=False, workers=0)))
         assert batch.images.dtype == torch.float32 and batch.images.max() <= 1
 
@@ -290,7 +290,8 @@ class TestLoader:
     def test_eval_covers_every_image_once_per_rank_split(self, tmp_path):
         data = load_folder(write_folder(tmp_path, {"a": 7, "b": 6}), val_split=0.5)
         ds = GrayImageFolder(data.val, build_transforms((16, 16), train=False))
-        paths = [p for rank in range(2) for b in make_loader(ds, 2, False, 0, world_size=2, rank=rank) for p in b.paths]
+        loaders = [make_loader(ds, 2, train=False, workers=0, world_size=2, rank=rank) for rank in range(2)]
+        paths = [p for loader in loaders for b in loader for p in b.paths]
         assert sorted(paths) == sorted(p for p, _ in data.val)
 
 

@@ -118,7 +118,7 @@ class TestExport:
         result = export(checkpoint("fold"), "onnx", out, img_size=(96, 64))
         assert out.is_file() and result.max_abs_diff is None
         assert result.check_shapes[0] == (2, 1, 96, 64)
-        assert "check:  skipped: onnxruntime is not installed (pip install 'gray_effnet[onnx]')" in str(result)
+        assert "check:  skipped: onnxruntime is not installed (from a checkout: pip install -e '.[onnx]'" in str(result)
 
     def test_failed_check_keeps_old_file(self, checkpoint, tmp_path, monkeypatch):
         pytest.importorskip("onnxruntime")
@@ -137,7 +137,7 @@ class TestExport:
 
     def test_without_onnx(self, checkpoint, tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, "onnx", None)
-        with pytest.raises(InputError, match=r"ONNX export needs the onnx package: pip install 'gray_effnet\[onnx\]'"):
+        with pytest.raises(InputError, match=r"needs the onnx package \(from a checkout: pip install -e '\.\[onnx\]'"):
             export(checkpoint("fold"), "onnx", tmp_path / "m.onnx")
 
     def test_too_small(self, checkpoint, tmp_path):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from gray_effnet import GrayEfficientNet, WeightsError, list_adapters, load_model, save_weights
-from gray_effnet.weights import bundled_weights_path, load_pretrained, read_weights_file
+from gray_effnet.weights import bundled_weights_path, pretrained_weights_file, read_weights_file
 
 from .conftest import PicklePayload, gray_batch, make_model
 
@@ -154,11 +154,13 @@ class TestHub:
         monkeypatch.setenv("TORCH_HOME", str(tmp_path))
         (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
         torch.save(src.timm_state_dict(), tmp_path / "hub" / "checkpoints" / "b0_test.pth")
-        target = timm.create_model("efficientnet_b0")
-        url = "https://example.invalid/b0_test.pth"
-        target.pretrained_cfg = {**target.pretrained_cfg, "hf_hub_id": None, "url": url}
-        assert load_pretrained(target, "efficientnet_b0", num_classes=1000, std=src.std)  # the head too
-        assert torch.equal(target.conv_stem.weight, src.stem.conv.weight)
+        cfg = {**timm.create_model("efficientnet_b0").pretrained_cfg, "hf_hub_id": None,
+               "url": "https://example.invalid/b0_test.pth"}
+        path = pretrained_weights_file("efficientnet_b0", cfg)
+        assert path == tmp_path / "hub" / "checkpoints" / "b0_test.pth"
+        target = GrayEfficientNet("efficientnet_b0", adapter="fold", weights=str(path))
+        assert torch.equal(target.stem.conv.weight, src.stem.conv.weight)
+        assert torch.equal(target.model.classifier.weight, src.model.classifier.weight)  # the head too
 
 
 @pytest.mark.parametrize("adapter", list_adapters())
