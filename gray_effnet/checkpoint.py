@@ -149,8 +149,8 @@ def validate_metadata(meta: Any, state_dict: Mapping[str, Tensor], source: Any) 
     if not _is_int(version) or version < 1:
         raise _fail(source, "format_version", f"an integer from 1 to {FORMAT_VERSION}", version)
     if version > FORMAT_VERSION:
-        raise WeightsError(f"{source} was written by a newer gray_effnet (format {version}; this one reads "
-                           f"up to {FORMAT_VERSION})")
+        raise WeightsError(f"{source}: checkpoint field 'format_version' is {version}: the file was written by a "
+                           f"newer gray_effnet (this one reads up to {FORMAT_VERSION}); upgrade gray_effnet")
 
     name = meta["model_name"]
     if not isinstance(name, str) or len(name) > MAX_NAME_CHARS or not timm.is_model(name):

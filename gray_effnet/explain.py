@@ -4,15 +4,19 @@
 """
 
 import copy
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .adapters import list_adapters
+from .data import read_gray
 from .model import GrayEfficientNet
 
-__all__ = ["Stage", "equivalence", "format_report", "trace"]
+__all__ = ["Stage", "equivalence", "explain", "format_report", "trace"]
 
 _NOTES = {
     "bn1": "batch norm + activation: it sees the stem's channels, whatever the input had",
@@ -139,3 +143,38 @@ def format_report(model: GrayEfficientNet, stages: list[Stage], rows: list[dict]
     if rows:
         lines.append(f"(logits scale = max |repeat logits| = {rows[0]['logits_scale']:.4g})")
     return "\n".join(lines)
+
+
+def explain(
+    model_name: str,
+    adapter: str,
+    *,
+    img_size: Sequence[int] = (128, 128),
+    pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
+    image: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> str:
+    """The whole report of ``python -m gray_effnet explain``: the trace and the equivalence table.
+
+    Random weights and the random image both come from ``seed``, so the same arguments print the same report.
+    """
+    torch.manual_seed(seed)
+    model = GrayEfficientNet(model_name, adapter=adapter, pretrained=pretrained, weights=weights).eval()
+    if weights:
+        weights_note = f"from {weights}"
+    elif pretrained:
+        weights_note = "pretrained ImageNet"
+    else:
+        weights_note = f"random init, seed {seed} (pass --pretrained for ImageNet weights); the shapes are the same"
+    if image:
+        img, source = read_gray(image), str(image)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        img = torch.randint(0, 256, (1, 32, 32), dtype=torch.uint8, generator=g)
+        source = f"a random 32x32 image (seed {seed})"
+    h, w = img_size
+    x = F.interpolate(img[None].float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8) if img.dtype == torch.uint8 else x
+    report = format_report(model, trace(model, x), equivalence(model, x), weights_note)
+    return f"{report}\ninput: {source}, resized to {h}x{w}"
