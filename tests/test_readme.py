@@ -1,0 +1,136 @@
+"""Every command and snippet in README.md runs, as written there (extracted from the README itself).
+
+Commands run in a temporary folder, in the order the README gives them, so that a later command finds
+what an earlier one wrote (the demo's checkpoint, ``runs/xray``). What differs from a user's run is
+only what a test on 2 CPU cores needs, and each difference is listed in ``SUBSTITUTIONS`` and ``FAST``:
+placeholder folders become small generated ones, and training is 1 epoch at 32x32.
+"""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+# Placeholders in the README, and what stands for them here.
+SUBSTITUTIONS = {
+    "/path/to/folders": "{data}",
+    "/new/images": "{new}",
+    # torch.compile on the CPU takes about two minutes per graph; compiled == eager is tested on the stem.
+    " --compile": "",
+    "--nproc_per_node=4": "--nproc_per_node=2",
+}
+# Appended to every training command (argparse keeps the last value).
+FAST = ["--epochs", "1", "--img-size", "32", "32", "--batch-size", "16", "--workers", "0", "--no-progress"]
+
+
+def blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def commands() -> list[str]:
+    """Each command line of the README's bash blocks, without the setup before the last ``&&``."""
+    out = []
+    for block in blocks("bash"):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()  # a trailing comment
+            if not line or line.startswith("#"):
+                continue
+            if "pytest" in line:
+                continue  # the test command itself: CI runs it (.ci/run), this is inside it
+            out.append(line.split("&&")[-1].strip())
+    return out
+
+
+def _images(folder: Path, n: int, seed: int) -> None:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("readme")
+    for i, name in enumerate(("normal", "effusion")):
+        _images(root / "data" / name, 12, seed=i)
+    _images(root / "new", 5, seed=9)
+    (root / "work").mkdir()
+    (root / "work" / "train.py").write_bytes((ROOT / "train.py").read_bytes())
+    env = {**os.environ, "GRAY_EFFNET_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return root, env
+
+
+def _run(line: str, root: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    for old, new in SUBSTITUTIONS.items():
+        line = line.replace(old, new.format(data=root / "data", new=root / "new"))
+    argv = shlex.split(line)
+    if "train.py" in argv and "--evaluate" not in argv:
+        argv += FAST
+    elif "train.py" in argv:
+        argv += ["--workers", "0", "--no-progress"]
+    if argv[0] == "python":
+        argv[0] = sys.executable
+    return subprocess.run(argv, cwd=root / "work", env=env, capture_output=True, text=True, timeout=600)
+
+
+class TestReadme:
+    def test_has_the_two_commands(self):
+        demo, tests = blocks("bash")[:2]
+        assert "pip install -e \".[demo]\"" in demo and "python train.py" in demo
+        assert "pip install -e \".[test]\"" in tests and "python -m pytest" in tests
+
+    @pytest.mark.slow
+    def test_commands_then_snippets_run(self, workdir):
+        """The bash commands in order, then the python snippets, in the folder the commands wrote to."""
+        root, env = workdir
+        lines = commands()
+        assert any("train.py --adapter broadcast" in c for c in lines)  # the demo
+        for line in lines:
+            res = _run(line, root, env)
+            assert res.returncode == 0, f"README command failed: {line}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        snippets = blocks("python")
+        assert snippets
+        cwd = os.getcwd()
+        os.chdir(root / "work")
+        try:
+            for code in snippets:
+                exec(compile(code, "README.md", "exec"), {"__name__": "readme"})  # noqa: S102 - our own README
+        finally:
+            os.chdir(cwd)
+
+    def test_explain_output_is_what_the_command_prints(self, workdir):
+        """The README's explain output block is the real output of the command above it, number for number."""
+        root, env = workdir
+        line = next(c for c in commands() if "gray_effnet explain" in c)
+        shown = re.search(r"```\n(Why a 3-channel .*?)```", README, flags=re.S).group(1)
+        res = _run(line, root, env)
+        assert res.returncode == 0, res.stderr
+        got, want = res.stdout.split(), shown.split()
+        assert len(got) == len(want), res.stdout
+        for g, w in zip(got, want):
+            if _number(g) is None or _number(w) is None:
+                assert g == w, res.stdout
+            elif abs(_number(w)) < ROUNDING:  # float rounding, which differs between CPUs' kernels
+                assert abs(_number(g)) < ROUNDING, (g, w)
+            else:
+                assert _number(g) == pytest.approx(_number(w), rel=0.02), (g, w)
+
+
+ROUNDING = 1e-5
+
+
+def _number(token: str) -> float | None:
+    try:
+        return float(token.rstrip("%"))
+    except ValueError:
+        return None
