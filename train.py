@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,7 @@ from gray_effnet.data import (
 from gray_effnet.engine import amp_setup, evaluate, process_peak_mem_mb, train_one_epoch
 from gray_effnet.model import min_input_size
 from gray_effnet.report import format_eval, write_predictions
+from gray_effnet.runinfo import device_name, git_commit
 from gray_effnet.weights import atomic_write
 
 
@@ -213,9 +215,9 @@ def main(args) -> None:
         state = load_state(state_path, {"model_name": args.model, "adapter": args.adapter,
                                         "num_classes": len(folder.classes)})
     h, w = args.img_size or (64, 64)
-    train_ds = GrayImageFolder(folder.train, build_transforms((h, w), True, args.crop_scale, args.hflip, args.rotate),
-                               wide=folder.scan.wide, intensity=args.intensity)
-    val_ds = GrayImageFolder(folder.val, build_transforms((h, w), False), wide=folder.scan.wide,
+    augment = build_transforms((h, w), train=True, crop_scale=args.crop_scale, hflip=args.hflip, rotate=args.rotate)
+    train_ds = GrayImageFolder(folder.train, augment, wide=folder.scan.wide, intensity=args.intensity)
+    val_ds = GrayImageFolder(folder.val, build_transforms((h, w), train=False), wide=folder.scan.wide,
                              intensity=args.intensity)
     loader_kw = {"workers": args.workers, "pin_memory": device.type == "cuda", "seed": args.seed,
                  "world_size": world, "rank": rank}
@@ -275,8 +277,8 @@ def main(args) -> None:
         config = {"args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
                   "resolved": {"data": str(root), "output": str(output), "lr": lr, "world_size": world,
                                "classes": folder.classes, "device": str(device),
-                               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-                               else platform.processor() or platform.machine()},
+                               "device_name": device_name(device), "command": command_line(args),
+                               "commit": git_commit(Path(__file__))},
                   "versions": {"gray_effnet": gray_effnet.__version__, "torch": torch.__version__,
                                "timm": timm.__version__, "python": platform.python_version()}}
         with atomic_write(output / "config.json") as tmp:
@@ -318,6 +320,21 @@ def main(args) -> None:
         f"start and {skipped} unreadable while training were skipped\n"
         f"  evaluate: python train.py --evaluate --weights {output}/best.safetensors"
         + (f" --data {args.data}" if args.data else ""))
+
+
+def command_line(args) -> str:
+    """The command as it could be typed again: every argument, defaults resolved."""
+    parts = ["python", "train.py"]
+    for action in get_args_parser()._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest == "help" or value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if value is True or value is False:
+            parts.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            parts += [flag, *map(str, value if isinstance(value, (list, tuple)) else [value])]
+    return shlex.join(parts)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -14,7 +14,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,9 +27,10 @@ import torchvision
 from tqdm import tqdm
 
 import gray_effnet
+from gray_effnet import runinfo
+from gray_effnet.runinfo import NA, device_name
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-NA = "n/a"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -59,30 +59,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def device_name(device: torch.device) -> str:
-    """A human name for ``device``: the GPU model, or the CPU model and the threads torch uses."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
-
-
 def git_commit() -> str:
-    """The short commit of the working tree, with ``+dirty`` when it has uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return NA
-    return f"{sha}+dirty" if dirty else sha
+    """The short commit of this checkout, with ``+dirty`` when it has uncommitted changes."""
+    return runinfo.git_commit(Path(__file__))
 
 
 def command_line() -> str:

@@ -283,7 +283,7 @@ def load_folder(
 
 # -- datasets and loaders ---------------------------------------------------------------------------
 def build_transforms(
-    img_size: Sequence[int], train: bool, crop_scale: float = 0.8, hflip: float = 0.0, rotate: float = 0.0
+    img_size: Sequence[int], *, train: bool, crop_scale: float = 0.8, hflip: float = 0.0, rotate: float = 0.0
 ) -> v2.Transform:
     """Resize to ``img_size`` (H, W); in training, a light random crop, flip and rotation.
 

@@ -219,8 +219,9 @@ class TestBadFiles:
             return real_open(path, *a, **k)
 
         monkeypatch.setattr(Image, "open", flaky_open)
-        with pytest.warns(UnreadableImageWarning, match="003.png .*KeyError"):
+        with pytest.warns(UnreadableImageWarning) as record:  # the messy folder's other bad files warn too
             data = load_folder(messy, val_split=0.25)
+        assert any("003.png (KeyError" in str(w.message) for w in record)
         assert not any(p.endswith("003.png") for p, _ in data.train + data.val)
 
     def test_strict_refuses_and_lists_all(self, messy):
@@ -253,13 +254,13 @@ class TestLoader:
     def test_augmentation_keeps_size_and_dtype(self):
         x = torch.randint(0, 256, (1, 20, 28), dtype=torch.uint8)
         for train, kw in [(True, {"hflip": 1.0, "rotate": 15.0, "crop_scale": 0.5}), (False, {})]:
-            out = build_transforms((32, 48), train, **kw)(x)
+            out = build_transforms((32, 48), train=train, **kw)(x)
             assert out.shape == (1, 32, 48) and out.dtype == torch.uint8
         # The same seed gives the same random crop (scale 1 may still change the aspect ratio); then the flip.
         torch.manual_seed(0)
-        crop = build_transforms((20, 28), True, crop_scale=1.0)(x)
+        crop = build_transforms((20, 28), train=True, crop_scale=1.0)(x)
         torch.manual_seed(0)
-        assert torch.equal(build_transforms((20, 28), True, crop_scale=1.0, hflip=1.0)(x), crop.flip(-1))
+        assert torch.equal(build_transforms((20, 28), train=True, crop_scale=1.0, hflip=1.0)(x), crop.flip(-1))
 
     def test_mixed_depths_give_float(self, tmp_path):
         root = write_folder(tmp_path, {"a": 3, "b": 3})

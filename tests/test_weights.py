@@ -1,5 +1,6 @@
 """Weights: bundled Lite0/1/2, local files, untrusted pickles, offline hub, checkpoints of this project."""
 
+import math
 import time
 
 import numpy as np
@@ -64,6 +65,21 @@ class TestBundled:
         assert not model.model.classifier.bias.any()
         timm_init = GrayEfficientNet("tf_efficientnet_lite0", num_classes=9, pretrained=True, head_init_std=None)
         assert timm_init.model.classifier.weight.std() > 0.1
+
+    def test_head_init_starts_near_uniform(self):
+        """Real weights, real digits: the first loss is near log(10) with head_init_std, far above it without."""
+        digits = pytest.importorskip("sklearn.datasets").load_digits()
+        x = F.interpolate(torch.from_numpy(digits.images[:128] / 16.0).float()[:, None], size=(64, 64),
+                          mode="bilinear", align_corners=False)
+        y = torch.from_numpy(digits.target[:128])
+        losses = {}
+        for std in (0.01, None):
+            torch.manual_seed(0)
+            model = GrayEfficientNet("tf_efficientnet_lite0", num_classes=10, pretrained=True, head_init_std=std)
+            with torch.no_grad():
+                losses[std] = F.cross_entropy(model.eval()(x), y).item()
+        assert losses[0.01] == pytest.approx(math.log(10), abs=0.3)
+        assert losses[None] > 2 * math.log(10)
 
     def test_loaded_classifier_kept(self, tmp_path):
         src = make_model("efficientnet_b0", "repeat", num_classes=10)
