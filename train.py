@@ -12,6 +12,8 @@ Resume after an interruption (the same command, plus --resume):
     python train.py --data /path/to/folders --output runs/xray --resume
 Evaluate a checkpoint on the validation split (accuracy, per-class precision/recall, confusion matrix):
     python train.py --evaluate --weights runs/xray/best.safetensors --data /path/to/folders
+CT in Hounsfield units (DICOM), with three learnable intensity windows as the stem's channels:
+    python train.py --data /path/to/dicom --intensity range -1024 3071 --adapter wso --windows 40:80 80:200 600:2800
 """
 
 import argparse
@@ -51,6 +53,7 @@ from gray_effnet.data import (
     set_loader_epoch,
 )
 from gray_effnet.engine import amp_setup, evaluate, peak_memory_mb, train_one_epoch
+from gray_effnet.intensity import WINDOWS_HELP, parse_intensity, parse_intensity_args, parse_windows
 from gray_effnet.report import format_eval, write_predictions
 from gray_effnet.weights import atomic_write
 
@@ -72,7 +75,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="input size, H != W is fine (default: 64 64; with --evaluate, the checkpoint's)")
     g.add_argument("--batch-size", type=int, default=64, help="per process")
     g.add_argument("--workers", type=int, default=2, help="data loader processes per training process")
-    g.add_argument("--intensity", default="full", help=INTENSITY_HELP)
+    g.add_argument("--intensity", nargs="+", default=None, metavar="MAPPING", help=INTENSITY_HELP)
+    g.add_argument("--windows", nargs="+", default=None, metavar="C:W", help=WINDOWS_HELP)
     g.add_argument("--strict-data", action="store_true", help="decode every file first; refuse to start if any is bad")
     g.add_argument("--crop-scale", type=float, default=0.8, help="smallest area of the random crop (1 = no crop)")
     g.add_argument("--hflip", type=float, default=0.0, help="horizontal flip probability")
@@ -118,6 +122,22 @@ def resolve_data(args, primary: bool):
     return root, load_folder(root, val_split=args.val_split, seed=args.seed, strict=args.strict_data)
 
 
+def adapter_options(args) -> tuple[str, dict]:
+    """The intensity mapping and the adapter's options; windows are in physical units, so they need a range."""
+    intensity = parse_intensity_args(args.intensity) or parse_intensity("full")
+    windowed = args.adapter in ("window", "wso")
+    if args.windows and not windowed:
+        raise gray_effnet.InputError(f"--windows is for --adapter window or wso; this run uses {args.adapter!r}")
+    if not windowed:
+        return str(intensity), {}
+    if intensity.kind != "range" or not args.windows:
+        raise gray_effnet.InputError(
+            f"--adapter {args.adapter} needs windows in physical units and the range they are read in, e.g. for CT: "
+            "--intensity range -1024 3071 --windows 40:80 80:200 600:2800"
+            + (f" (the intensity mapping is {str(intensity)!r})" if intensity.kind != "range" else ""))
+    return str(intensity), {"windows": parse_windows(args.windows), "range": [intensity.low, intensity.high]}
+
+
 def run_evaluate(args, device: torch.device, autocast) -> None:
     if not args.weights:
         raise gray_effnet.InputError("--evaluate needs --weights PATH (a checkpoint of this project)")
@@ -127,7 +147,8 @@ def run_evaluate(args, device: torch.device, autocast) -> None:
         raise gray_effnet.DataError(
             f"the checkpoint's classes {model.class_names} differ from {root}'s {folder.classes}")
     img_size = args.img_size or model.img_size or (64, 64)
-    ds = GrayImageFolder(folder.val, build_transforms(img_size, train=False), folder.scan.wide, args.intensity)
+    intensity = parse_intensity_args(args.intensity) or model.intensity  # the checkpoint's, unless named
+    ds = GrayImageFolder(folder.val, build_transforms(img_size, train=False), folder.scan.wide, intensity)
     loader = make_loader(ds, args.batch_size, train=False, workers=args.workers, pin_memory=device.type == "cuda")
     result = evaluate(model, loader, device, model.num_classes, autocast, keep_predictions=True,
                       progress=not args.no_progress)
@@ -148,6 +169,7 @@ def main(args) -> None:
         raise gray_effnet.InputError(f"--sync-bn needs CUDA devices; this run is on {device.type}")
     if args.evaluate:
         return run_evaluate(args, device, autocast)
+    intensity, adapter_kwargs = adapter_options(args)
     output = Path(args.output or f"runs/{args.model}-{args.adapter}")
     if primary:
         output.mkdir(parents=True, exist_ok=True)
@@ -159,8 +181,8 @@ def main(args) -> None:
     root, folder = resolve_data(args, primary)
     h, w = args.img_size or (64, 64)
     train_ds = GrayImageFolder(folder.train, build_transforms((h, w), True, args.crop_scale, args.hflip, args.rotate),
-                               folder.scan.wide, args.intensity)
-    val_ds = GrayImageFolder(folder.val, build_transforms((h, w), False), folder.scan.wide, args.intensity)
+                               folder.scan.wide, intensity)
+    val_ds = GrayImageFolder(folder.val, build_transforms((h, w), False), folder.scan.wide, intensity)
     pin = device.type == "cuda"
     train_loader = make_loader(train_ds, args.batch_size, True, args.workers, pin, args.seed, world, rank)
     val_loader = make_loader(val_ds, args.batch_size, False, args.workers, pin, args.seed, world, rank)
@@ -173,7 +195,8 @@ def main(args) -> None:
     # must hold the parameters that live on the device, and DDP must wrap the module that will run. ---------
     model = GrayEfficientNet(args.model, adapter=args.adapter, num_classes=len(folder.classes),
                              pretrained=args.pretrained and not args.weights, weights=args.weights,
-                             class_names=folder.classes, img_size=(h, w), drop_rate=args.drop_rate)
+                             class_names=folder.classes, img_size=(h, w), drop_rate=args.drop_rate,
+                             intensity=intensity, adapter_kwargs=adapter_kwargs)
     if args.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)

@@ -364,6 +364,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         img_size=meta.get("img_size"),
         mean=meta.get("mean"),
         std=meta.get("std"),
+        intensity=meta.get("intensity", "full"),
+        adapter_kwargs=meta.get("adapter_kwargs"),
         **meta.get("timm_kwargs", {}),
     )
     try:
