@@ -428,10 +428,11 @@ class _WindowedStem(StemAdapter):
         lo, span = (self._range[0], self._range[1] - self._range[0]) if self._range else (0.0, 1.0)
         return [(lo + c * span, w * span) for c, w in self.unit_windows().tolist()]
 
-    @property
     def units(self) -> str:
-        return f"physical units (input 0..1 = {self._range[0]:g}..{self._range[1]:g})" if self._range else \
-            "the input's [0, 1] scale"
+        """What the windows' numbers are in (a method, not a property: ``torch.jit.script`` compiles those)."""
+        if self._range is None:
+            return "the input's [0, 1] scale"
+        return f"physical units, input 0..1 = {self._range[0]:g}..{self._range[1]:g}"
 
     def windowed(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -496,13 +497,14 @@ class WsoStem(_WindowedStem):
     windows keeps them on the data, but a window that drifts off every pixel will not come back.
     """
 
-    upper: ClassVar[float] = 1.0  # U
-    eps: ClassVar[float] = 1.0 / 255.0
     normalize_note = "3 learned windows -> 3 channels, U * sigmoid(k (x - c) / w), then (x - mean_c) / std_c"
 
     def __init__(self, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float],
                  windows: Sequence[Sequence[float]] | None = None, range: Sequence[float] | None = None) -> None:
         super().__init__(conv, mean, std, windows=windows, range=range)
+        # Instance attributes, not ClassVars: torch.jit.script sees only these in forward.
+        self.upper = 1.0  # U
+        self.eps = 1.0 / 255.0
         self.k = 2.0 * math.log(self.upper / self.eps - 1.0)
         # Initialised from the windows option, which ``options()`` keeps; the learned ones are in the state dict.
         self.windows = WindowParameters(super().unit_windows().to(conv.weight))
