@@ -38,7 +38,8 @@ INTENSITY_HELP = (
 
 WINDOWS_HELP = (
     "intensity windows CENTER:WIDTH in physical units, one per stem channel, for --adapter window or wso, e.g. "
-    "CT brain, subdural, bone: 40:80 80:200 600:2800. Needs --intensity range LO HI"
+    "CT brain, subdural, bone: 40:80 80:200 600:2800. Needs --intensity range LO HI. A negative center reads as an "
+    "option to argparse, so give the windows in one word then: --windows=-600:1500,40:80,600:2800"
 )
 
 
@@ -149,10 +150,12 @@ def parse_intensity_args(words: Sequence[str] | str | None) -> Intensity | None:
 def parse_windows(words: Sequence[str]) -> list[list[float]]:
     """``["40:80", "80:200", "600:2800"]`` -> ``[[40.0, 80.0], [80.0, 200.0], [600.0, 2800.0]]``.
 
-    Each word is ``CENTER:WIDTH`` with a positive width; how many windows an adapter needs is its own check.
+    Each window is ``CENTER:WIDTH`` with a positive width; a word may hold several, separated by commas
+    (``-600:1500,40:80``: the one-word form that a negative center needs on the command line). How many windows
+    an adapter needs is its own check.
     """
     out = []
-    for word in words:
+    for word in (w for text in words for w in str(text).split(",")):
         parts = str(word).split(":")
         if len(parts) != 2:
             raise InputError(f"window {word!r}: expected CENTER:WIDTH, e.g. 40:80 (brain) or 600:2800 (bone)")
