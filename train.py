@@ -135,7 +135,11 @@ def adapter_options(args) -> tuple[str, dict]:
             f"--adapter {args.adapter} needs windows in physical units and the range they are read in, e.g. for CT: "
             "--intensity range -1024 3071 --windows 40:80 80:200 600:2800"
             + (f" (the intensity mapping is {str(intensity)!r})" if intensity.kind != "range" else ""))
-    return str(intensity), {"windows": parse_windows(args.windows), "range": [intensity.low, intensity.high]}
+    windows = parse_windows(args.windows)
+    if len(windows) != 3:  # before the data scan, which can take a while on a large DICOM folder
+        raise gray_effnet.InputError(
+            f"--adapter {args.adapter} needs 3 windows, one per stem channel; got {len(windows)}")
+    return str(intensity), {"windows": windows, "range": [intensity.low, intensity.high]}
 
 
 def run_evaluate(args, device: torch.device, autocast) -> None:
