@@ -125,7 +125,7 @@ def resolve_data(args, primary: bool):
 def adapter_options(args) -> tuple[str, dict]:
     """The intensity mapping and the adapter's options; windows are in physical units, so they need a range."""
     intensity = parse_intensity_args(args.intensity) or parse_intensity("full")
-    windowed = args.adapter in ("window", "wso")
+    windowed = "windows" in gray_effnet.ADAPTERS[args.adapter].option_names
     if args.windows and not windowed:
         raise gray_effnet.InputError(f"--windows is for --adapter window or wso; this run uses {args.adapter!r}")
     if not windowed:
