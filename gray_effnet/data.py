@@ -55,6 +55,7 @@ __all__ = [
     "load_folder",
     "make_loader",
     "prepare_digits",
+    "read_dicom",
     "read_gray",
     "scan_images",
     "set_loader_epoch",
@@ -74,7 +75,7 @@ class UnreadableImageWarning(UserWarning):
 
 
 class MultiFrameWarning(UserWarning):
-    """A multi-frame file (a DICOM volume, an animated GIF) gave its first frame only."""
+    """A multi-frame DICOM file (a volume, a cine loop) gave its first frame only."""
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def _dcmread(path: str | os.PathLike, **kwargs):
     return pydicom.dcmread(path, force=Path(path).suffix.lower() in DICOM_EXTENSIONS, **kwargs)
 
 
-def _dicom_image_check(ds, path: str | os.PathLike) -> int:
+def _dicom_image_check(ds) -> int:
     """Raise ``DataError`` for a DICOM file that holds no decodable image; return its number of frames."""
     if "PixelData" not in ds:
         sop = ds.get("SOPClassUID")
@@ -218,7 +219,7 @@ def read_dicom(path: str | os.PathLike, intensity: str | Intensity = "full", war
     _need_pydicom()
     intensity = parse_intensity(intensity)
     ds = _dcmread(path)
-    frames = _dicom_image_check(ds, path)
+    frames = _dicom_image_check(ds)
     try:
         stored = pixel_array(ds, index=0 if frames > 1 else None)
     except RuntimeError as e:  # an available plugin that cannot do this variant, e.g. Pillow with 12-bit JPEG
@@ -356,7 +357,7 @@ def _probe_dicom(path: str, verify: bool) -> tuple[str, int]:
     if verify:
         read_dicom(path, "minmax", warn_frames=False)
     ds = _dcmread(path, defer_size="64 KB")  # reads the header, leaves the pixel data on disk
-    frames = _dicom_image_check(ds, path)
+    frames = _dicom_image_check(ds)
     return f"DICOM {str(ds.get('PhotometricInterpretation', 'MONOCHROME2')).strip()}", frames
 
 
