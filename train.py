@@ -12,6 +12,8 @@ Resume after an interruption (the same command, plus --resume):
     python train.py --data /path/to/folders --output runs/xray --resume
 Evaluate a checkpoint on the validation split (accuracy, per-class precision/recall, confusion matrix):
     python train.py --evaluate --weights runs/xray/best.safetensors --data /path/to/folders
+CT in Hounsfield units (DICOM), with three learnable intensity windows as the stem's channels:
+    python train.py --data /path/to/dicom --intensity range -1024 3071 --adapter wso --windows 40:80 80:200 600:2800
 """
 
 import argparse
@@ -55,6 +57,7 @@ from gray_effnet.data import (
     set_loader_epoch,
 )
 from gray_effnet.engine import amp_setup, evaluate, process_peak_mem_mb, train_one_epoch
+from gray_effnet.intensity import WINDOWS_HELP, parse_intensity, parse_intensity_args, parse_windows
 from gray_effnet.model import min_input_size
 from gray_effnet.report import format_eval, write_predictions
 from gray_effnet.runinfo import device_name, git_commit
@@ -82,7 +85,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="input size, H != W is fine (default: 64 64; with --evaluate, the checkpoint's)")
     g.add_argument("--batch-size", type=int, default=64, help="per process")
     g.add_argument("--workers", type=int, default=2, help="data loader processes per training process")
-    g.add_argument("--intensity", default="full", help=INTENSITY_HELP)
+    g.add_argument("--intensity", nargs="+", default=None, metavar="MAPPING", help=INTENSITY_HELP)
+    g.add_argument("--windows", nargs="+", default=None, metavar="C:W", help=WINDOWS_HELP)
     g.add_argument("--strict-data", action="store_true", help="decode every file first; refuse to start if any is bad")
     g.add_argument("--crop-scale", type=float, default=0.8, help="smallest area of the random crop (1 = no crop)")
     g.add_argument("--hflip", type=float, default=0.0, help="horizontal flip probability")
@@ -170,6 +174,26 @@ def data_line(args, root, folder, wide: bool) -> str:
             f"{len(folder.ignored)} non-image files ignored; {'float32' if wide else 'uint8'} batches")
 
 
+def adapter_options(args) -> tuple[str, dict]:
+    """The intensity mapping and the adapter's options; windows are in physical units, so they need a range."""
+    intensity = parse_intensity_args(args.intensity) or parse_intensity("full")
+    windowed = "windows" in gray_effnet.ADAPTERS[args.adapter].option_names
+    if args.windows and not windowed:
+        raise InputError(f"--windows is for --adapter window or wso; this run uses {args.adapter!r}")
+    if not windowed:
+        return str(intensity), {}
+    if intensity.kind != "range" or not args.windows:
+        raise InputError(
+            f"--adapter {args.adapter} needs windows in physical units and the range they are read in, e.g. for CT: "
+            "--intensity range -1024 3071 --windows 40:80 80:200 600:2800"
+            + (f" (the intensity mapping is {str(intensity)!r})" if intensity.kind != "range" else ""))
+    windows = parse_windows(args.windows)
+    if len(windows) != 3:  # before the data scan, which can take a while on a large DICOM folder
+        raise InputError(
+            f"--adapter {args.adapter} needs 3 windows, one per stem channel; got {len(windows)}")
+    return str(intensity), {"windows": windows, "range": [intensity.low, intensity.high]}
+
+
 def run_evaluate(args, device: torch.device, autocast) -> None:
     model = load_model(args.weights).to(device)
     root, folder = resolve_data(args, primary=True)
@@ -179,8 +203,9 @@ def run_evaluate(args, device: torch.device, autocast) -> None:
     if min(img_size) < model.min_size:
         raise InputError(f"--img-size {img_size[0]} {img_size[1]} is smaller than the model's total stride "
                          f"{model.min_size}")
+    intensity = parse_intensity_args(args.intensity) or model.intensity  # the checkpoint's, unless named
     ds = GrayImageFolder(folder.val, build_transforms(img_size, train=False), wide=folder.scan.wide,
-                         intensity=args.intensity)
+                         intensity=intensity)
     loader = make_loader(ds, args.batch_size, train=False, workers=args.workers, pin_memory=device.type == "cuda")
     log(data_line(args, root, folder, ds.wide) + f"; evaluating the {len(folder.val)} validation images")
     result = evaluate(model, loader, device=device, num_classes=model.num_classes, autocast=autocast,
@@ -203,6 +228,7 @@ def main(args) -> None:
     autocast, scaler = amp_setup(device, args.amp)
     if args.evaluate:
         return run_evaluate(args, device, autocast)
+    intensity, adapter_kwargs = adapter_options(args)
     output = Path(args.output or f"runs/{args.model}-{args.adapter}")
 
     # -- everything that can refuse the run, before anything is written: resume state, data, model -------------
@@ -213,12 +239,12 @@ def main(args) -> None:
     state = None
     if state_path is not None:
         state = load_state(state_path, {"model_name": args.model, "adapter": args.adapter,
-                                        "num_classes": len(folder.classes)})
+                                        "num_classes": len(folder.classes), "intensity": intensity})
     h, w = args.img_size or (64, 64)
     augment = build_transforms((h, w), train=True, crop_scale=args.crop_scale, hflip=args.hflip, rotate=args.rotate)
-    train_ds = GrayImageFolder(folder.train, augment, wide=folder.scan.wide, intensity=args.intensity)
+    train_ds = GrayImageFolder(folder.train, augment, wide=folder.scan.wide, intensity=intensity)
     val_ds = GrayImageFolder(folder.val, build_transforms((h, w), train=False), wide=folder.scan.wide,
-                             intensity=args.intensity)
+                             intensity=intensity)
     loader_kw = {"workers": args.workers, "pin_memory": device.type == "cuda", "seed": args.seed,
                  "world_size": world, "rank": rank}
     train_loader = make_loader(train_ds, args.batch_size, train=True, **loader_kw)
@@ -229,7 +255,8 @@ def main(args) -> None:
     # must hold the parameters that live on the device, and DDP must wrap the module that will run. ---------
     model = GrayEfficientNet(args.model, adapter=args.adapter, num_classes=len(folder.classes),
                              pretrained=args.pretrained and not args.weights, weights=args.weights,
-                             class_names=folder.classes, img_size=(h, w), drop_rate=args.drop_rate)
+                             class_names=folder.classes, img_size=(h, w), drop_rate=args.drop_rate,
+                             intensity=intensity, adapter_kwargs=adapter_kwargs)
     if args.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, environment, format_table, resolve_device, write_csv, write_markdown  # noqa: E402
 
-from gray_effnet import GrayEfficientNet, list_adapters  # noqa: E402
+from gray_effnet import ADAPTERS, GrayEfficientNet, list_adapters  # noqa: E402
 from gray_effnet.data import GrayImageFolder, build_transforms, collate, load_folder, prepare_digits  # noqa: E402
 from gray_effnet.explain import equivalence  # noqa: E402
 
@@ -36,7 +36,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="ImageFolder tree; default: the demo digits")
     p.add_argument("--model", default="tf_efficientnet_lite0")
-    p.add_argument("--adapters", nargs="+", default=list_adapters(), choices=list_adapters())
+    # The window adapters need CT data in HU and their windows: benchmarks/windows.py compares them.
+    p.add_argument("--adapters", nargs="+", default=[a for a in list_adapters() if ADAPTERS[a].foldable],
+                   choices=list_adapters())
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--img-size", nargs=2, type=int, default=(64, 64), metavar=("H", "W"))
     p.add_argument("--batch-size", type=int, default=64)

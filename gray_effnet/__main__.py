@@ -67,7 +67,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default=None)
-    p.add_argument("--intensity", default="full", help="how deeper-than-8-bit pixels map to [0, 1], as in train.py")
+    p.add_argument("--intensity", nargs="+", default=None, metavar="MAPPING",
+                   help="how pixels map to [0, 1] (see train.py --help); default: the checkpoint's")
     p.set_defaults(func=_predict)
     return parser
 

@@ -19,8 +19,9 @@ adapter needs only a subclass of ``StemAdapter`` and ``@register_adapter("name")
 """
 
 import copy
+import math
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from timm.layers import Conv2dSame
@@ -35,6 +36,8 @@ __all__ = [
     "StemAdapter",
     "conv_forward",
     "conv_with_weight",
+    "WindowStem",
+    "WsoStem",
     "create_adapter",
     "get_adapter_class",
     "list_adapters",
@@ -77,7 +80,9 @@ def get_adapter_class(name: str) -> type["StemAdapter"]:
         raise InputError(f"unknown adapter {name!r}; choose one of: {', '.join(list_adapters())}") from None
 
 
-def create_adapter(name: str, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float]) -> "StemAdapter":
+def create_adapter(
+    name: str, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float], **options: Any
+) -> "StemAdapter":
     """Wrap a pretrained 3-channel stem conv in the adapter called ``name``.
 
     Args:
@@ -86,8 +91,15 @@ def create_adapter(name: str, conv: nn.Conv2d, mean: Sequence[float], std: Seque
             this very module (and so its ``Parameter`` objects); ``sum`` makes a 1-channel copy.
         mean: the 3 per-channel means the weights were trained with, on the [0, 1] scale.
         std: the 3 per-channel standard deviations.
+        **options: the adapter's own options (``option_names``), JSON-plain: ``windows`` and ``range`` for
+            ``window`` and ``wso``. Each adapter checks its own and raises ``InputError``.
     """
-    return get_adapter_class(name).from_rgb_conv(conv, mean, std)
+    cls = get_adapter_class(name)
+    unknown = sorted(set(options) - set(cls.option_names))
+    if unknown:
+        takes = f"takes {', '.join(cls.option_names)}" if cls.option_names else "takes no options"
+        raise InputError(f"adapter {name!r} {takes}; got {', '.join(unknown)}")
+    return cls.from_rgb_conv(conv, mean, std, **options)
 
 
 def conv_forward(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -147,6 +159,9 @@ class StemAdapter(nn.Module):
     in_chans: ClassVar[int] = 3
     normalize_note: ClassVar[str] = ""
     project_note: ClassVar[str] = ""
+    # An exact function of ``repeat``'s 3-channel stem on gray input, so ``fold`` (and the export) can replace it.
+    foldable: ClassVar[bool] = True
+    option_names: ClassVar[tuple[str, ...]] = ()  # keyword options of ``from_rgb_conv`` (``create_adapter``)
 
     def __init__(self, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -157,9 +172,14 @@ class StemAdapter(nn.Module):
         self.register_buffer("std", _stats(std, "std").to(device), persistent=False)
 
     @classmethod
-    def from_rgb_conv(cls, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float]) -> "StemAdapter":
+    def from_rgb_conv(cls, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float], **options: Any
+                      ) -> "StemAdapter":
         """Build the adapter from a 3-channel stem conv; the default keeps ``conv`` itself."""
-        return cls(conv, mean, std)
+        return cls(conv, mean, std, **options)
+
+    def options(self) -> dict[str, Any]:
+        """The JSON-plain options that rebuild this adapter (saved as ``adapter_kwargs`` in checkpoints)."""
+        return {}
 
     def rgb_conv(self) -> nn.Conv2d:
         """A 3-channel conv that gives the same output as this adapter on gray input (``set_adapter``)."""
@@ -339,6 +359,164 @@ class FoldStem(StemAdapter):
     def _apply(self, fn, recurse=True):
         self._offsets.clear()  # .to(), .half(), ... make new tensors; drop maps built for the old ones
         return super()._apply(fn, recurse)
+
+
+# -- intensity windows: adapters that are not a function of `repeat` --------------------------------------
+def _check_windows(windows: Any, value_range: Any, name: str) -> tuple[list[list[float]], list[float] | None]:
+    """Validate the ``windows`` and ``range`` options; return them as plain lists of floats."""
+    def numbers(v: Any, n: int, what: str) -> list[float]:
+        try:
+            out = [float(x) for x in v]
+        except (TypeError, ValueError):
+            out = []
+        if len(out) != n or not all(math.isfinite(x) for x in out):
+            raise InputError(f"adapter {name!r}: {what} must be {n} finite numbers; got {v!r}")
+        return out
+
+    rng = None
+    if value_range is not None:
+        rng = numbers(value_range, 2, "range (the physical values that 0 and 1 stand for)")
+        if not rng[0] < rng[1]:
+            raise InputError(f"adapter {name!r}: range must be [low, high] with low < high; got {value_range!r}")
+    if windows is None:  # the whole input range in every channel
+        lo, hi = rng or (0.0, 1.0)
+        return [[(lo + hi) / 2, hi - lo]] * 3, rng
+    if isinstance(windows, (str, bytes)) or not isinstance(windows, Sequence) or len(windows) != 3:
+        raise InputError(f"adapter {name!r}: windows must be 3 [center, width] pairs, one per input channel of "
+                         f"the stem; got {windows!r}")
+    pairs = [numbers(w, 2, "each window ([center, width])") for w in windows]
+    bad = [w for w in pairs if w[1] <= 0]
+    if bad:
+        raise InputError(f"adapter {name!r}: window widths must be positive; got {bad}")
+    return pairs, rng
+
+
+class _WindowedStem(StemAdapter):
+    """Base of the window adapters: 3 intensity windows make 3 channels, then the stock normalisation and conv.
+
+    Args:
+        windows: 3 [center, width] pairs, in the units of ``range`` (physical units, e.g. HU); default:
+            the whole input range in every channel.
+        range: [low, high], the physical values that the input's 0 and 1 stand for (the ``range``
+            intensity mapping of the data). None: the windows are on the input's [0, 1] scale.
+    """
+
+    foldable = False  # a window is not linear in x: no 1-channel conv equals it
+    option_names = ("windows", "range")
+    project_note = "the stock 3-channel stem conv"
+
+    def __init__(self, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float],
+                 windows: Sequence[Sequence[float]] | None = None, range: Sequence[float] | None = None) -> None:
+        super().__init__(conv, mean, std)
+        self._windows, self._range = _check_windows(windows, range, self.name)
+        lo, span = (self._range[0], self._range[1] - self._range[0]) if self._range else (0.0, 1.0)
+        # Physical units -> the [0, 1] scale the model sees.
+        self._unit = [((c - lo) / span, w / span) for c, w in self._windows]
+
+    def options(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"windows": [list(w) for w in self._windows]}
+        if self._range is not None:
+            out["range"] = list(self._range)
+        return out
+
+    def unit_windows(self) -> Tensor:
+        """(3, 2): each channel's (center, width) on the input's [0, 1] scale."""
+        return torch.tensor(self._unit, dtype=torch.float64)
+
+    def window_table(self) -> list[tuple[float, float]]:
+        """Each channel's (center, width) in the units of ``range`` (HU for CT); the learned ones for ``wso``."""
+        lo, span = (self._range[0], self._range[1] - self._range[0]) if self._range else (0.0, 1.0)
+        return [(lo + c * span, w * span) for c, w in self.unit_windows().tolist()]
+
+    def units(self) -> str:
+        """What the windows' numbers are in (a method, not a property: ``torch.jit.script`` compiles those)."""
+        if self._range is None:
+            return "the input's [0, 1] scale"
+        return f"physical units, input 0..1 = {self._range[0]:g}..{self._range[1]:g}"
+
+    def windowed(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return (self.windowed(x) - self.mean) / self.std  # (B,3,H,W): each window is a "colour" channel
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, windows={[tuple(round(v, 4) for v in w) for w in self.window_table()]}"
+
+
+@register_adapter("window")
+class WindowStem(_WindowedStem):
+    """3 fixed intensity windows, one per channel, as radiologists read CT: ``clip((x - c + w/2) / w, 0, 1)``.
+
+    The windows are options, not parameters: buffers rebuilt from ``options()``, so the state dict is the
+    stock network's. The clip has no gradient outside the window, which is one reason they stay fixed here
+    (``wso`` learns them).
+    """
+
+    normalize_note = "3 fixed windows -> 3 channels, clip((x - c + w/2) / w, 0, 1), then (x - mean_c) / std_c"
+
+    def __init__(self, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float],
+                 windows: Sequence[Sequence[float]] | None = None, range: Sequence[float] | None = None) -> None:
+        super().__init__(conv, mean, std, windows=windows, range=range)
+        unit = self.unit_windows().float().to(conv.weight.device)
+        self.register_buffer("center", unit[:, 0].view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("width", unit[:, 1].view(1, 3, 1, 1), persistent=False)
+
+    def windowed(self, x: Tensor) -> Tensor:
+        # (B,1,H,W) -> (B,3,H,W): (1,3,1,1) windows broadcast over the gray channel
+        return ((x - self.center) / self.width + 0.5).clamp(0.0, 1.0)
+
+
+class WindowParameters(nn.Module):
+    """The learnable windows of ``wso``: one center and log-width per channel, on the input's [0, 1] scale.
+
+    A child module, so that their state-dict names (``<stem>.windows.center``) never collide with the stem
+    conv's, and 1-D, so that timm's optimizer factory leaves them out of weight decay.
+    """
+
+    def __init__(self, unit_windows: Tensor) -> None:
+        super().__init__()
+        self.center = nn.Parameter(unit_windows[:, 0].clone())
+        self.log_width = nn.Parameter(unit_windows[:, 1].log())
+
+
+@register_adapter("wso")
+class WsoStem(_WindowedStem):
+    """Window setting optimisation (Lee et al. 2018, arXiv:1812.00572): learnable windows, an upper-bounded sigmoid.
+
+    Each channel is ``U * sigmoid(k * (x - c) / w)``: the paper's 1x1 conv (weight ``k / w``, bias ``-k c / w``)
+    and its sigmoid activation bounded by ``U``. As in the paper, ``k = 2 ln(U / eps - 1)``, so the window's
+    edges ``c -+ w/2`` map to ``eps`` and ``U - eps``; the paper uses ``U = 255, eps = 1`` on 8-bit display
+    values, and here the input scale is [0, 1], so ``U = 1, eps = 1/255`` (the same shape). ``c`` and ``w`` are
+    initialised from the given windows and learned. They are parametrised as center and log-width on the
+    [0, 1] scale, rather than the paper's weight and bias: Adam's steps are then in intensity units, and a
+    width can never reach zero or turn negative.
+
+    Far from its window the sigmoid is flat and the gradient to (c, w) vanishes (the hard clip of ``window``
+    has none at all outside it); the sigmoid keeps a small gradient everywhere, and starting from the given
+    windows keeps them on the data, but a window that drifts off every pixel will not come back.
+    """
+
+    normalize_note = "3 learned windows -> 3 channels, U * sigmoid(k (x - c) / w), then (x - mean_c) / std_c"
+
+    def __init__(self, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float],
+                 windows: Sequence[Sequence[float]] | None = None, range: Sequence[float] | None = None) -> None:
+        super().__init__(conv, mean, std, windows=windows, range=range)
+        # Instance attributes, not ClassVars: torch.jit.script sees only these in forward.
+        self.upper = 1.0  # U
+        self.eps = 1.0 / 255.0
+        self.k = 2.0 * math.log(self.upper / self.eps - 1.0)
+        # Initialised from the windows option, which ``options()`` keeps; the learned ones are in the state dict.
+        self.windows = WindowParameters(super().unit_windows().to(conv.weight))
+
+    def unit_windows(self) -> Tensor:
+        w = self.windows
+        return torch.stack([w.center.detach(), w.log_width.detach().exp()], 1).double().cpu()
+
+    def windowed(self, x: Tensor) -> Tensor:
+        w = self.windows
+        center, width = w.center.view(1, 3, 1, 1), w.log_width.exp().view(1, 3, 1, 1)
+        return self.upper * torch.sigmoid((x - center) * (self.k / width))  # (B,1,H,W) -> (B,3,H,W)
 
 
 def gray_stem_weight_to_rgb(weight: Tensor, std: Sequence[float]) -> Tensor:

@@ -33,7 +33,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .adapters import get_adapter_class, list_adapters
-from .errors import GrayEffnetError, WeightsError
+from .errors import GrayEffnetError, InputError, WeightsError
+from .intensity import parse_intensity
 from .model import GrayEfficientNet
 from .weights import atomic_write, read_weights_file, safe_torch_load
 
@@ -61,6 +62,7 @@ STATE_NAME = "last.state.pt"
 MAX_CLASSES = 100_000
 MAX_NAME_CHARS = 256
 MAX_IMG_SIDE = 16_384
+MAX_OPTION_NUMBERS = 64  # an adapter's options: a few windows and a range
 # timm options a checkpoint may carry to timm.create_model: plain numbers this project itself writes, and
 # nothing that makes timm open a file (checkpoint_path), fetch weights (pretrained*) or take a config.
 SAFE_TIMM_KWARGS: dict[str, tuple[float, float]] = {
@@ -104,6 +106,15 @@ def _is_number(v: Any) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
+def _plain_numbers(value: Any, budget: list[int] | None = None) -> bool:
+    """A finite number, or (nested) lists of them, with at most ``MAX_OPTION_NUMBERS`` numbers in all."""
+    budget = [MAX_OPTION_NUMBERS] if budget is None else budget
+    if isinstance(value, list):
+        return all(_plain_numbers(v, budget) for v in value)
+    budget[0] -= 1
+    return budget[0] >= 0 and _is_number(value)
+
+
 def _check_optional_number(meta, key, lo, hi, source) -> None:
     v = meta.get(key)
     if v is not None and not (_is_number(v) and lo <= v <= hi) and not (isinstance(v, float) and math.isnan(v)):
@@ -137,7 +148,7 @@ def validate_metadata(meta: Any, state_dict: Mapping[str, Tensor], source: Any) 
     if not isinstance(meta, dict):
         raise _fail(source, META_KEY, "a JSON object", meta)
     known = {"format_version", "model_name", "adapter", "num_classes", "class_names", "img_size", "mean", "std",
-             "timm_kwargs", "epoch", "val_acc", "val_loss"}
+             "timm_kwargs", "intensity", "adapter_kwargs", "epoch", "val_acc", "val_loss"}
     unknown = sorted(str(k) for k in meta if k not in known)
     if unknown:
         raise WeightsError(f"{source}: unknown checkpoint field(s) {unknown[:5]}; expected only {sorted(known)}")
@@ -207,13 +218,32 @@ def validate_metadata(meta: Any, state_dict: Mapping[str, Tensor], source: Any) 
         if not (_is_number(value) and lo <= value < hi):
             raise _fail(source, f"timm_kwargs.{key}", f"a number in [{lo}, {hi})", value)
 
+    intensity = meta.get("intensity", "full")
+    try:
+        if not isinstance(intensity, str) or len(intensity) > 64:
+            raise InputError("not a short string")
+        parse_intensity(intensity)
+    except InputError as e:
+        raise _fail(source, "intensity", f"an intensity mapping such as 'full' or 'range:-1024:3071' ({e})",
+                    intensity) from None
+    options = meta.get("adapter_kwargs") or {}
+    allowed = get_adapter_class(adapter).option_names
+    if not isinstance(options, dict) or not all(k in allowed for k in options):
+        raise _fail(source, "adapter_kwargs", f"null or an object with the options of {adapter!r} "
+                    f"({', '.join(allowed) or 'none'})", options)
+    for key, value in options.items():
+        if not _plain_numbers(value):
+            raise _fail(source, f"adapter_kwargs.{key}",
+                        f"finite numbers or lists of them (at most {MAX_OPTION_NUMBERS})", value)
+
     epoch = meta.get("epoch")
     if epoch is not None and not (_is_int(epoch) and epoch >= 0):
         raise _fail(source, "epoch", "null or an integer >= 0", epoch)
     _check_optional_number(meta, "val_acc", 0.0, 1.0, source)
     _check_optional_number(meta, "val_loss", 0.0, 1e6, source)
     return {"model_name": name, "adapter": adapter, "num_classes": n, "class_names": names, "img_size": size,
-            "mean": meta["mean"], "std": meta["std"], **kwargs}
+            "mean": meta["mean"], "std": meta["std"], "intensity": intensity, "adapter_kwargs": options or None,
+            **kwargs}
 
 
 def describe(model: GrayEfficientNet, **extra: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .adapters import list_adapters
+from .adapters import WsoStem, get_adapter_class, list_adapters
 from .data import read_gray
 from .model import GrayEfficientNet
 
@@ -128,6 +128,14 @@ def format_report(model: GrayEfficientNet, stages: list[Stage], rows: list[dict]
     else:
         why = ["The stem's input keeps 1 channel: the 3-channel statistics",
                f"(mean {model.mean}, std {model.std}) went into the stem weights instead."]
+    stem = model.stem
+    if hasattr(stem, "window_table"):  # window, wso: each stem channel is an intensity window
+        learned = " (learned)" if isinstance(stem, WsoStem) else " (fixed)"
+        why = ["1 channel becomes 3 at the normalisation, because each channel is one intensity window of the",
+               f"gray image, then normalised with mean {model.mean}, std {model.std}. After that the network is",
+               "the stock RGB one.",
+               "", f"Intensity windows{learned}, one per channel, in {stem.units()}:"]
+        why += [f"  channel {i}: center {c:.6g}, width {w:.6g}" for i, (c, w) in enumerate(stem.window_table())]
     lines += [
         "",
         *why,
@@ -142,6 +150,10 @@ def format_report(model: GrayEfficientNet, stages: list[Stage], rows: list[dict]
         )
     if rows:
         lines.append(f"(logits scale = max |repeat logits| = {rows[0]['logits_scale']:.4g})")
+        windowed = [r["adapter"] for r in rows if not get_adapter_class(r["adapter"]).foldable]
+        if windowed:
+            lines.append(f"({', '.join(windowed)}: intensity windows, different from repeat by design; "
+                         "shown with their default windows, the whole input range)")
     return "\n".join(lines)
 
 

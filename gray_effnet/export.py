@@ -9,6 +9,10 @@ takes (B, 1, H, W) float in [0, 1] and needs no preprocessing but the scaling to
 itself caches its offset map in a Python dict keyed by input size, which neither ``torch.jit.script`` nor
 the ONNX tracer can follow, so the export uses ``FoldedStem``: the same two convolutions with constant
 weights, the offset recomputed from a ones image of the input's size in the graph itself.
+
+An adapter that is not ``foldable`` (``window``, ``wso``: intensity windows are not linear in the pixels) is
+exported as it is: its elementwise windows, the normalisation and the stock 3-channel conv, checked against
+PyTorch in the same way.
 """
 
 import contextlib
@@ -86,7 +90,7 @@ class FoldedStem(nn.Module):
 
 
 def exportable(model: GrayEfficientNet) -> nn.Module:
-    """A frozen copy of ``model``'s timm network with its stem replaced by a ``FoldedStem``.
+    """A frozen copy of ``model``'s timm network with its stem replaced by a ``FoldedStem`` (if ``foldable``).
 
     ``model`` itself is left as it is. The copy skips ``prepare_input`` (its checks are Python, not graph):
     it takes float input in [0, 1] only.
@@ -100,7 +104,8 @@ def exportable(model: GrayEfficientNet) -> nn.Module:
         >>> scripted = torch.jit.script(net)
     """
     net = copy.deepcopy(model.model)
-    net.set_submodule(model.stem_name, FoldedStem.from_adapter(model.stem, model.mean, model.std))
+    if model.stem.foldable:
+        net.set_submodule(model.stem_name, FoldedStem.from_adapter(model.stem, model.mean, model.std))
     return net.eval().requires_grad_(False)
 
 
@@ -117,6 +122,7 @@ class ExportResult:
     max_abs_diff: float | None = None
     tolerance: float | None = None
     check_note: str = ""
+    folded: bool = True
 
     def __str__(self) -> str:
         runtime = "onnxruntime" if self.format == "onnx" else "torch.jit.load"
@@ -127,9 +133,11 @@ class ExportResult:
         else:
             check = (f"max |{runtime} - PyTorch| = {self.max_abs_diff:.1e} on random inputs {shapes} "
                      f"(tolerance {self.tolerance:.1e})")
+        stem = (f"its {self.adapter!r} stem folded to 1 input channel" if self.folded else
+                f"its {self.adapter!r} stem as trained (intensity windows, 3-channel conv)")
         return "\n".join([
             f"wrote {self.path} ({fmt})",
-            f"  model:  {self.model_name}, its {self.adapter!r} stem folded to 1 input channel, normalisation inside",
+            f"  model:  {self.model_name}, {stem}, normalisation inside",
             f"  input:  {INPUT_NAME!r} float32 (batch, 1, height, width) in [0, 1]; batch, height, width dynamic",
             f"  output: {OUTPUT_NAME!r} float32 (batch, {self.num_classes})",
             f"  check:  {check}",
@@ -270,4 +278,5 @@ def export(
     return ExportResult(
         path=path, format=format, model_name=model.model_name, adapter=model.adapter, num_classes=model.num_classes,
         check_shapes=tuple(tuple(x.shape) for x in xs), max_abs_diff=diff, tolerance=tol, check_note=note,
+        folded=model.stem.foldable,
     )

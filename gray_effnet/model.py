@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .adapters import StemAdapter, create_adapter
 from .errors import InputError
+from .intensity import parse_intensity
 from .weights import (
     classifier_keys,
     first_conv_name,
@@ -60,6 +61,10 @@ class GrayEfficientNet(nn.Module):
         std: per-channel standard deviations; default: the model's ``pretrained_cfg``.
         class_names: optional labels, saved with checkpoints.
         img_size: optional (H, W) the model is meant for, saved with checkpoints.
+        intensity: the mapping of the data's pixel values to [0, 1] (``gray_effnet.intensity``), saved with
+            checkpoints so that evaluation and prediction apply it again.
+        adapter_kwargs: the adapter's options, e.g. ``{"windows": [[40, 80], [80, 200], [600, 2800]],
+            "range": [-1024, 3071]}`` for ``window`` and ``wso``; a ``range`` must be the ``intensity``'s.
         head_init_std: a classifier that the weights do not provide (``num_classes`` differs) starts as
             N(0, head_init_std^2) with zero bias, so that the first logits are small. With timm's own init,
             pretrained Lite0 on the demo digits starts with logits of std 8.9 (cross-entropy 18.9).
@@ -89,6 +94,8 @@ class GrayEfficientNet(nn.Module):
         class_names: Sequence[str] | None = None,
         img_size: Sequence[int] | None = None,
         head_init_std: float | None = 0.01,
+        intensity: str = "full",
+        adapter_kwargs: dict[str, Any] | None = None,
         **timm_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -102,6 +109,7 @@ class GrayEfficientNet(nn.Module):
         self.class_names = list(class_names) if class_names is not None else None
         self.img_size = tuple(int(s) for s in img_size) if img_size is not None else None
         self.timm_kwargs = dict(timm_kwargs)
+        self.intensity = str(parse_intensity(intensity))  # canonical form, e.g. "range:-1024:3071"
 
         self.model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **timm_kwargs)
         self.stem_name = first_conv_name(self.model)
@@ -111,7 +119,8 @@ class GrayEfficientNet(nn.Module):
         # The total stride: a smaller image has no pixel left after the last stage.
         self.min_size = _total_stride(self.model)
         conv = self.model.get_submodule(self.stem_name)
-        self.model.set_submodule(self.stem_name, create_adapter(adapter, conv, self.mean, self.std))
+        options = self._check_adapter_options(adapter_kwargs)
+        self.model.set_submodule(self.stem_name, create_adapter(adapter, conv, self.mean, self.std, **options))
 
         head_loaded = True
         source = weights if weights is not None else pretrained_weights_file(model_name, cfg) if pretrained else None
@@ -123,6 +132,19 @@ class GrayEfficientNet(nn.Module):
             nn.init.normal_(head.weight, std=head_init_std)
             nn.init.zeros_(head.bias)
 
+    def _check_adapter_options(self, adapter_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        """Windows in physical units are only meaningful on data mapped with the same ``range``."""
+        options = dict(adapter_kwargs or {})
+        if options.get("range") is not None:
+            mapping = parse_intensity(self.intensity)
+            if mapping.kind != "range" or [mapping.low, mapping.high] != [float(v) for v in options["range"]]:
+                raise InputError(
+                    f"the adapter's windows are in physical units over range {list(options['range'])}, but the "
+                    f"data's intensity mapping is {self.intensity!r}; map the data with the same "
+                    "'range:LO:HI' (--intensity range LO HI)"
+                )
+        return options
+
     # -- the stem ------------------------------------------------------------------------------------
     @property
     def stem(self) -> StemAdapter:
@@ -133,17 +155,20 @@ class GrayEfficientNet(nn.Module):
     def adapter(self) -> str:
         return self.stem.name
 
-    def set_adapter(self, name: str) -> "GrayEfficientNet":
+    def set_adapter(self, name: str, adapter_kwargs: dict[str, Any] | None = None) -> "GrayEfficientNet":
         """Swap the stem in place; the pretrained (or trained) weights stay.
 
         ``repeat``, ``broadcast`` and ``fold`` share the same 3-channel ``Parameter`` objects, so an
         optimizer built before the swap keeps working. Switching to or from ``sum`` makes new parameters
         (exactly equivalent when leaving ``sum``, timm's weight sum when entering it): rebuild the optimizer.
+        ``adapter_kwargs`` are the new adapter's options (default: none, its defaults); ``wso`` makes new
+        window parameters.
         """
         old = self.stem
-        if name == old.name:
+        options = self._check_adapter_options(adapter_kwargs)
+        if name == old.name and options == old.options():
             return self
-        new = create_adapter(name, old.rgb_conv(), self.mean, self.std).to(old.mean.device)
+        new = create_adapter(name, old.rgb_conv(), self.mean, self.std, **options).to(old.mean.device)
         self.model.set_submodule(self.stem_name, new)
         return self
 
@@ -231,6 +256,8 @@ class GrayEfficientNet(nn.Module):
             "mean": list(self.mean),
             "std": list(self.std),
             "timm_kwargs": self.timm_kwargs,
+            "intensity": self.intensity,
+            "adapter_kwargs": self.stem.options(),
         }
 
     def extra_repr(self) -> str:

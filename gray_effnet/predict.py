@@ -5,16 +5,16 @@ and recall and a confusion matrix are printed too) or just images (then only pre
 """
 
 import argparse
-import os
 from collections import Counter
 from pathlib import Path
 
 import torch
 
 from .checkpoint import load_model
-from .data import IMG_EXTENSIONS, GrayImageFolder, build_transforms, find_images, make_loader, scan_images
+from .data import GrayImageFolder, build_transforms, drop_unreadable, find_images, is_image_file, make_loader
 from .engine import evaluate
 from .errors import DataError
+from .intensity import parse_intensity_args
 from .report import format_eval, write_predictions
 
 __all__ = ["labelled_samples", "predict"]
@@ -42,17 +42,14 @@ def predict(args: argparse.Namespace) -> None:
     samples = labelled_samples(root, names)
     labelled = samples is not None
     if not labelled:
-        samples = [(os.path.join(root, f), -1) for f in sorted(os.listdir(root))
-                   if Path(f).suffix.lower() in IMG_EXTENSIONS and not f.startswith(".")]
+        samples = [(str(p), -1) for p in sorted(root.iterdir()) if p.is_file() and is_image_file(p)]
     if not samples:
         raise DataError(f"no images in {root}")
-    scan = scan_images([p for p, _ in samples])
-    for path, why in scan.bad:
-        print(f"skipping unreadable image {path} ({why})")
-    bad = {p for p, _ in scan.bad}
-    samples = [s for s in samples if s[0] not in bad]
+    samples, scan = drop_unreadable(samples)
     size = model.img_size or tuple(model.model.pretrained_cfg["input_size"][1:])
-    dataset = GrayImageFolder(samples, build_transforms(size, train=False), wide=scan.wide, intensity=args.intensity)
+    # The mapping the model was trained with, unless the user names another.
+    intensity = parse_intensity_args(args.intensity) or model.intensity
+    dataset = GrayImageFolder(samples, build_transforms(size, train=False), wide=scan.wide, intensity=intensity)
     loader = make_loader(dataset, args.batch_size, train=False, workers=args.workers,
                          pin_memory=device.type == "cuda")
     result = evaluate(model, loader, device=device, num_classes=model.num_classes, keep_predictions=True,

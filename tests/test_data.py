@@ -69,7 +69,7 @@ class TestReadGray:
 
     def test_bad_intensity(self, tmp_path):
         Image.fromarray(gradient()).save(tmp_path / "g.png")
-        with pytest.raises(DataError, match="intensity must be 'full', 'minmax' or a bit depth 1..32; got 'bright'"):
+        with pytest.raises(ValueError, match="unknown intensity 'bright'; expected 'full', 'minmax', a bit depth"):
             read_gray(tmp_path / "g.png", intensity="bright")
 
     def test_float_tiff(self, tmp_path):

@@ -23,6 +23,7 @@ README = (ROOT / "README.md").read_text()
 # Placeholders in the README, and what stands for them here.
 SUBSTITUTIONS = {
     "/path/to/folders": "{data}",
+    "/path/to/ct": "{ct}",  # copies of pydicom's CT_small.dcm
     "/new/images": "{new}",
     # torch.compile on the CPU takes about two minutes per graph; compiled == eager is tested on the stem.
     " --compile": "",
@@ -63,6 +64,11 @@ def workdir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     for i, name in enumerate(("normal", "effusion")):
         _images(root / "data" / name, 12, seed=i)
     _images(root / "new", 5, seed=9)
+    ct = pytest.importorskip("pydicom.data").get_testdata_file("CT_small.dcm")
+    for name in ("a", "b"):
+        (root / "ct" / name).mkdir(parents=True)
+        for i in range(6):
+            (root / "ct" / name / f"{i}.dcm").write_bytes(Path(ct).read_bytes())
     (root / "work").mkdir()
     (root / "work" / "train.py").write_bytes((ROOT / "train.py").read_bytes())
     env = {**os.environ, "GRAY_EFFNET_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1",
@@ -72,7 +78,7 @@ def workdir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 def _run(line: str, root: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     for old, new in SUBSTITUTIONS.items():
-        line = line.replace(old, new.format(data=root / "data", new=root / "new"))
+        line = line.replace(old, new.format(data=root / "data", new=root / "new", ct=root / "ct"))
     argv = shlex.split(line)
     if "train.py" in argv and "--evaluate" not in argv:
         argv += FAST
