@@ -43,14 +43,19 @@ BAD_FIELDS: dict[str, list[tuple[str, object]]] = {
     "epoch": [("type", "1"), ("negative", -1)],
     "val_acc": [("type", "x"), ("range", 2.0)],
     "val_loss": [("type", []), ("negative", -1.0)],
+    "intensity": [("type", 12), ("unknown", "gamma"), ("long", "range:" + "1" * 100 + ":2")],
+    "adapter_kwargs": [("type", [1]), ("foreign-option", {"windows": [[40, 80]]}),
+                       ("not-numbers", {"windows": "x"})],
 }
 REQUIRED = ["format_version", "model_name", "adapter", "num_classes", "mean", "std"]
-OPTIONAL = ["class_names", "img_size", "timm_kwargs", "epoch", "val_acc", "val_loss"]
+OPTIONAL = ["class_names", "img_size", "timm_kwargs", "intensity", "adapter_kwargs", "epoch", "val_acc", "val_loss"]
 
 
 def _cases(meta: dict) -> list[tuple[str, object]]:
     """(name, metadata) pairs; metadata is a dict, or a str for the raw JSON text."""
     cases = []
+    assert set(meta) <= set(BAD_FIELDS) | {"format_version"} | set(REQUIRED), (
+        f"fields written but not fuzzed: {sorted(set(meta) - set(BAD_FIELDS))}")
     for field, bad in BAD_FIELDS.items():
         assert field in meta, f"the written checkpoint has no {field!r}: update BAD_FIELDS"
         cases += [(f"{field}-{label}", {**meta, field: value}) for label, value in bad]
