@@ -200,6 +200,16 @@ class TestSaveLoad:
             assert loaded.stem.window_table()[0][0] == pytest.approx(40 + 0.01 * 4095, rel=1e-5)
 
 
+    def test_weights_file_starts_from_learned_windows(self, tmp_path):
+        """--weights of a wso checkpoint (fine-tuning further) keeps its learned windows, not the given ones."""
+        model = ct_model("wso", name="tf_efficientnet_lite0")
+        with torch.no_grad():
+            model.stem.windows.center.add_(0.01)
+        path = save_weights(model, tmp_path / "m.safetensors")
+        again = ct_model("wso", name="tf_efficientnet_lite0", weights=str(path))
+        assert torch.equal(again.stem.windows.center, model.stem.windows.center)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 class TestExport:
     @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
