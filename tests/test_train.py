@@ -22,7 +22,7 @@ from gray_effnet.checkpoint import STATE_NAME
 from gray_effnet.data import UnreadableImageWarning, prepare_digits
 from gray_effnet.weights import read_weights_file
 
-from .conftest import PicklePayload
+from .helpers import PicklePayload
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--img-size", "32", "32", "--batch-size", "16", "--workers", "0", "--no-progress", "--log-every", "2"]
