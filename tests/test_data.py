@@ -255,6 +255,16 @@ class TestBadFiles:
                 load_folder(tmp_path)
 
 
+class _SeedProbe(torch.utils.data.Dataset):
+    """Items whose path reports the torch seed of the process that loaded them (in a worker: its own seed)."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int):
+        return torch.zeros(1, 1, 1, dtype=torch.uint8), 0, f"{index}:{torch.initial_seed()}"
+
+
 class TestLoader:
     def test_uint8_one_channel_batches(self, tmp_path):
         data = load_folder(write_folder(tmp_path, {"a": 6, "b": 6}, size=(20, 28)), val_split=0.25)
@@ -339,6 +349,28 @@ class TestLoader:
 
         assert differ(epoch0, epoch1) >= 6  # another epoch: other crops of the same files
         assert differ(epoch1, crops(fresh(6), 1, 6)) >= 6  # another seed likewise
+
+    def test_worker_seeds_are_a_function_of_seed_and_epoch(self):
+        """Each worker's torch seed, read inside the worker: new for each epoch and seed, the same on a resume.
+
+        The crops above cannot show this alone: the epoch's shuffle changes which worker, and which of its
+        draws, a file gets, so crops differ between epochs even when every epoch reuses the same seeds.
+        """
+
+        def seeds(loader, epoch, seed):
+            set_loader_epoch(loader, epoch, seed=seed)
+            return sorted({int(p.split(":")[1]) for batch in loader for p in batch.paths})
+
+        def fresh(seed):
+            return make_loader(_SeedProbe(), 2, train=True, workers=2, seed=seed)
+
+        loader = fresh(5)
+        epoch0, epoch1 = seeds(loader, 0, 5), seeds(loader, 1, 5)
+        assert len(epoch0) == len(epoch1) == 2  # one seed per worker
+        assert epoch0 != epoch1
+        assert seeds(fresh(5), 1, 5) == epoch1  # a resumed run starting at epoch 1
+        assert seeds(loader, 0, 5) == epoch0  # and back
+        assert seeds(fresh(6), 1, 6) not in (epoch0, epoch1)
 
     def test_eval_covers_every_image_once_per_rank_split(self, tmp_path):
         data = load_folder(write_folder(tmp_path, {"a": 7, "b": 6}), val_split=0.5)
