@@ -62,13 +62,25 @@ LEARN = ["--epochs", "4", "--lr", "0.02", "--warmup-epochs", "0", "--crop-scale"
 
 
 @pytest.fixture(scope="module")
-def trained(digits, tmp_path_factory) -> tuple[Path, str]:
-    """One run shared by the tests below: 4 epochs of the broadcast stem on 96 digits; (output, what it printed)."""
+def trained(digits, tmp_path_factory) -> tuple[Path, str, list[list[int]]]:
+    """One run shared by the tests below: 4 epochs of the broadcast stem on 96 digits.
+
+    Returns the output folder, what the run printed and the targets of each training step, in order.
+    """
     out = tmp_path_factory.mktemp("trained") / "run"
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    steps = []
+
+    class Recorded(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, target):
+            if torch.is_grad_enabled():
+                steps.append(target.tolist())
+            return super().forward(logits, target)
+
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setattr(torch.nn, "CrossEntropyLoss", Recorded)
         run("--data", digits, "--adapter", "broadcast", "--output", out, *LEARN, *FAST)
-    return out, printed.getvalue()
+    return out, printed.getvalue(), steps
 
 
 class TestLearning:
@@ -80,8 +92,15 @@ class TestLearning:
         assert max(r["val_acc"] for r in rows) >= 0.6  # chance is 0.1
         assert rows[-1]["train_acc"] >= 0.6
 
+    def test_each_epoch_a_new_order(self, trained):
+        """The loader is told the epoch: 6 steps of 16 a epoch, the labels in another order each time."""
+        steps = trained[2]
+        assert [len(s) for s in steps] == [16] * 24
+        epochs = [tuple(t for step in steps[i:i + 6] for t in step) for i in range(0, 24, 6)]
+        assert len(set(epochs)) == 4
+
     def test_printed_numbers_are_the_metrics(self, trained):
-        out, printed = trained
+        out, printed, _ = trained
         rows = metrics(out)
         lines = [line for line in printed.splitlines() if line.startswith("epoch ")]
         assert len(lines) == len(rows) == 4
@@ -98,7 +117,7 @@ class TestLearning:
 
 class TestDemoPath:
     def test_outputs(self, trained):
-        out, printed = trained
+        out, printed, _ = trained
         rows = metrics(out)
         assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]
         assert list(rows[0])[:8] == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "img_per_s",
@@ -124,7 +143,7 @@ class TestDemoPath:
     def test_evaluate_reproduces_the_best_epoch_and_each_prediction(self, trained, digits, tmp_path, capsys):
         """--evaluate's printed accuracy is best.safetensors' val_acc in metrics.csv, and each row of
         predictions.csv is what the model gives for that file, read and resized here."""
-        out, _ = trained
+        out, _, _ = trained
         run("--evaluate", "--weights", out / "best.safetensors", "--data", digits, "--output", tmp_path, *FAST)
         printed = capsys.readouterr().out
         accuracy = re.search(r"accuracy ([\d.]+) on (\d+) images", printed)
