@@ -375,7 +375,8 @@ class TestLoader:
     def test_eval_covers_every_image_once_per_rank_split(self, tmp_path):
         data = load_folder(write_folder(tmp_path, {"a": 7, "b": 6}), val_split=0.5)
         ds = GrayImageFolder(data.val, build_transforms((16, 16), train=False))
-        paths = [p for rank in range(2) for b in make_loader(ds, 2, False, 0, world_size=2, rank=rank) for p in b.paths]
+        loaders = [make_loader(ds, 2, train=False, workers=0, world_size=2, rank=rank) for rank in range(2)]
+        paths = [p for loader in loaders for b in loader for p in b.paths]
         assert sorted(paths) == sorted(p for p, _ in data.val)
 
 

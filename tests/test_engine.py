@@ -169,7 +169,7 @@ class TestEvaluate:
         assert recall.tolist() == pytest.approx([2 / 3, 1.0])
 
     def test_per_class_undefined_is_nan(self):
-        precision, recall = EvalResult(0.0, 0.5, torch.tensor([[1, 1], [0, 0]])).per_class()
+        precision, recall = EvalResult(loss=0.0, acc=0.5, confusion=torch.tensor([[1, 1], [0, 0]])).per_class()
         assert precision[0].item() == 1.0 and recall[0].item() == 0.5
         assert precision[1].item() == 0.0 and math.isnan(recall[1].item())  # no image of class 1
 
