@@ -58,12 +58,12 @@ class _Crash(Exception):
 
 
 
-LEARN = ["--epochs", "4", "--lr", "0.02", "--warmup-epochs", "0", "--crop-scale", "1"]
+LEARN = ["--epochs", "5", "--lr", "0.02", "--warmup-epochs", "0", "--crop-scale", "1"]
 
 
 @pytest.fixture(scope="module")
 def trained(digits, tmp_path_factory) -> tuple[Path, str, list[list[int]]]:
-    """One run shared by the tests below: 4 epochs of the broadcast stem on 96 digits.
+    """One run shared by the tests below: 5 epochs of the broadcast stem on 96 digits (about 6 s).
 
     Returns the output folder, what the run printed and the targets of each training step, in order.
     """
@@ -85,7 +85,10 @@ def trained(digits, tmp_path_factory) -> tuple[Path, str, list[list[int]]]:
 
 class TestLearning:
     def test_loss_falls_and_accuracy_is_far_above_chance(self, trained):
-        """96 training images of 10 digits, 4 epochs: a network that does not learn cannot pass this."""
+        """96 training images of 10 digits, 5 epochs: a network that does not learn cannot pass this.
+
+        Measured with 1 and 2 threads: train loss 2.27 -> 1.05-1.12, val loss 2.5-2.7 -> 1.0-1.3, best val
+        accuracy 0.85-0.90 on 20 images. Fewer epochs left too little margin across thread counts."""
         rows = comparable(metrics(trained[0]))
         assert rows[-1]["train_loss"] < 0.6 * rows[0]["train_loss"]
         assert rows[-1]["val_loss"] < 0.75 * rows[0]["val_loss"]
@@ -95,22 +98,23 @@ class TestLearning:
     def test_each_epoch_a_new_order(self, trained):
         """The loader is told the epoch: 6 steps of 16 a epoch, the labels in another order each time."""
         steps = trained[2]
-        assert [len(s) for s in steps] == [16] * 24
-        epochs = [tuple(t for step in steps[i:i + 6] for t in step) for i in range(0, 24, 6)]
-        assert len(set(epochs)) == 4
+        assert [len(s) for s in steps] == [16] * 30
+        epochs = [tuple(t for step in steps[i:i + 6] for t in step) for i in range(0, 30, 6)]
+        assert len(set(epochs)) == 5
 
     def test_printed_numbers_are_the_metrics(self, trained):
         out, printed, _ = trained
         rows = metrics(out)
         lines = [line for line in printed.splitlines() if line.startswith("epoch ")]
-        assert len(lines) == len(rows) == 4
+        assert len(lines) == len(rows) == 5
         for line, row in zip(lines, rows):
             numbers = re.match(r"epoch (\d+): train loss ([\d.]+) acc ([\d.]+) \| val loss ([\d.]+) acc ([\d.]+)", line)
             assert numbers, line
             epoch, *values = numbers.groups()
             assert epoch == row["epoch"]
             for value, key in zip(values, ["train_loss", "train_acc", "val_loss", "val_acc"]):
-                assert value == f"{float(row[key]):.4f}", (line, key)
+                # 4 decimals printed, 6 significant digits in the CSV: both rounded from the same float
+                assert float(value) == pytest.approx(float(row[key]), abs=6e-5), (line, key)
         best = max(float(r["val_acc"]) for r in rows)
         assert f"best val acc {best:.4f}" in printed
 
@@ -119,7 +123,7 @@ class TestDemoPath:
     def test_outputs(self, trained):
         out, printed, _ = trained
         rows = metrics(out)
-        assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]
+        assert [r["epoch"] for r in rows] == ["0", "1", "2", "3", "4"]
         assert list(rows[0])[:8] == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "img_per_s",
                                      "seconds"]
         config = json.loads((out / "config.json").read_text())
@@ -128,7 +132,7 @@ class TestDemoPath:
         assert (model.adapter, model.num_classes, model.img_size) == ("broadcast", 10, (32, 32))
         assert model.class_names == [str(d) for d in range(10)]
         _, meta = read_weights_file(out / "last.safetensors")
-        assert meta["epoch"] == 3
+        assert meta["epoch"] == 4
         _, best_meta = read_weights_file(out / "best.safetensors")
         best_row = max(rows, key=lambda r: float(r["val_acc"]))  # the first epoch with the best accuracy
         assert best_meta["epoch"] == int(best_row["epoch"])
