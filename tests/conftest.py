@@ -12,8 +12,15 @@ _CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _CUDA, reason="no CUDA device"))])
-def device(request) -> torch.device:
-    """Each test that takes it runs on the CPU, and on CUDA too where a GPU is present."""
+def device(request, monkeypatch) -> torch.device:
+    """Each test that takes it runs on the CPU, and on CUDA too where a GPU is present.
+
+    On CUDA, TF32 is off for the test: the references are float32-exact (1e-5), and TF32 convolutions and
+    matmuls round to about 1e-3, which would hide an error of that size.
+    """
+    if request.param == "cuda":
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     return torch.device(request.param)
 
 
