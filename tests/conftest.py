@@ -1,51 +1,27 @@
-"""Shared helpers. Tests run on CPU, offline, with the bundled Lite0 weights where real weights matter."""
+"""Fixtures only; helpers (models, batches, references) are in ``tests/helpers.py``.
 
-import copy
-import functools
-import os
-from pathlib import Path
+Tests run on CPU, offline, with the bundled Lite0 weights where real weights matter.
+"""
 
 import pytest
 import torch
 
 from gray_effnet import GrayEfficientNet
 
-MODELS = ["efficientnet_b0", "tf_efficientnet_b0", "tf_efficientnet_lite0"]
-# Odd, non-square sizes: TF 'same' padding is asymmetric there, so borders are tested for real.
-SIZES = [(67, 45), (64, 96)]
+_CUDA = torch.cuda.is_available()
 
 
-@functools.cache
-def _base(name: str, num_classes: int) -> GrayEfficientNet:
-    torch.manual_seed(0)
-    model = GrayEfficientNet(name, adapter="repeat", num_classes=num_classes)
-    # Random BN statistics and stem weights, so that no test passes only because of a trivial init.
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _CUDA, reason="no CUDA device"))])
+def device(request, monkeypatch) -> torch.device:
+    """Each test that takes it runs on the CPU, and on CUDA too where a GPU is present.
 
-
-def make_model(name: str, adapter: str = "repeat", num_classes: int = 10) -> GrayEfficientNet:
-    """A fresh copy of a seeded random model, with ``adapter`` set from the 3-channel weights."""
-    return copy.deepcopy(_base(name, num_classes)).set_adapter(adapter)
-
-
-def gray_batch(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(b, 1, h, w, generator=g)
-
-
-class PicklePayload:
-    """Unpickling this runs a shell command that creates ``target``: a stand-in for a malicious checkpoint."""
-
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.target}",))
+    On CUDA, TF32 is off for the test: the references are float32-exact (1e-5), and TF32 convolutions and
+    matmuls round to about 1e-3, which would hide an error of that size.
+    """
+    if request.param == "cuda":
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    return torch.device(request.param)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from gray_effnet import WeightsError, load_model
 from gray_effnet.__main__ import main as gray_effnet_main
 from gray_effnet.checkpoint import META_KEY, SAFE_TIMM_KWARGS, STATE_NAME, read_checkpoint, validate_metadata
 
-from .conftest import PicklePayload
+from .helpers import PicklePayload
 
 SIZE = ["--img-size", "32", "32"]
 QUIET = ["--workers", "0", "--no-progress"]

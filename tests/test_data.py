@@ -93,14 +93,27 @@ class TestReadGray:
         Image.new("RGB", (4, 4), (200, 100, 50)).save(tmp_path / "c.png")
         assert read_gray(tmp_path / "c.png")[0, 0, 0].item() == round(200 * 0.299 + 100 * 0.587 + 50 * 0.114)
 
-    def test_exif_orientation(self, tmp_path):
-        a = gradient(10, 30)
+    # EXIF orientation tag -> what turns the stored pixels into the displayed ones (numpy, independent of Pillow).
+    ORIENTATIONS = {2: np.fliplr, 3: lambda a: np.rot90(a, 2), 6: lambda a: np.rot90(a, -1), 8: np.rot90,
+                    5: lambda a: np.rot90(np.fliplr(a), 1), 7: lambda a: np.rot90(np.fliplr(a), -1)}
+
+    @pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+    def test_exif_orientation_pixels(self, tmp_path, orientation):
+        """Pixels, not only the shape: the displayed image, within a JPEG's error on a smooth gradient."""
+        i, j = np.mgrid[0:24, 0:40]
+        a = (40 + 6 * i + 3 * j).astype(np.uint8)  # distinct along both axes: every turn and flip shows
         img = Image.fromarray(a)
         exif = img.getexif()
-        exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-        img.save(tmp_path / "o.jpg", exif=exif, quality=100)
-        x = read_gray(tmp_path / "o.jpg")
-        assert x.shape == (1, 30, 10)
+        exif[0x0112] = orientation
+        img.save(tmp_path / "o.jpg", exif=exif, quality=95)
+        x = read_gray(tmp_path / "o.jpg")[0].numpy().astype(np.int16)
+        expected = self.ORIENTATIONS[orientation](a).astype(np.int16)
+        assert x.shape == expected.shape
+        assert np.abs(x - expected).max() <= 6  # JPEG at quality 95 on this gradient
+        for other, turn in self.ORIENTATIONS.items():  # any other orientation is far off
+            wrong = turn(a).astype(np.int16)
+            if other != orientation and wrong.shape == x.shape:
+                assert np.abs(x - wrong).mean() > 20
 
     def test_multipage_tiff_first_frame(self, tmp_path):
         frames = [Image.fromarray(np.full((8, 8), v, np.uint8)) for v in (10, 200)]
@@ -243,6 +256,16 @@ class TestBadFiles:
                 load_folder(tmp_path)
 
 
+class _SeedProbe(torch.utils.data.Dataset):
+    """Items whose path reports the torch seed of the process that loaded them (in a worker: its own seed)."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int):
+        return torch.zeros(1, 1, 1, dtype=torch.uint8), 0, f"{index}:{torch.initial_seed()}"
+
+
 class TestLoader:
     def test_uint8_one_channel_batches(self, tmp_path):
         data = load_folder(write_folder(tmp_path, {"a": 6, "b": 6}, size=(20, 28)), val_split=0.25)
@@ -262,14 +285,25 @@ class TestLoader:
         torch.manual_seed(0)
         assert torch.equal(build_transforms((20, 28), train=True, crop_scale=1.0, hflip=1.0)(x), crop.flip(-1))
 
-    def test_mixed_depths_give_float(self, tmp_path):
+    def test_mixed_depths_give_float_with_exact_values(self, tmp_path):
+        """One 16-bit file makes every batch float in [0, 1]: 8-bit pixels v / 255, 16-bit pixels v / 65535."""
         root = write_folder(tmp_path, {"a": 3, "b": 3})
-        Image.fromarray(gradient(16, 16, 65535, np.uint16)).save(root / "b" / "deep.png")
+        deep = np.linspace(0, 65535, 256).astype(np.uint16).reshape(16, 16)
+        deep[0, :2] = (257, 258)  # neighbours that 8 bits would merge
+        Image.fromarray(deep).save(root / "b" / "deep.png")
         data = load_folder(root, val_split=0.3)
         assert data.scan.wide
-        ds = GrayImageFolder(data.train + data.val, build_transforms((16, 16), train=False), wide=data.scan.wide)
-        batch = next(iter(make_loader(ds, 7, train=False, workers=0)))
-        assert batch.images.dtype == torch.float32 and batch.images.max() <= 1
+        ds = GrayImageFolder(data.train + data.val, transform=None, wide=data.scan.wide)
+        batches = list(make_loader(ds, 4, train=False, workers=0))
+        assert all(b.images.dtype == torch.float32 for b in batches)
+        got = {p: img for b in batches for p, img in zip(b.paths, b.images)}
+        assert len(got) == 7
+        for path, img in got.items():
+            raw = np.asarray(Image.open(path))
+            scale = 65535.0 if raw.dtype == np.uint16 or path.endswith("deep.png") else 255.0
+            expected = torch.from_numpy(raw.astype(np.float64) / scale).float()[None]
+            torch.testing.assert_close(img, expected, rtol=0, atol=1e-7, msg=path)
+        assert got[str(root / "b" / "deep.png")][0, 0, 1] > got[str(root / "b" / "deep.png")][0, 0, 0]
 
     def test_converted_counted(self, tmp_path):
         root = write_folder(tmp_path, {"a": 3, "b": 3})
@@ -287,6 +321,57 @@ class TestLoader:
             return [p for batch in loader for p in batch.paths]
 
         assert order(1) == order(1) and order(1) != order(2)
+
+    def test_worker_augmentation_depends_on_seed_and_epoch(self, tmp_path):
+        """Two workers, random crops: (seed, epoch) fixes every pixel, whatever ran before in the process.
+
+        An epoch started by a fresh loader (a resumed run) must see what the same epoch saw in a run that went
+        through the earlier epochs, and another epoch or seed must see other crops of the same files.
+        """
+        data = load_folder(write_folder(tmp_path, {"a": 6, "b": 6}, size=(40, 40)), val_split=0.25)
+        ds = GrayImageFolder(data.train, build_transforms((24, 24), train=True, crop_scale=0.3))
+
+        def crops(loader, epoch, seed):
+            set_loader_epoch(loader, epoch, seed=seed)
+            return {p: img for batch in loader for p, img in zip(batch.paths, batch.images)}
+
+        def fresh(seed):
+            return make_loader(ds, 4, train=True, workers=2, seed=seed)
+
+        loader = fresh(5)
+        epoch0, epoch1 = crops(loader, 0, 5), crops(loader, 1, 5)
+        torch.manual_seed(123)  # the main process' RNG must not matter: workers are seeded from the loader
+        resumed1 = crops(fresh(5), 1, 5)
+        assert len(data.train) == 8 and epoch0.keys() == epoch1.keys() == resumed1.keys() and len(epoch1) == 8
+        assert all(torch.equal(epoch1[p], resumed1[p]) for p in epoch1)
+
+        def differ(a, b):
+            return sum(not torch.equal(a[p], b[p]) for p in a)
+
+        assert differ(epoch0, epoch1) >= 6  # another epoch: other crops of the same files
+        assert differ(epoch1, crops(fresh(6), 1, 6)) >= 6  # another seed likewise
+
+    def test_worker_seeds_are_a_function_of_seed_and_epoch(self):
+        """Each worker's torch seed, read inside the worker: new for each epoch and seed, the same on a resume.
+
+        The crops above cannot show this alone: the epoch's shuffle changes which worker, and which of its
+        draws, a file gets, so crops differ between epochs even when every epoch reuses the same seeds.
+        """
+
+        def seeds(loader, epoch, seed):
+            set_loader_epoch(loader, epoch, seed=seed)
+            return sorted({int(p.split(":")[1]) for batch in loader for p in batch.paths})
+
+        def fresh(seed):
+            return make_loader(_SeedProbe(), 2, train=True, workers=2, seed=seed)
+
+        loader = fresh(5)
+        epoch0, epoch1 = seeds(loader, 0, 5), seeds(loader, 1, 5)
+        assert len(epoch0) == len(epoch1) == 2  # one seed per worker
+        assert epoch0 != epoch1
+        assert seeds(fresh(5), 1, 5) == epoch1  # a resumed run starting at epoch 1
+        assert seeds(loader, 0, 5) == epoch0  # and back
+        assert seeds(fresh(6), 1, 6) not in (epoch0, epoch1)
 
     def test_eval_covers_every_image_once_per_rank_split(self, tmp_path):
         data = load_folder(write_folder(tmp_path, {"a": 7, "b": 6}), val_split=0.5)

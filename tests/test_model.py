@@ -6,18 +6,26 @@ import torch
 
 from gray_effnet import ADAPTERS, GrayEfficientNet, list_adapters
 
-from .conftest import MODELS, gray_batch, make_model
+from .helpers import MODELS, gray_batch, make_model, stock_stem
 
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("adapter", list_adapters())
 class TestInputs:
-    def test_uint8_and_float_agree(self, name, adapter):
-        model = make_model(name, adapter)
+    def test_uint8_and_float_agree(self, name, adapter, device):
+        model = make_model(name, adapter).to(device)
         g = torch.Generator().manual_seed(1)
-        raw = torch.randint(0, 256, (2, 1, 64, 80), dtype=torch.uint8, generator=g)
+        raw = torch.randint(0, 256, (2, 1, 64, 80), dtype=torch.uint8, generator=g).to(device)
         with torch.no_grad():
-            assert torch.equal(model(raw), model(raw.float() / 255))
+            out = model(raw)
+            assert torch.equal(out, model(raw.float() / 255))
+            # and the scaling is /255 into [0, 1]: the stem sees what it sees on the float image, which for the
+            # exact adapters is what timm's stem sees (intensity windows are not: see test_window.py)
+            torch.testing.assert_close(model.stem(model.prepare_input(raw)), model.stem(raw.float() / 255),
+                                       rtol=0, atol=0)
+            if ADAPTERS[adapter].foldable:
+                torch.testing.assert_close(model.stem(model.prepare_input(raw)), stock_stem(model, raw.float() / 255),
+                                           rtol=1e-5, atol=1e-5)
 
 
 class TestErrors:
@@ -63,8 +71,10 @@ class TestFamilies:
                                       "tf_efficientnetv2_s", "efficientnetv2_rw_t"])
     def test_builds_and_runs(self, name):
         model = GrayEfficientNet(name, adapter="fold", num_classes=4).eval()
+        x = gray_batch(1, 64, 96)
         with torch.no_grad():
-            assert model(torch.zeros(1, 1, 64, 96, dtype=torch.uint8)).shape == (1, 4)
+            assert model(x).shape == (1, 4)
+            torch.testing.assert_close(model.stem(x), stock_stem(model, x), rtol=1e-5, atol=1e-5)
         assert model.stem_name == "conv_stem"
         assert model.mean == tuple(timm.create_model(name).pretrained_cfg["mean"])
 

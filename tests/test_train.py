@@ -1,13 +1,17 @@
 """train.py end to end on a tiny digits subset: outputs, resume, kills, NaN, evaluate, torchrun."""
 
+import contextlib
 import csv
 import io
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,13 +19,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import train
 from gray_effnet import GrayEffnetError, NonFiniteLossError, WeightsError, load_model
 from gray_effnet.checkpoint import STATE_NAME, read_checkpoint
-from gray_effnet.data import UnreadableImageWarning, prepare_digits
+from gray_effnet.data import UnreadableImageWarning, build_transforms, prepare_digits, read_gray
 
-from .conftest import PicklePayload
+from .helpers import PicklePayload
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--img-size", "32", "32", "--batch-size", "16", "--workers", "0", "--no-progress", "--log-every", "2"]
@@ -53,41 +58,116 @@ class _Crash(Exception):
 
 
 
-class TestDemoPath:
-    def test_outputs(self, digits, tmp_path, capsys):
-        out = tmp_path / "run"
-        run("--data", digits, "--epochs", "2", "--adapter", "broadcast", "--output", out, *FAST)
+LEARN = ["--epochs", "5", "--lr", "0.02", "--warmup-epochs", "0", "--crop-scale", "1"]
+
+
+@pytest.fixture(scope="module")
+def trained(digits, tmp_path_factory) -> tuple[Path, str, list[list[int]]]:
+    """One run shared by the tests below: 5 epochs of the broadcast stem on 96 digits (about 6 s).
+
+    Returns the output folder, what the run printed and the targets of each training step, in order.
+    """
+    out = tmp_path_factory.mktemp("trained") / "run"
+    printed = io.StringIO()
+    steps = []
+
+    class Recorded(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, target):
+            if torch.is_grad_enabled():
+                steps.append(target.tolist())
+            return super().forward(logits, target)
+
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setattr(torch.nn, "CrossEntropyLoss", Recorded)
+        run("--data", digits, "--adapter", "broadcast", "--output", out, *LEARN, *FAST)
+    return out, printed.getvalue(), steps
+
+
+class TestLearning:
+    def test_loss_falls_and_accuracy_is_far_above_chance(self, trained):
+        """96 training images of 10 digits, 5 epochs: a network that does not learn cannot pass this.
+
+        Measured with 1 and 2 threads: train loss 2.27 -> 1.05-1.12, val loss 2.5-2.7 -> 1.0-1.3, best val
+        accuracy 0.85-0.90 on 20 images. Fewer epochs left too little margin across thread counts."""
+        rows = comparable(metrics(trained[0]))
+        assert rows[-1]["train_loss"] < 0.6 * rows[0]["train_loss"]
+        assert rows[-1]["val_loss"] < 0.75 * rows[0]["val_loss"]
+        assert max(r["val_acc"] for r in rows) >= 0.6  # chance is 0.1
+        assert rows[-1]["train_acc"] >= 0.6
+
+    def test_each_epoch_a_new_order(self, trained):
+        """The loader is told the epoch: 6 steps of 16 a epoch, the labels in another order each time."""
+        steps = trained[2]
+        assert [len(s) for s in steps] == [16] * 30
+        epochs = [tuple(t for step in steps[i:i + 6] for t in step) for i in range(0, 30, 6)]
+        assert len(set(epochs)) == 5
+
+    def test_printed_numbers_are_the_metrics(self, trained):
+        out, printed, _ = trained
         rows = metrics(out)
-        assert [r["epoch"] for r in rows] == ["0", "1"]
+        lines = [line for line in printed.splitlines() if line.startswith("epoch ")]
+        assert len(lines) == len(rows) == 5
+        for line, row in zip(lines, rows):
+            numbers = re.match(r"epoch (\d+): train loss ([\d.]+) acc ([\d.]+) \| val loss ([\d.]+) acc ([\d.]+)", line)
+            assert numbers, line
+            epoch, *values = numbers.groups()
+            assert epoch == row["epoch"]
+            for value, key in zip(values, ["train_loss", "train_acc", "val_loss", "val_acc"]):
+                # 4 decimals printed, 6 significant digits in the CSV: both rounded from the same float
+                assert float(value) == pytest.approx(float(row[key]), abs=6e-5), (line, key)
+        best = max(float(r["val_acc"]) for r in rows)
+        assert f"best val acc {best:.4f}" in printed
+
+
+class TestDemoPath:
+    def test_outputs(self, trained):
+        out, printed, _ = trained
+        rows = metrics(out)
+        assert [r["epoch"] for r in rows] == ["0", "1", "2", "3", "4"]
         assert list(rows[0])[:8] == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "img_per_s",
                                      "seconds"]
-        assert all(0.0 <= float(r["val_acc"]) <= 1.0 for r in rows)
         config = json.loads((out / "config.json").read_text())
         assert config["args"]["adapter"] == "broadcast" and config["versions"]["torch"] == torch.__version__
         model = load_model(out / "best.safetensors")
         assert (model.adapter, model.num_classes, model.img_size) == ("broadcast", 10, (32, 32))
         assert model.class_names == [str(d) for d in range(10)]
         _, meta = read_checkpoint(out / "last.safetensors")
-        assert meta["epoch"] == 1
+        assert meta["epoch"] == 4
+        _, best_meta = read_checkpoint(out / "best.safetensors")
+        best_row = max(rows, key=lambda r: float(r["val_acc"]))  # the first epoch with the best accuracy
+        assert best_meta["epoch"] == int(best_row["epoch"])
         from_state = load_model(out / STATE_NAME).eval()  # the resume file rebuilds the same model
         last = load_model(out / "last.safetensors").eval()
         x = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
         with torch.no_grad():
             assert torch.equal(from_state(x), last(x))
         assert not list(out.glob(".*.tmp"))
-        printed = capsys.readouterr().out
         assert "best val acc" in printed and "evaluate: python train.py --evaluate" in printed
 
-    def test_evaluate(self, digits, tmp_path, capsys):
-        out = tmp_path / "run"
-        run("--data", digits, "--epochs", "1", "--output", out, *FAST)
-        capsys.readouterr()
-        run("--evaluate", "--weights", out / "best.safetensors", "--data", digits, *FAST)
+    def test_evaluate_reproduces_the_best_epoch_and_each_prediction(self, trained, digits, tmp_path, capsys):
+        """--evaluate's printed accuracy is best.safetensors' val_acc in metrics.csv, and each row of
+        predictions.csv is what the model gives for that file, read and resized here."""
+        out, _, _ = trained
+        run("--evaluate", "--weights", out / "best.safetensors", "--data", digits, "--output", tmp_path, *FAST)
         printed = capsys.readouterr().out
-        assert "accuracy" in printed and "precision" in printed and "confusion matrix" in printed
-        with open(out / "eval_predictions.csv") as f:
+        accuracy = re.search(r"accuracy ([\d.]+) on (\d+) images", printed)
+        best = max(float(r["val_acc"]) for r in metrics(out))
+        assert accuracy and accuracy.group(1) == f"{best:.4f}" and accuracy.group(2) == "20"
+        assert "precision" in printed and "confusion matrix" in printed
+        with open(tmp_path / "eval_predictions.csv") as f:
             rows = list(csv.DictReader(f))
-        assert len(rows) == 20 and set(rows[0]) == {"path", "target", "prediction", "probability", "correct"}
+        assert len(rows) == 20
+        model = load_model(out / "best.safetensors").eval()
+        resize = build_transforms((32, 32), train=False)
+        images = torch.stack([resize(read_gray(r["path"])) for r in rows])
+        with torch.no_grad():
+            probs = model(images).softmax(-1)
+        for row, p in zip(rows, probs):
+            assert row["target"] == Path(row["path"]).parent.name  # the class folder
+            assert row["prediction"] == model.class_names[int(p.argmax())], row
+            assert float(row["probability"]) == pytest.approx(p.max().item(), abs=1e-5)
+            assert row["correct"] == str(int(row["prediction"] == row["target"]))
+        assert sum(int(r["correct"]) for r in rows) / len(rows) == pytest.approx(best)
 
 
 class TestMessyFolder:
@@ -119,8 +199,10 @@ class TestMessyFolder:
 
 class TestResume:
     def test_equals_uninterrupted(self, digits, tmp_path, monkeypatch):
+        """With loader workers: their augmentation seeds must come from (seed, epoch), not from the process."""
         full, cut = tmp_path / "full", tmp_path / "cut"
-        run("--data", digits, "--epochs", "2", "--output", full, *FAST)
+        fast = [*FAST, "--workers", "2"]  # the last --workers wins
+        run("--data", digits, "--epochs", "2", "--output", full, *fast)
 
         real_save = train.save_checkpoint
 
@@ -130,9 +212,9 @@ class TestResume:
 
         monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
         with pytest.raises(_Crash):
-            run("--data", digits, "--epochs", "2", "--output", cut, *FAST)
+            run("--data", digits, "--epochs", "2", "--output", cut, *fast)
         monkeypatch.setattr(train, "save_checkpoint", real_save)
-        run("--data", digits, "--epochs", "2", "--output", cut, "--resume", *FAST)
+        run("--data", digits, "--epochs", "2", "--output", cut, "--resume", *fast)
 
         for got, want in zip(comparable(metrics(cut)), comparable(metrics(full)), strict=True):
             assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
@@ -206,17 +288,62 @@ class TestFlags:
 
 
 class TestSpeedFlags:
-    """The CUDA-oriented flags run on the CPU too, so every branch of them is exercised here."""
+    """The CUDA-oriented flags run on the CPU too, and each is observed changing the computation."""
 
-    @pytest.mark.parametrize("flags", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16", "--clip-grad", "1"]])
-    def test_completes_with_finite_metrics(self, digits, tmp_path, flags):
+    @pytest.fixture
+    def observed(self, monkeypatch):
+        """What every optimizer step of the run sees (gradient norm, 4-D parameters' memory formats) and the
+        dtype of the logits that reach the training loss."""
+        seen = {"logits": [], "grad_norm": [], "channels_last": [], "contiguous": []}
+
+        class Watched(torch.nn.CrossEntropyLoss):
+            def forward(self, logits, target):
+                if torch.is_grad_enabled():
+                    seen["logits"].append(logits.dtype)
+                return super().forward(logits, target)
+
+        def before_step(optimizer, args, kwargs):
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            grads = [p.grad.detach().double() for p in params if p.grad is not None]
+            seen["grad_norm"].append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+            convs = [p for p in params if p.ndim == 4]
+            seen["channels_last"].append(all(p.is_contiguous(memory_format=torch.channels_last) for p in convs))
+            seen["contiguous"].append(all(p.is_contiguous() for p in convs))
+
+        monkeypatch.setattr(torch.nn, "CrossEntropyLoss", Watched)
+        handle = register_optimizer_step_pre_hook(before_step)
+        yield seen
+        handle.remove()
+
+    def test_bf16_channels_last(self, digits, tmp_path, observed):
         out = tmp_path / "run"
-        run("--data", digits, "--epochs", "1", "--output", out, *flags, *FAST)
+        run("--data", digits, "--epochs", "1", "--output", out, "--amp", "bf16", "--channels-last", *FAST)
         row = comparable(metrics(out))[0]
-        assert all(v == v and abs(v) != float("inf") for v in row.values())
+        assert all(math.isfinite(v) for v in row.values())
+        assert observed["logits"] and set(observed["logits"]) == {torch.bfloat16}
+        assert observed["channels_last"] and all(observed["channels_last"])
+        assert not any(observed["contiguous"])  # the 3x3 stem and the k x k convs really are NHWC
         assert load_model(out / "last.safetensors").adapter == "fold"
-        scaler = torch.load(out / STATE_NAME, weights_only=True)["scaler"]
-        assert bool(scaler) == (flags[1] == "fp16")  # a GradScaler only for fp16
+        assert not torch.load(out / STATE_NAME, weights_only=True)["scaler"]  # bf16 needs no GradScaler
+
+    def test_fp16_clip_grad(self, digits, tmp_path, observed):
+        out = tmp_path / "run"
+        clip = 1e-3  # far below the gradient norm of any step here, so every step is clipped
+        run("--data", digits, "--epochs", "1", "--output", out, "--amp", "fp16", "--clip-grad", clip, *FAST)
+        row = comparable(metrics(out))[0]
+        assert all(math.isfinite(v) for v in row.values())
+        assert observed["logits"] and set(observed["logits"]) == {torch.float16}
+        # The optimizer steps on unscaled gradients of norm `clip` (the GradScaler skips steps with inf).
+        assert observed["grad_norm"] and observed["grad_norm"] == pytest.approx([clip] * len(observed["grad_norm"]),
+                                                                                rel=1e-3)
+        assert all(observed["contiguous"])  # no --channels-last: NCHW
+        assert torch.load(out / STATE_NAME, weights_only=True)["scaler"]  # a GradScaler only for fp16
+
+    def test_without_flags_nothing_changes(self, digits, tmp_path, observed):
+        """The observers themselves: float32 logits and unclipped gradients when no flag is given."""
+        run("--data", digits, "--epochs", "1", "--output", tmp_path / "run", *FAST)
+        assert set(observed["logits"]) == {torch.float32}
+        assert min(observed["grad_norm"]) > 1e-2 and all(observed["contiguous"])
 
 
 def _start(args: list, out: Path, prelude: str = "") -> subprocess.Popen:
@@ -253,13 +380,30 @@ class TestKill:
         return res.stdout
 
     def test_kill_during_epoch(self, digits, tmp_path):
+        """Killed on the run's own signal: the log line of epoch 0, then a step of epoch 1 (of 12) announced."""
         out = tmp_path / "run"
-        proc = _start(self._args(digits, out), out)
-        _wait_for(lambda: (out / STATE_NAME).exists(), proc)
-        time.sleep(0.5)  # well inside epoch 1
+        prelude = """
+from torch.optim.optimizer import register_optimizer_step_post_hook
+register_optimizer_step_post_hook(lambda *_: print("test: optimizer step done", flush=True))
+"""
+        proc = _start(self._args(digits, out), out, prelude)
+        watchdog = threading.Timer(300, proc.kill)  # a hung run ends the loop below instead of the test run
+        watchdog.start()
+        seen = []
+        for line in proc.stdout:  # blocks until the run prints; ends when the run ends
+            seen.append(line)
+            if line.startswith("epoch 0:"):
+                seen = ["epoch 0 logged"]
+            elif seen[0] == "epoch 0 logged" and line.startswith("test: optimizer step done"):
+                break
+        else:
+            pytest.fail("train.py ended before a step of epoch 1:\n" + "".join(seen))
+        watchdog.cancel()
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        # Inside epoch 1: its checkpoint was not written, epoch 0's is the resume point.
         assert torch.load(out / STATE_NAME, weights_only=True)["epoch"] == 0
+        assert [r["epoch"] for r in metrics(out)] == ["0"]
         assert "resumed from" in self._resume_and_check(digits, out)
 
     def test_kill_during_checkpoint_write(self, digits, tmp_path):

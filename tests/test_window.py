@@ -18,7 +18,7 @@ from gray_effnet.adapters import ADAPTERS, create_adapter
 from gray_effnet.explain import equivalence, format_report, trace
 from gray_effnet.export import export
 
-from .conftest import MODELS, SIZES, gray_batch, make_model
+from .helpers import MODELS, SIZES, gray_batch, make_model
 
 WINDOWED = ["window", "wso"]
 CT = {"windows": [[40, 80], [80, 200], [600, 2800]], "range": [-1024, 3071]}

