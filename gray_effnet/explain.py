@@ -124,9 +124,11 @@ def format_report(model: GrayEfficientNet, stages: list[Stage], rows: list[dict]
     else:
         why = ["The stem's input keeps 1 channel: the 3-channel statistics",
                f"(mean {model.mean}, std {model.std}) went into the stem weights instead."]
+    learned = model.stem.learned_note()
     lines += [
         "",
         *why,
+        *([learned] if learned else []),
         "",
         "Equivalence on the same input: max |adapter - repeat|",
         f"{'adapter':<10} {'stem output':>12} {'logits':>12} {'logits / scale':>15} {'top-1 agrees':>13}",

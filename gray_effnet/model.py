@@ -141,6 +141,9 @@ class GrayEfficientNet(nn.Module):
         ``repeat``, ``broadcast`` and ``fold`` share the same 3-channel ``Parameter`` objects, so an
         optimizer built before the swap keeps working. Switching to or from ``sum`` makes new parameters
         (exactly equivalent when leaving ``sum``, timm's weight sum when entering it): rebuild the optimizer.
+        Entering ``affine`` adds its map's parameters at the identity (exact); leaving a trained ``affine``
+        folds its map into the 3-channel weight, exact where that is possible and an ``InputError`` saying
+        why where it is not (``AffineStem.rgb_conv``).
         """
         old = self.stem
         if name == old.name:
@@ -185,7 +188,9 @@ class GrayEfficientNet(nn.Module):
     def timm_state_dict(self) -> dict[str, Tensor]:
         """The weights under timm's own names, loadable into ``timm.create_model(model_name, in_chans=...)``.
 
-        ``in_chans`` is 1 for the ``sum`` adapter and 3 for the others.
+        ``in_chans`` is 1 for the ``sum`` adapter and 3 for the others. Parameters of the adapter itself
+        (``affine``'s ``scale`` and ``shift``) keep their names, ``<stem>.scale``, which timm does not know:
+        for a plain timm model, ``set_adapter("repeat")`` first, which folds the map into the weight.
         """
         return timm_names(self.model.state_dict(), self.stem_name)
 
@@ -200,9 +205,11 @@ class GrayEfficientNet(nn.Module):
                 state_dict[stem_key] = gray_stem_weight_to_rgb(w, self.std)
             elif w.shape[1] == 3 and stem.in_chans == 1:
                 state_dict[stem_key] = adapt_input_conv(1, w)
+        own = {k for k in stem.state_dict() if not k.startswith("conv.")}  # the adapter's own: affine's scale
         mapped = {}
         for key, value in state_dict.items():
-            if key.startswith(f"{self.stem_name}.") and key.count(".") == self.stem_name.count(".") + 1:
+            if (key.startswith(f"{self.stem_name}.") and key.count(".") == self.stem_name.count(".") + 1
+                    and key[len(self.stem_name) + 1:] not in own):
                 key = f"{self.stem_name}.conv.{key[len(self.stem_name) + 1:]}"
             mapped[key] = value
         return self.model.load_state_dict(mapped, strict=strict)
