@@ -8,8 +8,8 @@ validation split. So differences between adapters are paired by seed, and each a
 same network from random init (``--no-pretrained``, the ``scratch`` arm: what the pretrained weights are
 worth at each size), and optionally an adapter with a scaled stem learning rate (``--stem-lr sum=3``).
 
-Runs are in-process (``--jobs`` worker processes on the CPU): one run of a tiny image is a fraction of a
-second of startup away from a ``train.py`` subprocess, which would cost more than the run itself. The
+Runs are in-process, in ``--jobs`` worker processes: a ``train.py`` subprocess per run would spend seconds
+importing torch, scanning the folder and starting loaders, more than a small-subset run trains. The
 images are decoded once, resized to ``--img-size`` and kept as one tensor; training applies a seeded,
 batched random resized crop. The step and the evaluation are ``gray_effnet.engine``'s.
 
@@ -19,7 +19,7 @@ epoch of every run: losses, the stem's effective-kernel drift), ``summary.csv`` 
 generated from the intervals), ``learning_curve.png`` and ``sweep.json`` (the settings; a rerun with other
 settings into the same folder is refused). Interrupted, the same command reruns only the missing runs.
 
-    python benchmarks/compare.py                         # the CPU default: demo digits, Lite0, about 30 min on 2 cores
+    python benchmarks/compare.py                         # the CPU default: demo digits, Lite0, ~30 min on 2 idle cores
     python benchmarks/compare.py --gpu                   # the preset for a GPU (benchmarks/gpu.sh runs it)
     python benchmarks/compare.py --adapters repeat affine --per-class 5 all --seeds 2 --epochs 1 --output /tmp/c
     python benchmarks/compare.py --stats imagenet-synthetic --stem-lr sum=3 --output benchmarks/results/curve-in
@@ -55,6 +55,7 @@ from gray_effnet.engine import amp_setup, evaluate, train_one_epoch  # noqa: E40
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = "repeat"  # every arm's paired difference is taken to this one
+BITWISE_REPEAT = ("broadcast",)  # same operands, same order: its runs equal repeat's to the last bit
 SCRATCH = "scratch"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Settings a preset fills in when the command line does not give them; the CPU one fits about 30 min on 2 cores.
@@ -62,7 +63,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"device": "cpu", "amp": "none", "channels_last": False, "img_size": (32, 32), "batch_size": 32,
             "epochs": 3, "min_steps": 40, "evals": 3, "seeds": 5, "jobs": None},
     "gpu": {"device": "cuda", "amp": "bf16", "channels_last": True, "img_size": (64, 64), "batch_size": 64,
-            "epochs": 10, "min_steps": 150, "evals": 5, "seeds": 5, "jobs": 1},
+            "epochs": 8, "min_steps": 100, "evals": 4, "seeds": 5, "jobs": 1},
 }
 RESULT_COLUMNS = ["arm", "adapter", "per_class", "seed", "pretrained", "stem_lr_scale", "train_images", "best_val_acc",
                   "final_val_acc", "final_val_loss", "epochs", "steps", "seconds", "img_per_s", "stem_drift",
@@ -358,8 +359,9 @@ def check_sweep(output: Path, cfg: argparse.Namespace) -> dict:
                          "use another --output, or delete the folder")
     else:
         output.mkdir(parents=True, exist_ok=True)
+        settings["command"] = command_line()  # the sweep's first command; not compared, a record
         path.write_text(json.dumps(settings, indent=2) + "\n")
-    return settings
+    return json.loads(path.read_text())
 
 
 # -- statistics -----------------------------------------------------------------------------------------------
@@ -530,12 +532,14 @@ def write_report(output: Path, cfg: argparse.Namespace, settings: dict) -> list[
         f"# Which adapter? {title}, {settings['stats']} statistics",
         "",
         "```",
-        command_line(),
+        settings.get("command", "(not recorded)"),
         "```",
+        "",
+        f"This report: `{command_line()}`.",
         "",
         f"- **runs**: {len(rows)} ({seeds} seeds) on {', '.join(sorted({r.get('device', '?') for r in rows}))}, "
         f"commit {', '.join(sorted({r.get('commit', '?') for r in rows}))}",
-        "- **settings**: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "data"),
+        "- **settings**: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("data", "command")),
         f"- **data**: {settings['data']}: one validation split for every run; per_class images drawn per seed, "
         "the same for every arm and nested across sizes. `scratch` is `repeat` from random init.",
         "- **columns**: mean and 95% t interval over seeds; `diff`: paired difference to `repeat` with its interval "
@@ -572,10 +576,16 @@ def write_csv(rows: Sequence[dict], path: Path) -> None:
 
 # -- main -----------------------------------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    class Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Defaults shown, and the module docstring kept as written."""
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     p.add_argument("--data", default=None, help="ImageFolder tree; default: the demo digits")
     p.add_argument("--model", default="tf_efficientnet_lite0")
-    p.add_argument("--adapters", nargs="+", default=list_adapters(), choices=list_adapters())
+    p.add_argument("--adapters", nargs="+", default=[a for a in list_adapters() if a not in BITWISE_REPEAT],
+                   choices=list_adapters(),
+                   help="default: every registered adapter but broadcast, which trains bitwise like repeat "
+                        "(tests/test_compare.py checks it), so its runs would cost time and say nothing new")
     p.add_argument("--per-class", nargs="+", default=["5", "10", "25", "100", "all"],
                    help="training images per class along the curve: integers and/or 'all'")
     p.add_argument("--seeds", type=int, default=None, help="seeds per cell, 0..N-1 (preset: 5)")
@@ -587,7 +597,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the model's own statistics, or Lite0 re-expressed for ImageNet's (synthetic)")
     p.add_argument("--metric", default="best_val_acc", choices=("best_val_acc", "final_val_acc"),
                    help="what the summary and the paragraph compare")
-    p.add_argument("--gpu", action="store_true", help="the GPU preset (CUDA, bf16, channels_last, 64x64, 10 epochs)")
+    p.add_argument("--gpu", action="store_true",
+                   help="the GPU preset (CUDA, bf16, channels_last, 64x64, 8 epochs, 100 steps at least)")
     g = p.add_argument_group("training (defaults: the preset)")
     g.add_argument("--img-size", nargs=2, type=int, default=None, metavar=("H", "W"))
     g.add_argument("--batch-size", type=int, default=None)
@@ -634,13 +645,16 @@ def main(args: argparse.Namespace) -> list[dict]:
     if args.jobs is None:
         args.jobs = 1 if device.type == "cuda" else cpus
     threads = max(1, cpus // args.jobs) if device.type == "cpu" else torch.get_num_threads()
-    args.device_name = environment(device, "")["device_name"]
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # a cap set on purpose (a shared machine) wins
+        threads = min(threads, max(1, int(os.environ["OMP_NUM_THREADS"])))
     output = Path(args.output)
+    if args.report_only:  # the folder's own settings, whatever this command line says
+        if not (output / "sweep.json").is_file():
+            raise SystemExit(f"--report-only: {output} has no sweep.json")
+        return write_report(output, args, json.loads((output / "sweep.json").read_text()))
     root = Path(args.data) if args.data else prepare_digits()
     args.data = str(root)
     settings = check_sweep(output, args)
-    if args.report_only:
-        return write_report(output, args, settings)
 
     arms = make_arms(args.adapters, args.scratch, args.stem_lr)
     done = {(r["arm"], r["per_class"], int(r["seed"])) for r in read_rows(output / "results.csv")}
@@ -651,9 +665,12 @@ def main(args: argparse.Namespace) -> list[dict]:
     print(f"{root}: {len(data.classes)} classes, {len(data.train_y)} train / {len(data.val_y)} val images, "
           f"{args.img_size[0]}x{args.img_size[1]}; {len(arms)} arms x {len(args.per_class)} sizes x {args.seeds} seeds;"
           " "
-          f"{len(done)} runs done, {len(todo)} to run, {args.jobs} job(s) x {threads} thread(s) on {args.device_name}")
+          f"{len(done)} runs done, {len(todo)} to run, {args.jobs} job(s) x {threads} thread(s)")
     env = environment(device, "float32" if args.amp == "none" else args.amp)
-    extra = {"device": env["device_name"], "commit": env["commit"]}
+    where = env["device_name"]
+    if device.type == "cpu":  # the threads the runs use, not this process's
+        where = f"{where.rsplit(' (', 1)[0]} ({args.jobs} job(s) x {threads} thread(s))"
+    extra = {"device": where, "commit": env["commit"]}
     start = time.perf_counter()
 
     def record(i: int, row: dict, epoch_rows: list[dict]) -> None:

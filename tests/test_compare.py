@@ -180,3 +180,6 @@ class TestSweep:
 
         with pytest.raises(SystemExit, match="holds runs made with other settings"):
             self.run(data, out, "--epochs", "2")
+        (out / "results.md").unlink()
+        self.run(data, out, "--epochs", "2", "--report-only")  # the folder's settings, not the command line's
+        assert "**What to pick.**" in (out / "results.md").read_text()
