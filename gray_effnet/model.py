@@ -9,8 +9,8 @@ import torch
 from timm.models import adapt_input_conv
 from torch import Tensor, nn
 
-from .adapters import StemAdapter, create_adapter, gray_stem_weight_to_rgb
-from .errors import InputError
+from .adapters import StemAdapter, create_adapter, gray_stem_weight_to_rgb, list_adapters
+from .errors import InputError, WeightsError
 
 __all__ = ["GrayEfficientNet", "first_conv_name", "timm_names"]
 
@@ -114,8 +114,9 @@ class GrayEfficientNet(nn.Module):
         self.min_size = int(info[-1]["reduction"]) if info else 32
 
         head_loaded = True
+        adapter_state: dict[str, Tensor] = {}  # the file's stem adapter parameters (affine's map), if any
         if weights is not None:
-            head_loaded = load_weights_file(self.model, weights, std=self.std)
+            head_loaded = load_weights_file(self.model, weights, std=self.std, adapter_state=adapter_state)
         elif pretrained:
             head_loaded = load_pretrained(self.model, model_name, num_classes=num_classes, std=self.std)
         head = self.model.get_classifier()
@@ -123,7 +124,21 @@ class GrayEfficientNet(nn.Module):
             nn.init.normal_(head.weight, std=head_init_std)
             nn.init.zeros_(head.bias)
         conv = self.model.get_submodule(self.stem_name)
-        self.model.set_submodule(self.stem_name, create_adapter(adapter, conv, self.mean, self.std))
+        if adapter_state:
+            stem = self._stem_from_file(adapter, conv, adapter_state, str(weights))
+        else:
+            stem = create_adapter(adapter, conv, self.mean, self.std)
+        self.model.set_submodule(self.stem_name, stem)
+
+    def _stem_from_file(self, adapter: str, conv: nn.Conv2d, state: dict[str, Tensor], source: str) -> StemAdapter:
+        """The adapter whose own parameters a weights file holds, loaded, then moved to ``adapter`` as
+        ``set_adapter`` would (exact, or an ``InputError`` that says why not)."""
+        for name in list_adapters():
+            owner = create_adapter(name, conv, self.mean, self.std)
+            if {k for k in owner.state_dict() if not k.startswith("conv.")} == set(state):
+                owner.load_state_dict(state, strict=False)
+                return owner if name == adapter else create_adapter(adapter, owner.rgb_conv(), self.mean, self.std)
+        raise WeightsError(f"{source} has stem parameters {sorted(state)} that no registered adapter owns")
 
     # -- the stem ------------------------------------------------------------------------------------
     @property

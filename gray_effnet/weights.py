@@ -202,8 +202,13 @@ def _to_timm_names(state_dict: dict[str, Tensor], model: nn.Module, source: str)
     return state_dict
 
 
-def _load_into(model: nn.Module, state_dict: dict[str, Tensor], std, source: str) -> bool:
+def _load_into(model: nn.Module, state_dict: dict[str, Tensor], std, source: str,
+               adapter_state: dict[str, Tensor] | None = None) -> bool:
     """Load a timm-named state dict into a 3-channel timm model, strictly but for the classifier.
+
+    Args:
+        adapter_state: where to put, rather than refuse, the stem adapter's own parameters (``affine``'s
+            ``<stem>.scale``), under their names inside the adapter.
 
     Returns:
         Whether the classifier came from the file (False: its shape differed, a fresh one is kept).
@@ -212,7 +217,11 @@ def _load_into(model: nn.Module, state_dict: dict[str, Tensor], std, source: str
 
     state_dict = _to_timm_names(state_dict, model, source)
     target = model.state_dict()
-    stem_key = f"{first_conv_name(model)}.weight"
+    stem = first_conv_name(model)
+    if adapter_state is not None:
+        for key in [k for k in state_dict if k not in target and k.rpartition(".")[0] == stem]:
+            adapter_state[key.rpartition(".")[2]] = state_dict.pop(key)
+    stem_key = f"{stem}.weight"
     w = state_dict.get(stem_key)
     if w is not None and w.ndim == 4 and w.shape[1] == 1 and target[stem_key].shape[1] == 3:
         state_dict[stem_key] = gray_stem_weight_to_rgb(w, std)  # in_chans=1 weights: exact on gray input
@@ -240,13 +249,15 @@ def _load_into(model: nn.Module, state_dict: dict[str, Tensor], std, source: str
     return all(k in state_dict for k in _classifier_keys(model) if k in target)
 
 
-def load_weights_file(model: nn.Module, path: str | os.PathLike, std) -> bool:
+def load_weights_file(model: nn.Module, path: str | os.PathLike, std,
+                      adapter_state: dict[str, Tensor] | None = None) -> bool:
     """Load a local weights file into a 3-channel timm model; returns whether the classifier was loaded.
 
     The classifier is kept when its shape fits and reset otherwise; ``std`` spreads 1-channel stems.
+    ``adapter_state`` receives the stem adapter's own parameters, if the file has any (see ``_load_into``).
     """
     state_dict, _ = read_weights_file(path)
-    return _load_into(model, state_dict, std, str(path))
+    return _load_into(model, state_dict, std, str(path), adapter_state)
 
 
 # -- pretrained -----------------------------------------------------------------------------------------

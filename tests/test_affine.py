@@ -246,6 +246,17 @@ class TestAffineCheckpointExportExplain:
                 "B (a=1.1000, b=+0.2000)") in text
         assert {s.name: s for s in stages}["normalisation"].shape == (1, 1, 64, 64)
 
+    def test_explain_equivalence_says_why_not(self):
+        """Lite0's equal means: a learned shift has no repeat to compare with; the report says so, not a crash."""
+        from gray_effnet.explain import equivalence
+
+        model = trained_affine("tf_efficientnet_lite0")
+        x = torch.zeros(1, 1, 64, 64, dtype=torch.uint8)
+        rows = equivalence(model, x)
+        assert rows == [{"adapter": "affine", "error": rows[0]["error"]}]
+        text = format_report(model, trace(model, x), rows, "random")
+        assert "not computed: cannot leave the 'affine' stem" in text and "a=1.2500" in text
+
     def test_explain_silent_for_other_adapters(self):
         model = make_model("tf_efficientnet_lite0", "fold")
         text = format_report(model, trace(model, torch.zeros(1, 1, 64, 64, dtype=torch.uint8)), [], "random")
@@ -272,3 +283,36 @@ class TestAffineTimmStateDict:
         with torch.no_grad():
             out = plain((x.expand(-1, 3, -1, -1) - model.stem.mean) / model.stem.std)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+class TestAffineWeightsFile:
+    """``GrayEfficientNet(weights=...)`` (train.py --weights, explain --weights) with an affine checkpoint."""
+
+    @staticmethod
+    def saved(tmp_path, name):
+        model = trained_affine(name).eval()
+        return model, save_weights(model, tmp_path / "best.safetensors")
+
+    def test_same_adapter_keeps_the_map(self, tmp_path):
+        from gray_effnet import GrayEfficientNet
+
+        model, path = self.saved(tmp_path, "tf_efficientnet_lite0")
+        again = GrayEfficientNet("tf_efficientnet_lite0", adapter="affine", num_classes=10, weights=str(path)).eval()
+        assert again.stem.scale.tolist() == pytest.approx(SCALE) and again.stem.shift.tolist() == pytest.approx(SHIFT)
+        assert "a=1.2500, b=+0.1000" in again.stem.learned_note()
+        x = gray_batch(2, 64, 80)
+        with torch.no_grad():
+            torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+    def test_other_adapter_folds_the_map_or_says_why(self, tmp_path):
+        from gray_effnet import GrayEfficientNet
+
+        model, path = self.saved(tmp_path, "efficientnet_b0")  # ImageNet statistics: the map folds exactly
+        again = GrayEfficientNet("efficientnet_b0", adapter="fold", num_classes=10, weights=str(path)).eval()
+        x = gray_batch(2, 67, 45)
+        with torch.no_grad():
+            assert_exact(again.stem(x), reference_stem(model, x))
+        (tmp_path / "lite0").mkdir()
+        _, path = self.saved(tmp_path / "lite0", "tf_efficientnet_lite0")  # equal means: a learned shift cannot leave
+        with pytest.raises(InputError, match="cannot leave the 'affine' stem"):
+            GrayEfficientNet("tf_efficientnet_lite0", adapter="broadcast", num_classes=10, weights=str(path))
