@@ -13,6 +13,12 @@ and the adapters below are four ways of feeding it:
 * ``fold``: ours. ``conv(n, w) = conv(x, sum_c w_c / sigma_c) - conv(1, sum_c w_c mu_c / sigma_c)``,
   where ``1`` is an image of ones padded exactly as ``x`` is, so even the zero-padded borders match.
   The 3-channel ``w`` stays the trainable parameter, so training ``fold`` is training ``repeat``.
+* ``affine``: ``repeat`` with a learnable per-channel map ``a_c * x + b_c`` before the normalisation,
+  starting at ``a_c = 1, b_c = 0`` (exactly ``repeat``). The map is affine, so it folds like ``fold``:
+  ``conv(x, sum_c w_c a_c / sigma_c) - conv(1, sum_c w_c (mu_c - b_c) / sigma_c)``.
+
+``fold_weights`` is that algebra, written once: ``FoldStem``, ``AffineStem`` and the export's
+``FrozenFoldStem`` all get their kernels from it.
 
 Each adapter is a module that replaces the model's first conv and owns that conv's parameters. A new
 adapter needs only a subclass of ``StemAdapter`` and ``@register_adapter("name")``.
@@ -21,7 +27,7 @@ adapter needs only a subclass of ``StemAdapter`` and ``@register_adapter("name")
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from timm.layers import Conv2dSame
@@ -33,12 +39,17 @@ from .errors import InputError
 
 __all__ = [
     "ADAPTERS",
+    "AffineStem",
+    "FoldStem",
+    "FoldTerms",
+    "FoldedWeights",
     "StemAdapter",
     "conv_forward",
     "conv_with_weight",
     "WindowStem",
     "WsoStem",
     "create_adapter",
+    "fold_weights",
     "get_adapter_class",
     "list_adapters",
     "register_adapter",
@@ -185,6 +196,18 @@ class StemAdapter(nn.Module):
         """A 3-channel conv that gives the same output as this adapter on gray input (``set_adapter``)."""
         return self.conv
 
+    def folded_weights(self) -> "FoldedWeights":
+        """This stem as ``conv(x, weight) - conv(ones, offset_weight)`` on the gray image (``fold_weights``).
+
+        Exact for every adapter whose map from the gray image to the stem's input is affine: the default
+        folds ``rgb_conv()``. The export builds its 1-channel stem from this.
+        """
+        return fold_weights(self.rgb_conv().weight, self.mean, self.std)
+
+    def learned_note(self) -> str:
+        """What the adapter itself learned, beyond the conv weights, for ``explain``; empty when nothing."""
+        return ""
+
     def normalize(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -252,14 +275,71 @@ class SumStem(StemAdapter):
         return (x - self.mean1).div_(self.std1)
 
 
+class FoldedWeights(NamedTuple):
+    """A stem folded onto the gray image: ``stem(x) = conv(x, weight) - conv(ones, offset_weight)``.
+
+    Both are (O, 1, k, k); ``ones`` is an image of ones padded exactly as ``x`` is.
+    """
+
+    weight: Tensor
+    offset_weight: Tensor
+
+
+class FoldTerms(NamedTuple):
+    """What ``FoldStem.project`` applies: ``conv(x, weight) + bias``, minus ``correction`` on the ``bands``."""
+
+    weight: Tensor  # (O, 1, k, k)
+    bias: Tensor | None  # (O,): the conv's bias minus the offset's interior constant
+    correction: Tensor  # (1, O, H', W'): the offset minus its interior constant, 0 inside the bands
+    bands: tuple[int, int, int, int] | None  # border rows (top, bottom), columns (left, right); None: whole map
+
+
+def fold_weights(
+    weight: Tensor,
+    mean: Tensor | Sequence[float],
+    std: Tensor | Sequence[float],
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+) -> FoldedWeights:
+    """Fold a per-channel affine map and the normalisation into 1-channel kernels: fold's algebra, written once.
+
+    A 3-channel stem fed ``n_c = (scale_c * x + shift_c - mean_c) / std_c`` from one gray image ``x``
+    computes ``conv(n, w) = conv(x, sum_c w_c scale_c / std_c) - conv(1, sum_c w_c (mean_c - shift_c) / std_c)``,
+    by linearity, with ``1`` padded as ``x`` is. ``scale = 1, shift = 0`` is ``repeat`` (and ``fold``).
+    Pure and differentiable: gradients reach ``weight``, ``scale`` and ``shift``.
+
+    Args:
+        weight: the (O, 3, k, k) stem weight; the result has its dtype.
+        mean: the 3 per-channel means, on the [0, 1] scale.
+        std: the 3 per-channel standard deviations.
+        scale: 3 per-channel gains ``a_c``; None is 1.
+        shift: 3 per-channel offsets ``b_c``; None is 0.
+
+    Example:
+        >>> w = torch.randn(32, 3, 3, 3)
+        >>> folded = fold_weights(w, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        >>> folded.weight.shape, folded.offset_weight.shape
+        (torch.Size([32, 1, 3, 3]), torch.Size([32, 1, 3, 3]))
+    """
+
+    def per_channel(t: Tensor | Sequence[float]) -> Tensor:  # (3,) or (1,3,1,1) -> (1,3,1,1), broadcasts on (O,3,k,k)
+        return torch.as_tensor(t).to(weight).reshape(1, 3, 1, 1)
+
+    mean, std = per_channel(mean), per_channel(std)
+    gain = weight / std if scale is None else weight * (per_channel(scale) / std)
+    offset = mean if shift is None else mean - per_channel(shift)
+    return FoldedWeights(gain.sum(1, keepdim=True), (weight * (offset / std)).sum(1, keepdim=True))
+
+
 @register_adapter("fold")
 class FoldStem(StemAdapter):
     """An exact 1-channel equivalent of ``repeat``: normalisation folded into the stem weights.
 
-    ``w' = sum_c w_c / std_c`` and ``b' = sum_c w_c mean_c / std_c`` are derived from the 3-channel
-    weight in every forward, so gradients reach the same parameters as under ``repeat``. The offset
-    ``conv(ones, b')`` uses the stem's own padding: constant inside, different on the zero-padded
+    ``w' = sum_c w_c / std_c`` and ``b' = sum_c w_c mean_c / std_c`` (``fold_weights``) are derived from
+    the 3-channel weight in every forward, so gradients reach the same parameters as under ``repeat``. The
+    offset ``conv(ones, b')`` uses the stem's own padding: constant inside, different on the zero-padded
     borders. With no gradient to track it is cached per input size, device, dtype and weight version.
+    Subclasses change what is folded by overriding ``folded_weights`` and ``fold_inputs``.
     """
 
     normalize_note = "none here: the normalisation is folded into the stem weights"
@@ -268,17 +348,19 @@ class FoldStem(StemAdapter):
 
     def __init__(self, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__(conv, mean, std)
-        self._offsets: dict[tuple, tuple[tuple, tuple]] = {}
+        self._offsets: dict[tuple, tuple[tuple, FoldTerms]] = {}
         self._band_cache: dict[tuple[int, int], tuple[int, int, int, int] | None] = {}
 
     def normalize(self, x: Tensor) -> Tensor:
         return x
 
-    def folded_weights(self) -> tuple[Tensor, Tensor]:
+    def folded_weights(self) -> FoldedWeights:
         """The (O, 1, k, k) weight applied to ``x`` and the (O, 1, k, k) kernel of the offset map."""
-        w = self.conv.weight
-        mean, std = self.mean.to(w.dtype), self.std.to(w.dtype)  # (1,3,1,1) broadcasts over (O,3,k,k)
-        return (w / std).sum(1, keepdim=True), (w * (mean / std)).sum(1, keepdim=True)
+        return fold_weights(self.conv.weight, self.mean, self.std)
+
+    def fold_inputs(self) -> tuple[Tensor, ...]:
+        """The tensors ``folded_weights`` reads: the cache is valid while none of them changed."""
+        return self.conv.weight, self.mean, self.std
 
     def offset(self, x: Tensor, offset_weight: Tensor) -> Tensor:
         """``conv(ones, offset_weight)`` for images of ``x``'s size; (1, O, H', W')."""
@@ -305,26 +387,26 @@ class FoldStem(StemAdapter):
             self._band_cache[size] = bands
         return self._band_cache[size]
 
-    def _terms(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, tuple[int, int, int, int] | None]:
-        """(weight, bias, correction, bands) of ``project``; see there."""
+    def _terms(self, x: Tensor) -> FoldTerms:
+        """The terms of ``project`` for images of ``x``'s size; see there."""
         weight, offset_weight = self.folded_weights()
         offset = self.offset(x, offset_weight)
         bands = None if torch.compiler.is_compiling() else self._bands(tuple(x.shape[-2:]))
         if bands is None:  # no interior (or compiling): subtract the whole map
-            return weight, self.conv.bias, offset, None
+            return FoldTerms(weight, self.conv.bias, offset, None)
         inner = offset[0, :, bands[0], bands[2]]  # (O,): the offset wherever the window sees no padding
         bias = -inner if self.conv.bias is None else self.conv.bias - inner
-        return weight, bias, offset - inner.view(1, -1, 1, 1), bands  # the correction is 0 inside
+        return FoldTerms(weight, bias, offset - inner.view(1, -1, 1, 1), bands)  # the correction is 0 inside
 
-    def _cached_terms(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, tuple[int, int, int, int] | None]:
+    def _cached_terms(self, x: Tensor) -> FoldTerms:
         """``_terms``, from the cache when no gradient is tracked."""
-        w = self.conv.weight
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and w.requires_grad):
+        inputs = self.fold_inputs()
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
             return self._terms(x)  # training: they must stay in the graph; compiled: let the compiler fuse them
         autocast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
         key = (tuple(x.shape[-2:]), x.device, x.dtype, autocast)
         # data_ptr and _version change whenever the weights or statistics are replaced or updated in place.
-        state = tuple((t.data_ptr(), t._version) for t in (w, self.mean, self.std))
+        state = tuple((t.data_ptr(), t._version) for t in inputs)
         hit = self._offsets.get(key)
         if hit is not None and hit[0] == state:
             return hit[1]
@@ -359,6 +441,81 @@ class FoldStem(StemAdapter):
     def _apply(self, fn, recurse=True):
         self._offsets.clear()  # .to(), .half(), ... make new tensors; drop maps built for the old ones
         return super()._apply(fn, recurse)
+
+
+@register_adapter("affine")
+class AffineStem(FoldStem):
+    """``repeat`` with a learnable per-channel map: ``n_c = (a_c * x + b_c - mean_c) / std_c``, then the stem.
+
+    ``a`` (``scale``) and ``b`` (``shift``) are 3-vectors in the adapter's state dict, so checkpoints keep
+    them; they start at 1 and 0, where the adapter is ``repeat``. The map is affine, so the stem runs
+    folded like ``fold`` (``fold_weights`` with ``scale`` and ``shift``): exact, borders included, and
+    gradients reach ``a``, ``b`` and the 3-channel weight alike. Being 1-D, ``a`` and ``b`` get no weight
+    decay from timm's optimizer factory.
+
+    Leaving ``affine`` for another adapter (``set_adapter``) puts the map into a 3-channel weight under
+    the stock normalisation. That is exact whenever the channel means differ (two constraints per kernel
+    tap, three channel weights); with equal means (Lite0: 0.5, 0.5, 0.5) it is exact only while
+    ``b_c + (a_c - 1) mean_c`` leaves no offset, and otherwise raises ``InputError``.
+    """
+
+    normalize_note = "none here: a_c x + b_c and the normalisation are folded into the stem weights"
+    project_note = "1-channel conv with sum_c w_c a_c / std_c, minus conv(ones, sum_c w_c (mean_c - b_c) / std_c)"
+    # Largest offset, relative to the folded weight, that set_adapter lets go when it cannot be represented.
+    rtol: ClassVar[float] = 1e-6
+
+    def __init__(self, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__(conv, mean, std)
+        like = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+        self.scale = nn.Parameter(torch.ones(3, **like))
+        self.shift = nn.Parameter(torch.zeros(3, **like))
+
+    def folded_weights(self) -> FoldedWeights:
+        return fold_weights(self.conv.weight, self.mean, self.std, self.scale, self.shift)
+
+    def fold_inputs(self) -> tuple[Tensor, ...]:
+        return *super().fold_inputs(), self.scale, self.shift
+
+    def learned_note(self) -> str:
+        pairs = ", ".join(f"{c} (a={a:.4f}, b={b:+.4f})"
+                          for c, a, b in zip("RGB", self.scale.tolist(), self.shift.tolist()))
+        return f"learned gray -> RGB map a_c x + b_c: {pairs}"
+
+    @torch.no_grad()
+    def rgb_conv(self) -> nn.Conv2d:
+        """A 3-channel conv under the stock normalisation with this stem's function on gray input.
+
+        With ``v_c = w'_c / std_c`` it must satisfy ``sum_c v_c = A`` and ``sum_c mean_c v_c = B``, where
+        ``(A, B)`` are this stem's ``folded_weights``. ``v_c = w_c a_c / std_c`` meets the first; the smallest
+        change that meets the second too moves along ``mean_c - mean(mean)``, which exists unless the means
+        are equal. Computed in float64.
+
+        Raises:
+            InputError: the means are equal and the learned map leaves an offset a 3-channel stem cannot give.
+        """
+        if bool((self.scale == 1).all() and (self.shift == 0).all()):
+            return self.conv  # still the identity map: hand over the very Parameter, as repeat and fold do
+        w = self.conv.weight.double()
+        mean, std = self.mean.double(), self.std.double()  # (1,3,1,1)
+        target = fold_weights(w, mean, std, self.scale.double(), self.shift.double())
+        v = w * self.scale.double().view(1, 3, 1, 1) / std  # (O,3,k,k): meets sum_c v_c = A already
+        residual = target.offset_weight - (v * mean).sum(1, keepdim=True)  # (O,1,k,k)
+        centred = mean - mean.mean()
+        spread = centred.square().sum()
+        scale = target.weight.abs().max().clamp_min(1e-12)
+        if spread <= 1e-12:  # equal means: sum_c mean_c v_c = mean * A, so B must already be that
+            if residual.abs().max() > self.rtol * scale:
+                a, b = ([round(v, 4) for v in t.tolist()] for t in (self.scale, self.shift))
+                raise InputError(
+                    f"cannot leave the 'affine' stem without changing its function: the learned map a={a}, b={b} "
+                    "shifts the image by a constant, and with equal channel means "
+                    f"{tuple(self.mean.flatten().tolist())} no 3-channel weight under the stock normalisation gives "
+                    "that offset (it differs on the zero-padded borders). Keep 'affine' (export folds it exactly), "
+                    "or retrain with another adapter"
+                )
+            return conv_with_weight(self.conv, (v * std).to(self.conv.weight.dtype))
+        v = v + residual * centred / spread  # sum_c centred_c = 0 keeps sum_c v_c
+        return conv_with_weight(self.conv, (v * std).to(self.conv.weight.dtype))
 
 
 # -- intensity windows: adapters that are not a function of `repeat` --------------------------------------
@@ -436,6 +593,10 @@ class _WindowedStem(StemAdapter):
 
     def windowed(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def folded_weights(self) -> "FoldedWeights":
+        raise InputError(f"adapter {self.name!r} maps the gray image through intensity windows, which no "
+                         "1-channel conv equals: it cannot be folded (export keeps it as it is)")
 
     def normalize(self, x: Tensor) -> Tensor:
         return (self.windowed(x) - self.mean) / self.std  # (B,3,H,W): each window is a "colour" channel

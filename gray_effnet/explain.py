@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .adapters import WsoStem, get_adapter_class, list_adapters
 from .data import read_gray
+from .errors import InputError
 from .model import GrayEfficientNet
 
 __all__ = ["Stage", "equivalence", "explain", "format_report", "trace"]
@@ -88,9 +89,13 @@ def equivalence(model: GrayEfficientNet, x: Tensor, adapters: list[str] | None =
     ``top1_agree`` is the share of the images in ``x`` whose top-1 class is the same as under ``repeat``.
 
     Each adapter is set on a copy of ``model`` taken with the ``repeat`` stem, so every one starts from the
-    same pretrained 3-channel weights.
+    same pretrained 3-channel weights. When the model's stem cannot become ``repeat`` (see ``AffineStem``),
+    the one row returned has an ``error`` saying why.
     """
-    base = copy.deepcopy(model).set_adapter("repeat").eval()
+    try:
+        base = copy.deepcopy(model).set_adapter("repeat").eval()
+    except InputError as e:  # a trained affine map that no 3-channel stem can express: nothing to compare to
+        return [{"adapter": model.adapter, "error": str(e)}]
     scaled = base.prepare_input(x)
     ref_stem, ref_logits = base.stem(scaled), base(x)
     scale = ref_logits.abs().max().item()
@@ -130,19 +135,24 @@ def format_report(model: GrayEfficientNet, stages: list[Stage], rows: list[dict]
                f"(mean {model.mean}, std {model.std}) went into the stem weights instead."]
     stem = model.stem
     if hasattr(stem, "window_table"):  # window, wso: each stem channel is an intensity window
-        learned = " (learned)" if isinstance(stem, WsoStem) else " (fixed)"
+        kind = " (learned)" if isinstance(stem, WsoStem) else " (fixed)"
         why = ["1 channel becomes 3 at the normalisation, because each channel is one intensity window of the",
                f"gray image, then normalised with mean {model.mean}, std {model.std}. After that the network is",
                "the stock RGB one.",
-               "", f"Intensity windows{learned}, one per channel, in {stem.units()}:"]
+               "", f"Intensity windows{kind}, one per channel, in {stem.units()}:"]
         why += [f"  channel {i}: center {c:.6g}, width {w:.6g}" for i, (c, w) in enumerate(stem.window_table())]
+    learned = model.stem.learned_note()
     lines += [
         "",
         *why,
+        *([learned] if learned else []),
         "",
         "Equivalence on the same input: max |adapter - repeat|",
         f"{'adapter':<10} {'stem output':>12} {'logits':>12} {'logits / scale':>15} {'top-1 agrees':>13}",
     ]
+    if rows and "error" in rows[0]:
+        lines[-1] = f"not computed: {rows[0]['error']}"  # in place of the column header
+        return "\n".join(lines)
     for r in rows:
         lines.append(
             f"{r['adapter']:<10} {r['stem_max_abs']:>12.3g} {r['logits_max_abs']:>12.3g} "

@@ -7,8 +7,9 @@ Whatever adapter the checkpoint was trained with, the exported stem is the ``fol
 channel, normalisation folded into the weights (``gray_effnet.adapters.FoldStem``), so a deployed model
 takes (B, 1, H, W) float in [0, 1] and needs no preprocessing but the scaling to [0, 1]. ``FoldStem``
 itself caches its offset map in a Python dict keyed by input size, which neither ``torch.jit.script`` nor
-the ONNX tracer can follow, so the export uses ``FoldedStem``: the same two convolutions with constant
-weights, the offset recomputed from a ones image of the input's size in the graph itself.
+the ONNX tracer can follow, so the export uses ``FrozenFoldStem``: the same algebra (``fold_weights``) with
+constant weights, the offset recomputed from a ones image of the input's size in the graph itself. The
+learnable ``affine`` stem folds the same way, its per-channel map included.
 
 An adapter that is not ``foldable`` (``window``, ``wso``: intensity windows are not linear in the pixels) is
 exported as it is: its elementwise windows, the normalisation and the stock 3-channel conv, checked against
@@ -26,13 +27,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .adapters import StemAdapter, conv_with_weight, create_adapter
+from .adapters import StemAdapter, conv_with_weight
 from .checkpoint import load_model
 from .errors import InputError, WeightsError
 from .model import GrayEfficientNet
 from .weights import atomic_write
 
-__all__ = ["ATOL", "FORMATS", "RTOL", "ExportResult", "FoldedStem", "export", "exportable"]
+__all__ = ["ATOL", "FORMATS", "RTOL", "ExportResult", "FrozenFoldStem", "export", "exportable"]
 
 FORMATS = ("onnx", "torchscript")
 # The exported model and the PyTorch model are two float32 computations, so they differ by rounding, which
@@ -45,17 +46,20 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 
 
-class FoldedStem(nn.Module):
-    """A frozen ``fold`` stem that scripts and exports: ``conv(x, w') - conv(ones, b')``.
+class FrozenFoldStem(nn.Module):
+    """The export's stem: ``fold``'s algebra (``fold_weights``) with constant weights, in a graph that scripts.
 
+    Unlike the trainable ``FoldStem``, which derives its folded kernels from the 3-channel weight in every
+    forward and caches the offset map per input size in a Python dict (which neither ``torch.jit.script``
+    nor the ONNX tracer can follow), this one holds the folded kernels as frozen weights and recomputes the
+    offset from a ones image of the input's size in the graph itself, so batch, height and width stay dynamic.
     ``conv`` and ``offset_conv`` are copies of the stem conv (same class, so ``Conv2dSame`` keeps its
-    input-size dependent TensorFlow padding) holding the (O, 1, k, k) folded weights. The offset map is
-    computed in the graph from a ones image of the input's size, so batch, height and width stay dynamic.
+    input-size dependent TensorFlow padding).
 
     Args:
-        conv: the 3-channel stem conv (``StemAdapter.rgb_conv()``), used as the template of both convs.
-        weight: (O, 1, k, k) ``sum_c w_c / std_c``, applied to the image with the conv's bias.
-        offset_weight: (O, 1, k, k) ``sum_c w_c mean_c / std_c``, applied to ones without bias.
+        conv: the stem conv, used as the template of both convs (its weight is not used).
+        weight: (O, 1, k, k) kernel applied to the image with the conv's bias (``FoldedWeights.weight``).
+        offset_weight: (O, 1, k, k) kernel applied to ones without bias (``FoldedWeights.offset_weight``).
 
     Shape:
         - Input: (B, 1, H, W) float in [0, 1].
@@ -63,7 +67,7 @@ class FoldedStem(nn.Module):
 
     Example:
         >>> model = GrayEfficientNet("tf_efficientnet_lite0", adapter="sum")
-        >>> stem = FoldedStem.from_adapter(model.stem, model.mean, model.std)
+        >>> stem = FrozenFoldStem.from_adapter(model.stem)
         >>> stem(torch.rand(2, 1, 64, 80)).shape
         torch.Size([2, 32, 32, 40])
     """
@@ -76,12 +80,21 @@ class FoldedStem(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_adapter(cls, stem: StemAdapter, mean: Sequence[float], std: Sequence[float]) -> "FoldedStem":
-        """Fold any stem adapter, as ``set_adapter("fold")`` would, in float64 so the fold adds no rounding."""
-        rgb = stem.rgb_conv()  # exact on gray input for every adapter, ``sum`` included
-        fold = create_adapter("fold", copy.deepcopy(rgb).double(), mean, std).double()
-        weight, offset_weight = fold.folded_weights()
-        return cls(rgb, weight, offset_weight)
+    def from_adapter(cls, stem: StemAdapter, mean: Sequence[float] | None = None,
+                     std: Sequence[float] | None = None) -> "FrozenFoldStem":
+        """Fold any affine stem adapter (``StemAdapter.folded_weights``) in float64, so the fold adds no rounding.
+
+        Args:
+            stem: the adapter to fold; it is left as it is.
+            mean: the per-channel means to fold in; default: the stem's own.
+            std: the per-channel standard deviations; default: the stem's own.
+        """
+        stem64 = copy.deepcopy(stem).double()
+        if mean is not None:
+            stem64.mean.copy_(torch.as_tensor(mean, dtype=torch.float64).view_as(stem64.mean))
+        if std is not None:
+            stem64.std.copy_(torch.as_tensor(std, dtype=torch.float64).view_as(stem64.std))
+        return cls(stem.conv, *stem64.folded_weights())
 
     def forward(self, x: Tensor) -> Tensor:
         # (B,1,H,W) -> (B,O,H',W'); the (1,O,H',W') offset broadcasts over the batch. ones_like(x[:1]) keeps H, W
@@ -90,7 +103,7 @@ class FoldedStem(nn.Module):
 
 
 def exportable(model: GrayEfficientNet) -> nn.Module:
-    """A frozen copy of ``model``'s timm network with its stem replaced by a ``FoldedStem`` (if ``foldable``).
+    """A frozen copy of ``model``'s timm network with its stem replaced by a ``FrozenFoldStem`` (if ``foldable``).
 
     ``model`` itself is left as it is. The copy skips ``prepare_input`` (its checks are Python, not graph):
     it takes float input in [0, 1] only.
@@ -105,7 +118,7 @@ def exportable(model: GrayEfficientNet) -> nn.Module:
     """
     net = copy.deepcopy(model.model)
     if model.stem.foldable:
-        net.set_submodule(model.stem_name, FoldedStem.from_adapter(model.stem, model.mean, model.std))
+        net.set_submodule(model.stem_name, FrozenFoldStem.from_adapter(model.stem))
     return net.eval().requires_grad_(False)
 
 

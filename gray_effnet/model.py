@@ -1,5 +1,6 @@
 """``GrayEfficientNet``: a timm model that takes raw 1-channel pixels, with a swappable gray stem."""
 
+import copy
 import difflib
 from collections.abc import Sequence
 from typing import Any
@@ -8,7 +9,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from .adapters import StemAdapter, create_adapter
+from .adapters import StemAdapter, create_adapter, list_adapters
 from .errors import InputError
 from .intensity import parse_intensity
 from .weights import (
@@ -120,17 +121,33 @@ class GrayEfficientNet(nn.Module):
         self.min_size = _total_stride(self.model)
         conv = self.model.get_submodule(self.stem_name)
         options = self._check_adapter_options(adapter_kwargs)
-        self.model.set_submodule(self.stem_name, create_adapter(adapter, conv, self.mean, self.std, **options))
-
-        head_loaded = True
         source = weights if weights is not None else pretrained_weights_file(model_name, cfg) if pretrained else None
-        if source is not None:
-            state_dict, _ = read_weights_file(source)
+        state_dict = read_weights_file(source)[0] if source is not None else None
+        # A file trained with a stem adapter of its own parameters (affine's map, wso's windows) loads into
+        # that adapter first, then moves to the one asked for as set_adapter does: exact, or an error saying why.
+        owner = self._stem_owner(conv, state_dict) if state_dict is not None else None
+        first = owner if owner is not None and owner != adapter else adapter
+        self.model.set_submodule(self.stem_name, create_adapter(first, conv, self.mean, self.std,
+                                                                **(options if first == adapter else {})))
+        head_loaded = True
+        if state_dict is not None:
             head_loaded = self.load_timm_state_dict(state_dict, source=str(source), pretrained=True)
+        if first != adapter:
+            self.set_adapter(adapter, adapter_kwargs)
         head = self.model.get_classifier()
         if not head_loaded and head_init_std is not None and isinstance(head, nn.Linear):
             nn.init.normal_(head.weight, std=head_init_std)
             nn.init.zeros_(head.bias)
+
+    def _stem_owner(self, conv: nn.Module, state_dict: dict[str, Tensor]) -> str | None:
+        """The registered adapter whose own parameters (beyond the conv's) ``state_dict`` holds, if any."""
+        keys = set(timm_names({k.removeprefix("model."): v for k, v in state_dict.items()}, self.stem_name))
+        for name in list_adapters():
+            probe = create_adapter(name, copy.deepcopy(conv), self.mean, self.std)
+            own = {f"{self.stem_name}.{k}" for k in probe.state_dict() if not k.startswith("conv.")}
+            if own and own <= keys:
+                return name
+        return None
 
     def _check_adapter_options(self, adapter_kwargs: dict[str, Any] | None) -> dict[str, Any]:
         """Windows in physical units are only meaningful on data mapped with the same ``range``."""
@@ -163,6 +180,9 @@ class GrayEfficientNet(nn.Module):
         (exactly equivalent when leaving ``sum``, timm's weight sum when entering it): rebuild the optimizer.
         ``adapter_kwargs`` are the new adapter's options (default: none, its defaults); ``wso`` makes new
         window parameters.
+        Entering ``affine`` adds its map's parameters at the identity (exact); leaving a trained ``affine``
+        folds its map into the 3-channel weight, exact where that is possible and an ``InputError`` saying
+        why where it is not (``AffineStem.rgb_conv``).
         """
         old = self.stem
         options = self._check_adapter_options(adapter_kwargs)
@@ -208,7 +228,9 @@ class GrayEfficientNet(nn.Module):
     def timm_state_dict(self) -> dict[str, Tensor]:
         """The weights under timm's own names, loadable into ``timm.create_model(model_name, in_chans=...)``.
 
-        ``in_chans`` is 1 for the ``sum`` adapter and 3 for the others.
+        ``in_chans`` is 1 for the ``sum`` adapter and 3 for the others. Parameters of the adapter itself
+        (``affine``'s ``scale`` and ``shift``) keep their names, ``<stem>.scale``, which timm does not know:
+        for a plain timm model, ``set_adapter("repeat")`` first, which folds the map into the weight.
         """
         return timm_names(self.model.state_dict(), self.stem_name)
 

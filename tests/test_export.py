@@ -12,7 +12,7 @@ import torch
 from gray_effnet import ADAPTERS, GrayEfficientNet, InputError, WeightsError, list_adapters, load_model, save_weights
 from gray_effnet.__main__ import main
 from gray_effnet.adapters import FoldStem
-from gray_effnet.export import FoldedStem, export, exportable
+from gray_effnet.export import FrozenFoldStem, export, exportable
 
 from .helpers import MODELS, SIZES, gray_batch, make_model, stock_stem
 
@@ -65,13 +65,13 @@ def _first_conv_in_chans(fmt: str, path, stem_name: str) -> int:
     return functools.reduce(getattr, [*stem_name.split("."), "conv", "weight"], scripted).shape[1]
 
 
-class TestFoldedStem:
+class TestFrozenFoldStem:
     @pytest.mark.parametrize("name", MODELS)
     @pytest.mark.parametrize("adapter", [a for a in list_adapters() if ADAPTERS[a].foldable])  # windows: test_window
     def test_matches_adapter(self, name, adapter, device):
         """Exact against every adapter, on odd sizes where TF 'same' padding is asymmetric."""
         model = make_model(name, adapter).to(device)
-        stem = FoldedStem.from_adapter(model.stem, model.mean, model.std).to(device)
+        stem = FrozenFoldStem.from_adapter(model.stem).to(device)
         assert stem.conv.weight.shape[1] == stem.offset_conv.weight.shape[1] == 1
         assert type(stem.conv) is type(model.stem.conv)  # Conv2dSame stays Conv2dSame
         with torch.no_grad():
@@ -128,7 +128,7 @@ class TestExport:
         out = tmp_path / "m.onnx"
         out.write_bytes(b"old")
         # A stem that forgets the mean: the check must catch it, and nothing may replace the old file.
-        monkeypatch.setattr(FoldedStem, "forward", lambda self, x: self.conv(x))
+        monkeypatch.setattr(FrozenFoldStem, "forward", lambda self, x: self.conv(x))
         with pytest.raises(WeightsError, match=r"the exported onnx model differs from the PyTorch model .* by "):
             export(checkpoint("fold"), "onnx", out)
         assert out.read_bytes() == b"old"
