@@ -47,6 +47,7 @@ from gray_effnet.checkpoint import (
     set_rng_state,
     write_metrics,
 )
+from gray_effnet.cli import HelpFormatter
 from gray_effnet.data import (
     INTENSITY_HELP,
     GrayImageFolder,
@@ -64,15 +65,12 @@ from gray_effnet.runinfo import device_name, git_commit
 from gray_effnet.weights import atomic_write
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every default shown in --help, and the module docstring kept as written."""
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model and weights")
     g.add_argument("--model", default="tf_efficientnet_lite0", help="any timm EfficientNet (or CNN with a Conv2d stem)")
-    g.add_argument("--adapter", default="fold", choices=list_adapters(), help="how the gray image meets the stem")
+    g.add_argument("--adapter", default="broadcast", choices=list_adapters(),
+                   help="how the gray image meets the stem (README: 'Which adapter to pick')")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="start from ImageNet weights (bundled offline for tf_efficientnet_lite0/1/2)")
     g.add_argument("--weights", default=None, help="a local weights file (.safetensors/.pth); overrides --pretrained")

@@ -7,7 +7,6 @@ throttling, a shared CPU) moves every candidate alike. Each round times every ca
 rotated from round to round; a ratio is taken per round and its median is reported, with the spread.
 """
 
-import argparse
 import csv
 import math
 import os
@@ -28,18 +27,10 @@ from tqdm import tqdm
 
 import gray_effnet
 from gray_effnet import runinfo
+from gray_effnet.cli import HelpFormatter  # noqa: F401 - the benchmarks' parsers use it from here
 from gray_effnet.runinfo import NA, device_name
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default in ``--help``, unless it is ``None`` or ``False`` (nothing to show)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False:
-            return action.help or ""
-        return super()._get_help_string(action) or ""
 
 
 # -- the environment --------------------------------------------------------------------------------

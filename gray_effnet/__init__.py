@@ -1,11 +1,12 @@
 """gray_effnet: ImageNet EfficientNets for grayscale images, with explicit, swappable gray stems.
 
 The names below are imported on first use (PEP 562), so that ``python -m gray_effnet --help`` and
-``from gray_effnet.errors import ...`` answer without importing torch and timm first.
+``from gray_effnet.errors import ...`` answer without importing torch and timm first: the one place, with
+``__main__``, where this package imports late, for the command line to start fast.
 """
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -41,12 +42,6 @@ __all__ = [
     "register_adapter",
     "save_weights",
 ]
-
-if TYPE_CHECKING:
-    from .adapters import ADAPTERS, StemAdapter, create_adapter, list_adapters, register_adapter
-    from .checkpoint import load_model, save_weights
-    from .errors import DataError, GrayEffnetError, InputError, NonFiniteLossError, WeightsError
-    from .model import GrayEfficientNet
 
 
 def __getattr__(name: str) -> Any:

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 # Only the subcommand that runs imports torch and timm (seconds), so that --help answers at once.
+from .cli import HelpFormatter
 from .errors import GrayEffnetError
 
 
@@ -28,10 +29,6 @@ def _predict(args: argparse.Namespace) -> None:
     predict(args)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every default in --help."""
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     prog = "gray-effnet" if Path(sys.argv[0]).name == "gray-effnet" else "python -m gray_effnet"
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
@@ -39,10 +36,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", formatter_class=HelpFormatter,
                        help="trace the channels of a 1-channel image through a 3-channel network")
-    p.add_argument("--model", default="tf_efficientnet_lite0")
+    p.add_argument("--model", default="tf_efficientnet_lite0", help="a timm model name")
     p.add_argument("--adapter", default="broadcast",
                    help="a registered stem adapter (repeat, broadcast, sum, fold, ...; an unknown name lists them)")
-    p.add_argument("--img-size", nargs=2, type=int, default=(128, 128), metavar=("H", "W"))
+    p.add_argument("--img-size", nargs=2, type=int, default=(128, 128), metavar=("H", "W"), help="input size")
     p.add_argument("--pretrained", action="store_true", help="load ImageNet weights (bundled for lite0/1/2)")
     p.add_argument("--weights", default=None, help="a local weights file instead")
     p.add_argument("--image", default=None, help="an image file to trace (default: a seeded random image)")
@@ -64,8 +61,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True)
     p.add_argument("--data", required=True, help="a folder of images, with or without class subfolders")
     p.add_argument("--output", default=None, help="CSV path (default: predictions_<folder>.csv beside the weights)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--device", default=None)
     p.add_argument("--intensity", nargs="+", default=None, metavar="MAPPING",
                    help="how pixels map to [0, 1] (see train.py --help); default: the checkpoint's")

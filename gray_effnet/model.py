@@ -86,7 +86,7 @@ class GrayEfficientNet(nn.Module):
     def __init__(
         self,
         model_name: str = "tf_efficientnet_lite0",
-        adapter: str = "fold",
+        adapter: str = "broadcast",
         num_classes: int = 1000,
         pretrained: bool = False,
         weights: str | None = None,

@@ -24,6 +24,7 @@ README = (ROOT / "README.md").read_text()
 SUBSTITUTIONS = {
     "/path/to/folders": "{data}",
     "/path/to/ct": "{ct}",  # copies of pydicom's CT_small.dcm
+    " DIR ": " {data} ",
     "/new/images": "{new}",
     # torch.compile on the CPU takes about two minutes per graph; compiled == eager is tested on the stem.
     " --compile": "",
@@ -31,6 +32,9 @@ SUBSTITUTIONS = {
 }
 # Appended to every training command (argparse keeps the last value).
 FAST = ["--epochs", "1", "--img-size", "32", "32", "--batch-size", "16", "--workers", "0", "--no-progress"]
+# Appended to every compare.py sweep: 2 adapters, 2 seeds, one tiny size, one epoch.
+COMPARE_FAST = ["--per-class", "3", "--seeds", "2", "--epochs", "1", "--min-steps", "1", "--evals", "1",
+                "--adapters", "repeat", "fold", "--no-scratch", "--img-size", "32", "32", "--jobs", "1"]
 
 
 def blocks(lang: str) -> list[str]:
@@ -82,7 +86,15 @@ def _run(line: str, root: Path, env: dict[str, str]) -> subprocess.CompletedProc
     for old, new in SUBSTITUTIONS.items():
         line = line.replace(old, new.format(data=root / "data", new=root / "new", ct=root / "ct"))
     argv = shlex.split(line)
-    if "train.py" in argv and "--evaluate" not in argv:
+    if len(argv) > 1 and argv[1].startswith("benchmarks/"):
+        argv[1] = str(ROOT / argv[1])
+        if "--report-only" not in argv:
+            argv += COMPARE_FAST
+            argv += [] if "--data" in argv else ["--data", str(root / "data")]
+            runs = len(list((root / "work").glob("runs/*")))
+            argv += [] if "--output" in argv else ["--output", f"runs/compare-{runs}"]
+            argv += ["--device", "cpu", "--amp", "none"] if "--gpu" in argv else []  # the preset's code, on the CPU
+    elif "train.py" in argv and "--evaluate" not in argv:
         argv += FAST
     elif "train.py" in argv:
         argv += ["--workers", "0", "--no-progress"]

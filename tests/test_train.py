@@ -323,7 +323,7 @@ class TestSpeedFlags:
         assert observed["logits"] and set(observed["logits"]) == {torch.bfloat16}
         assert observed["channels_last"] and all(observed["channels_last"])
         assert not any(observed["contiguous"])  # the 3x3 stem and the k x k convs really are NHWC
-        assert load_model(out / "last.safetensors").adapter == "fold"
+        assert load_model(out / "last.safetensors").adapter == train.get_args_parser().get_default("adapter")
         assert not torch.load(out / STATE_NAME, weights_only=True)["scaler"]  # bf16 needs no GradScaler
 
     def test_fp16_clip_grad(self, digits, tmp_path, observed):
@@ -458,4 +458,4 @@ class TestTorchrun:
         assert "on cpu x2" in res.stdout
         assert res.stdout.count("epoch 0:") == 1  # rank-0 logging only
         assert len(metrics(out)) == 1
-        assert load_model(out / "last.safetensors").adapter == "fold"
+        assert load_model(out / "last.safetensors").adapter == train.get_args_parser().get_default("adapter")

@@ -1,0 +1,213 @@
+"""Write README.md's measured numbers from the committed results, so that none is copied by hand.
+
+Every number in README.md that was measured stands between ``<!-- generated:NAME -->`` and
+``<!-- /generated:NAME -->`` markers, and this script renders each region from ``benchmarks/results/``:
+the numbers, the command that measured them, the commit and the CPU or GPU it ran on.
+
+    python benchmarks/readme.py           # rewrite the regions, and the output block of the explain command
+    python benchmarks/readme.py --check   # exit 1 when README.md differs from what the results give
+
+``tests/test_readme.py`` runs the check, so a hand-edited number or a result committed without
+regenerating the README fails the tests. The explain block is the command's output on this machine; its
+float-rounding digits differ between CPUs, so ``--check`` leaves it to the test, which compares it with a
+tolerance.
+"""
+
+import argparse
+import csv
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+
+
+def _rows(name: str) -> list[dict[str, str]]:
+    with open(RESULTS / name, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _command(md_name: str) -> str:
+    """The command a results Markdown file records in its first code block."""
+    text = (RESULTS / md_name).read_text()
+    return re.search(r"```\n(.*?)\n```", text, flags=re.S).group(1).strip()
+
+
+def _machine(rows: list[dict[str, str]]) -> str:
+    names = sorted({r["device_name"] for r in rows})
+    commits = sorted({r["commit"] for r in rows})
+    return f"{', '.join(names)}, commit {', '.join(commits)}"
+
+
+def demo() -> str:
+    """The demo command's run: time per epoch, total, best validation accuracy."""
+    config = json.loads((RESULTS / "demo" / "config.json").read_text())
+    rows = _rows("demo/metrics.csv")
+    seconds = [float(r["seconds"]) for r in rows]
+    best = max(rows, key=lambda r: float(r["val_acc"]))
+    return (
+        f"Measured with `{config['resolved']['command']}` on {config['resolved']['device_name']} "
+        f"(commit {config['resolved']['commit']}): {len(rows)} epochs of {min(seconds):.1f}-{max(seconds):.1f} s "
+        f"of training each, best validation accuracy **{float(best['val_acc']):.4f}** (epoch {best['epoch']}). "
+        f"Its `metrics.csv` and `config.json` are in [benchmarks/results/demo/](benchmarks/results/demo/)."
+    )
+
+
+def speed() -> str:
+    """Each adapter's speed against the stock model, from benchmarks/adapters.py."""
+    files = sorted(p.name for p in RESULTS.glob("adapters-*.csv"))
+    tables = []
+    for name in files:
+        rows = _rows(name)
+        modes = list(dict.fromkeys(r["mode"] for r in rows))
+        adapters = [a for a in dict.fromkeys(r["adapter"] for r in rows) if a != "stock"]
+        ratio = {(r["adapter"], r["mode"]): float(r["ratio_to_stock"]) for r in rows}
+        first = rows[0]
+        lines = [
+            f"`{first['model']}`, batch {first['batch_size']} at {first['img_size']}, {first['dtype']}, "
+            f"{'NHWC' if first.get('channels_last') == 'True' else 'NCHW'}: {_machine(rows)}; "
+            f"`{_command(name[:-4] + '.md')}`",
+            "",
+            "| adapter | " + " | ".join(modes) + " |",
+            "|---|" + "---:|" * len(modes),
+        ]
+        lines += [f"| {a} | " + " | ".join(f"{ratio[(a, m)]:.2f}" for m in modes) + " |" for a in adapters]
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
+def pipeline() -> str:
+    """torchvision's Grayscale(3) input pipeline against uint8 1-channel loading."""
+    rows = {r["pipeline"]: r for r in _rows("pipeline-cpu.csv")}
+    tv, ours = rows["torchvision"], rows["gray_effnet"]
+    return (
+        f"{ours['num_images']} gray {ours['src_images'].split()[0]} PNGs resized to {ours['img_size']}, batch "
+        f"{ours['batch_size']}, {ours['workers']} workers ({_machine(list(rows.values()))}; "
+        f"`{_command('pipeline-cpu.md')}`): uint8 1-channel loading at **{float(ours['speed_ratio']):.2f}x** the "
+        f"images/s of torchvision's `Grayscale(3) -> ToTensor -> Normalize` ({float(ours['images_per_sec']):.0f} vs "
+        f"{float(tv['images_per_sec']):.0f}), with **{float(ours['bytes_ratio']):.0f}x fewer bytes** per image to "
+        f"the device ({int(ours['bytes_per_image']):,} vs {int(tv['bytes_per_image']):,})."
+    )
+
+
+def fidelity() -> str:
+    """sum and fold against repeat on real gray photos with the Lite0 ImageNet weights."""
+    rows = _rows("fidelity.csv")
+    by = {(r["statistics"].split()[0].lower(), r["adapter"]): r for r in rows}
+    lite, imnet = by[("lite0", "sum")], by[("imagenet", "sum")]
+    fold = max(float(by[(s, "fold")]["logits_max_abs"]) for s in ("lite0", "imagenet"))
+    fold_stem = max(float(by[(s, "fold")]["stem_max_abs"]) for s in ("lite0", "imagenet"))
+    n = int(imnet["images"])
+    return (
+        f"Measured on {n} real gray photos with the Lite0 ImageNet stem filters ({_machine(rows)}; "
+        f"`{_command('fidelity.md')}`, [fidelity.md](benchmarks/results/fidelity.md)): with Lite0's own "
+        f"statistics `sum` matches `repeat` to {float(lite['logits_max_abs']):.1g} in the logits; with ImageNet "
+        f"statistics the stem output differs by up to {float(imnet['stem_max_abs']):.2g}, the logits by up to "
+        f"{float(imnet['logits_max_abs']):.2g} ({float(imnet['logits_rel']):.0%} of their scale), and the top-1 "
+        f"class agrees on {round(float(imnet['top1_agree']) * n)} of {n} photos. `fold` stays within "
+        f"{max(fold, fold_stem):.1g} in both cases."
+    )
+
+
+def compare() -> str:
+    """The adapter comparison: accuracy along the learning curve, paired differences, the generated verdict."""
+    folder = RESULTS / "learning_curve"
+    summary = _rows("learning_curve/summary.csv")
+    runs = _rows("learning_curve/results.csv")
+    settings = json.loads((folder / "sweep.json").read_text())
+    sizes = list(dict.fromkeys(r["per_class"] for r in summary))
+    cell = {(r["arm"], r["per_class"]): r for r in summary}
+    seeds = len({r["seed"] for r in runs})
+
+    def show(r: dict[str, str]) -> str:
+        text = f"{float(r['mean']):.3f}"
+        if r.get("diff") not in (None, ""):
+            d, lo, hi = (100 * float(r[k]) for k in ("diff", "diff_low", "diff_high"))
+            text += f" ({d:+.1f} [{lo:+.1f}, {hi:+.1f}])"
+        return text
+
+    lines = [
+        f"`{settings['command']}`: {len(runs)} runs on {', '.join(sorted({r['device'] for r in runs}))}, commit "
+        f"{', '.join(sorted({r['commit'] for r in runs}))}; `{settings['model']}` at "
+        f"{settings['img_size'][0]}x{settings['img_size'][1]}, {seeds} seeds per cell. Each cell: mean "
+        f"{summary[0]['metric']} over the seeds, and in brackets the paired difference to `repeat` in accuracy "
+        "points with its 95% interval ([results.md](benchmarks/results/learning_curve/results.md)).",
+        "",
+        "| arm | " + " | ".join(f"{s} / class" if s != "all" else "all" for s in sizes) + " |",
+        "|---|" + "---:|" * len(sizes),
+    ]
+    for arm in dict.fromkeys(r["arm"] for r in summary):
+        lines.append(f"| {arm} | " + " | ".join(show(cell[(arm, s)]) if (arm, s) in cell else "" for s in sizes) + " |")
+    report = (folder / "results.md").read_text()
+    verdict = report[report.index("Paired by seed"):report.index("![learning curve]")].strip()
+    return "\n".join([*lines, "", verdict])
+
+
+def windows() -> str:
+    """The window adapters on the SYNTHETIC CT-like set of benchmarks/windows.py."""
+    rows = _rows("windows/results.csv")
+    first = rows[0]
+    lines = [
+        f"Measured on SYNTHETIC CT-like phantoms (head-like slices in HU, made by "
+        f"[`benchmarks/windows.py`](benchmarks/windows.py), not patient data) with "
+        f"`{_command('windows/results.md')}` ({_machine(rows)}; `{first['model']}`, {first['img_size']}, "
+        f"{first['epochs']} epochs, seed {first['seed']}, {first['train_per_class']} training images per class; "
+        "[results](benchmarks/results/windows/results.md)):",
+        "",
+        "| adapter | best val acc | windows at the end (HU) |",
+        "|---|---:|---|",
+    ]
+    lines += [f"| `{r['adapter']}` | {float(r['best_val_acc']):.3f} | {r['windows_after']} |" for r in rows]
+    return "\n".join(lines)
+
+
+REGIONS: dict[str, Callable[[], str]] = {
+    "demo": demo, "speed": speed, "pipeline": pipeline, "fidelity": fidelity, "compare": compare,
+    "windows": windows,
+}
+
+
+def render(text: str) -> str:
+    """``text`` with every generated region rewritten from the results; unknown region names are an error."""
+
+    def fill(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in REGIONS:
+            raise KeyError(f"README.md has a generated region {name!r} that benchmarks/readme.py does not know")
+        return f"<!-- generated:{name} -->\n{REGIONS[name]()}\n<!-- /generated:{name} -->"
+
+    return re.sub(r"<!-- generated:(\w+) -->\n(?:.*?\n)?<!-- /generated:\1 -->", fill, text, flags=re.S)
+
+
+def explain_block(text: str) -> str:
+    """``text`` with the output block after README's ``python -m gray_effnet explain`` command rerun."""
+    command = re.search(r"```bash\n(python -m gray_effnet explain [^\n]*)\n```", text).group(1)
+    out = subprocess.run([sys.executable, *command.split()[1:]], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout
+    return re.sub(r"```\n(Why a 3-channel .*?)```", lambda m: f"```\n{out}```", text, count=1, flags=re.S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 if README.md is out of date")
+    args = p.parse_args(argv)
+    text = README.read_text()
+    new = render(text)
+    if args.check:
+        if new != text:
+            print("README.md's measured numbers differ from benchmarks/results/: run python benchmarks/readme.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(explain_block(new))
+    print(f"rewrote {len(re.findall(r'<!-- generated:', new))} regions of {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
