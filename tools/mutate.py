@@ -70,8 +70,8 @@ MUTATIONS = [
              "torch.Generator().manual_seed(seed * 100003 + epoch)", "torch.Generator().manual_seed(seed)",
              ("tests/test_data.py::TestLoader",)),
     Mutation("explain-pretrained-ignored", "explain --pretrained traces a random network",
-             "gray_effnet/__main__.py", "pretrained=args.pretrained, weights=args.weights",
-             "pretrained=False, weights=args.weights", ("tests/test_explain.py",)),
+             "gray_effnet/explain.py", "adapter=adapter, pretrained=pretrained, weights=weights",
+             "adapter=adapter, pretrained=False, weights=weights", ("tests/test_explain.py",)),
     # -- more of the same kind ------------------------------------------------------------------------------
     Mutation("autocast-unused-in-training", "train_one_epoch ignores its autocast", "gray_effnet/engine.py",
              "        with autocast():\n            logits = model(images)\n            loss = criterion(",
@@ -102,7 +102,7 @@ MUTATIONS = [
              "num_updates=epoch * steps_per_epoch + step + 1", "num_updates=step + 1",
              (f"{TE}::TestTrainOneEpoch::test_scheduler_gets_the_global_step",)),
     Mutation("printed-val-acc-is-train-acc", "the epoch log prints train accuracy as val accuracy", "train.py",
-             "acc {result.acc:.4f}{' (best)'", "acc {stats['train_acc']:.4f}{' (best)'",
+             "acc {row.val_acc:.4f}{' (best)'", "acc {row.train_acc:.4f}{' (best)'",
              (f"{TT}::TestLearning",)),
     Mutation("predict-ignores-img-size", "predict resizes to 224 whatever the checkpoint says",
              "gray_effnet/predict.py", "size = model.img_size or tuple(", "size = None or tuple(",
@@ -236,7 +236,7 @@ def format_report(rows, args, baseline_s: float, total: float) -> str:
         f"`{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC: **{caught} of "
         f"{len(rows)} mutations caught**.",
         "",
-        f"- Machine: {cpu_model()} ({os.cpu_count()} CPUs, shared with other jobs), Python "
+        f"- Machine: {cpu_model()} ({os.cpu_count()} CPUs), Python "
         f"{platform.python_version()}, torch {torch.__version__}.",
         f"- Each mutation edits one file of a temporary copy of the repository and runs only the tests listed "
         f"for it, with `pytest -x`; the unmutated copy passed all of them first ({baseline_s:.0f} s). "
