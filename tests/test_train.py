@@ -445,6 +445,31 @@ class TestCli:
         assert not marker.exists()
 
 
+class TestRefusedRunsWriteNothing:
+    """Arguments, data and resume files are checked before the output folder exists (issue 11)."""
+
+    @pytest.mark.parametrize("argv, message", [
+        (["--img-size", "16", "16"], "smaller than tf_efficientnet_lite0's total stride; use at least 32 32"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--model", "efficientnet_bo"], "unknown timm model 'efficientnet_bo'; did you mean"),
+        (["--resume", "nowhere.state.pt"], "no checkpoint at"),
+        (["--adapter", "wso"], "needs windows in physical units"),
+    ])
+    def test_refused_before_any_work(self, digits, tmp_path, capsys, argv, message):
+        out = tmp_path / "run"
+        code = train.cli(["--data", str(digits), "--output", str(out), *FAST, *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("error:") == 1
+        assert not out.exists()
+
+    def test_bad_data_folder_writes_nothing(self, tmp_path, capsys):
+        (tmp_path / "data" / "only_class").mkdir(parents=True)
+        Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "data" / "only_class" / "0.png")
+        out = tmp_path / "run"
+        assert train.cli(["--data", str(tmp_path / "data"), "--output", str(out), *FAST]) == 2
+        assert "a single class" in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.slow
 class TestTorchrun:
     def test_two_process_gloo(self, digits, tmp_path):
