@@ -575,10 +575,7 @@ def write_csv(rows: Sequence[dict], path: Path) -> None:
 
 # -- main -----------------------------------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
-    class Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
-        """Defaults shown, and the module docstring kept as written."""
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", default=None, help="ImageFolder tree; default: the demo digits")
     p.add_argument("--model", default="tf_efficientnet_lite0")
     # Intensity windows (window, wso) need physical units: benchmarks/windows.py compares them on CT data.

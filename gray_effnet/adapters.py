@@ -192,6 +192,10 @@ class StemAdapter(nn.Module):
         """The JSON-plain options that rebuild this adapter (saved as ``adapter_kwargs`` in checkpoints)."""
         return {}
 
+    def own_state_keys(self) -> set[str]:
+        """State-dict keys of the adapter's own tensors, beyond its conv's (``affine``'s ``scale``, ``shift``)."""
+        return {k for k in self.state_dict() if not k.startswith("conv.")}
+
     def rgb_conv(self) -> nn.Conv2d:
         """A 3-channel conv that gives the same output as this adapter on gray input (``set_adapter``)."""
         return self.conv

@@ -9,8 +9,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from .adapters import StemAdapter, create_adapter, list_adapters
-from .errors import InputError
+from .adapters import ADAPTERS, StemAdapter, create_adapter, list_adapters
+from .errors import InputError, WeightsError
 from .intensity import parse_intensity
 from .weights import (
     classifier_keys,
@@ -126,6 +126,9 @@ class GrayEfficientNet(nn.Module):
         # A file trained with a stem adapter of its own parameters (affine's map, wso's windows) loads into
         # that adapter first, then moves to the one asked for as set_adapter does: exact, or an error saying why.
         owner = self._stem_owner(conv, state_dict) if state_dict is not None else None
+        if owner is not None and owner != adapter and not ADAPTERS[owner].foldable:
+            raise WeightsError(f"{source} holds the learned intensity windows of a {owner!r} stem, which no "
+                               f"{adapter!r} stem can carry; load it with adapter={owner!r} (--adapter {owner})")
         first = owner if owner is not None and owner != adapter else adapter
         self.model.set_submodule(self.stem_name, create_adapter(first, conv, self.mean, self.std,
                                                                 **(options if first == adapter else {})))
@@ -144,7 +147,7 @@ class GrayEfficientNet(nn.Module):
         keys = set(timm_names({k.removeprefix("model."): v for k, v in state_dict.items()}, self.stem_name))
         for name in list_adapters():
             probe = create_adapter(name, copy.deepcopy(conv), self.mean, self.std)
-            own = {f"{self.stem_name}.{k}" for k in probe.state_dict() if not k.startswith("conv.")}
+            own = {f"{self.stem_name}.{k}" for k in probe.own_state_keys()}
             if own and own <= keys:
                 return name
         return None
@@ -255,7 +258,7 @@ class GrayEfficientNet(nn.Module):
             WeightsError: the weights do not fit, with examples of what is missing, unexpected or misshapen.
         """
         stem, conv_params = self.stem, set(self.stem.conv.state_dict())
-        own = {f"{self.stem_name}.{k}" for k in stem.state_dict() if not k.startswith("conv.")}
+        own = {f"{self.stem_name}.{k}" for k in stem.own_state_keys()}
         fitted, head_loaded = fit_state_dict(
             state_dict, self.timm_state_dict(), stem_key=f"{self.stem_name}.weight", std=self.std,
             head_keys=classifier_keys(self.model) if pretrained else (), optional_keys=own if pretrained else (),

@@ -13,7 +13,7 @@ import pytest
 import torch
 from timm.optim import create_optimizer_v2
 
-from gray_effnet import GrayEfficientNet, InputError, list_adapters, load_model, save_weights
+from gray_effnet import GrayEfficientNet, InputError, WeightsError, list_adapters, load_model, save_weights
 from gray_effnet.adapters import ADAPTERS, create_adapter
 from gray_effnet.explain import equivalence, format_report, trace
 from gray_effnet.export import export
@@ -208,6 +208,8 @@ class TestSaveLoad:
         path = save_weights(model, tmp_path / "m.safetensors")
         again = ct_model("wso", name="tf_efficientnet_lite0", weights=str(path))
         assert torch.equal(again.stem.windows.center, model.stem.windows.center)
+        with pytest.raises(WeightsError, match="holds the learned intensity windows of a 'wso' stem"):
+            GrayEfficientNet("tf_efficientnet_lite0", adapter="fold", num_classes=3, weights=str(path))
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
