@@ -40,6 +40,7 @@ from .errors import InputError
 __all__ = [
     "ADAPTERS",
     "AffineStem",
+    "BorderTaps",
     "FoldStem",
     "FoldTerms",
     "FoldedWeights",
@@ -289,13 +290,58 @@ class FoldedWeights(NamedTuple):
     offset_weight: Tensor
 
 
+class BorderTaps(NamedTuple):
+    """Where the stem's kernel reaches into the padding, for one input size; independent of the weights.
+
+    Each output position's window covers ``k * k`` taps. In the interior every tap reads the image; in the
+    border bands (rows at the top and bottom, columns at the left and right) some read the padding. The bands
+    are rectangles, so the output is corrected through slices, with no gather or scatter.
+    """
+
+    bands: tuple[tuple[slice, slice], ...]  # (rows, cols) of each band of the (H', W') output
+    missing: Tensor  # (k * k, P): 1 where a tap reads the padding, for the P positions of the bands in order
+
+
 class FoldTerms(NamedTuple):
-    """What ``FoldStem.project`` applies: ``conv(x, weight) + bias``, minus ``correction`` on the ``bands``."""
+    """What ``FoldStem.project`` applies: ``conv(x, weight) + bias``, plus ``correction`` on the border bands.
+
+    With ``border`` None (under ``torch.compile``), ``correction`` is the whole (1, O, H', W') offset map,
+    subtracted everywhere, and ``bias`` is the conv's own.
+    """
 
     weight: Tensor  # (O, 1, k, k)
-    bias: Tensor | None  # (O,): the conv's bias minus the offset's interior constant
-    correction: Tensor  # (1, O, H', W'): the offset minus its interior constant, 0 inside the bands
-    bands: tuple[int, int, int, int] | None  # border rows (top, bottom), columns (left, right); None: whole map
+    bias: Tensor | None  # (O,): the conv's bias minus the offset of a window that sees no padding
+    correction: Tensor  # (O, P): what that bias took away for taps that read the padding, added back
+    border: BorderTaps | None
+
+
+class _AddOnBands(torch.autograd.Function):
+    """``out[:, :, band] += values`` for each band, in place, with the gradient of an addition.
+
+    Autograd's own in-place slicing would copy the whole (B, O, H', W') gradient in the backward pass for each
+    band (it cannot tell that the untouched positions pass through). Here the gradient of ``out`` is passed on
+    as it is, and ``values`` gets the batch sum over its P positions: O(B * O * P) work.
+    """
+
+    @staticmethod
+    def forward(ctx, out: Tensor, values: Tensor, bands: tuple[tuple[slice, slice], ...]) -> Tensor:
+        ctx.bands, ctx.values_dtype = bands, values.dtype
+        values = values.to(out.dtype)
+        start = 0
+        for rows, cols in bands:
+            region = out[:, :, rows, cols]  # a view: (B, O, h, w)
+            n = region.shape[-2] * region.shape[-1]
+            region += values[:, start:start + n].view(1, -1, *region.shape[-2:])
+            start += n
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if not ctx.needs_input_grad[1]:
+            return grad, None, None
+        parts = [grad[:, :, rows, cols].sum(0).flatten(1) for rows, cols in ctx.bands]  # each (O, h * w)
+        return grad, torch.cat(parts, 1).to(ctx.values_dtype), None
 
 
 def fold_weights(
@@ -349,11 +395,14 @@ class FoldStem(StemAdapter):
     normalize_note = "none here: the normalisation is folded into the stem weights"
     project_note = "1-channel conv with sum_c w_c / std_c, minus conv(ones, sum_c w_c mean_c / std_c)"
     cache_size: ClassVar[int] = 8
+    # Set by ``GrayEfficientNet.forward``: the stem's output goes straight into a BatchNorm that normalises with
+    # the batch's own statistics (timm's EfficientNet ``bn1`` in training mode).
+    feeds_batch_stats: bool = False
 
     def __init__(self, conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__(conv, mean, std)
         self._offsets: dict[tuple, tuple[tuple, FoldTerms]] = {}
-        self._band_cache: dict[tuple[int, int], tuple[int, int, int, int] | None] = {}
+        self._taps: dict[tuple, BorderTaps] = {}
 
     def normalize(self, x: Tensor) -> Tensor:
         return x
@@ -371,36 +420,62 @@ class FoldStem(StemAdapter):
         ones = torch.ones((1, 1, *x.shape[-2:]), dtype=x.dtype, device=x.device)
         return conv_forward(self.conv, ones, offset_weight)
 
-    def _bands(self, size: tuple[int, int]) -> tuple[int, int, int, int] | None:
-        """Output rows (top, bottom) and columns (left, right) whose kernel window reaches into the padding.
+    def border_taps(self, size: tuple[int, int], device: torch.device | str = "cpu") -> BorderTaps | None:
+        """The border bands of the output for this input size, and which taps read the padding there (cached).
 
-        The rest, the interior, sees no padding: there the offset is one constant per output channel. None
-        when no output position is interior (an image hardly larger than the kernel). Depends on the size
-        and the conv's geometry only, so it is computed once per size.
+        Found by running the stem's own convolution (its padding rule included) on an image of ones with one
+        one-hot kernel per tap, so no padding arithmetic is repeated here. None when no tap reads padding.
         """
-        if size not in self._band_cache:
+        key = (tuple(size), torch.device(device))
+        if key not in self._taps:
             kh, kw = self.conv.weight.shape[-2:]
-            # Counts of in-image kernel taps per output position; the probe runs on the CPU in float32.
-            taps = conv_forward(self.conv, torch.ones(1, 1, *size), torch.ones(1, 1, kh, kw))[0, 0]
-            full = taps == kh * kw
-            rows, cols = full.any(1).nonzero().flatten(), full.any(0).nonzero().flatten()
-            bands = None
-            if len(rows) and len(cols):
-                h, w = taps.shape
-                bands = (int(rows[0]), h - 1 - int(rows[-1]), int(cols[0]), w - 1 - int(cols[-1]))
-            self._band_cache[size] = bands
-        return self._band_cache[size]
+            one_hot = torch.eye(kh * kw).view(kh * kw, 1, kh, kw)
+            missing = 1.0 - conv_forward(self.conv, torch.ones(1, 1, *size), one_hot)[0]  # (k*k, H', W')
+            padded = missing.sum(0) > 0
+            h, w = padded.shape
+            rows, cols = (~padded).any(1).nonzero().flatten(), (~padded).any(0).nonzero().flatten()
+            if not padded.any():
+                taps = None
+            elif not len(rows):  # no interior at all (an image hardly larger than the kernel): one band
+                taps = (slice(0, h), slice(0, w)),
+            else:
+                top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+                taps = tuple(band for band, size_ in (
+                    ((slice(0, top), slice(0, w)), top), ((slice(bottom, h), slice(0, w)), h - bottom),
+                    ((slice(top, bottom), slice(0, left)), left), ((slice(top, bottom), slice(right, w)), w - right),
+                ) if size_)
+            if taps is not None:
+                taps = BorderTaps(taps, torch.cat([missing[:, r, c].flatten(1) for r, c in taps], 1).to(device))
+            if len(self._taps) >= self.cache_size:
+                self._taps.pop(next(iter(self._taps)))
+            self._taps[key] = taps
+        return self._taps[key]
 
     def _terms(self, x: Tensor) -> FoldTerms:
         """The terms of ``project`` for images of ``x``'s size; see there."""
         weight, offset_weight = self.folded_weights()
-        offset = self.offset(x, offset_weight)
-        bands = None if torch.compiler.is_compiling() else self._bands(tuple(x.shape[-2:]))
-        if bands is None:  # no interior (or compiling): subtract the whole map
-            return FoldTerms(weight, self.conv.bias, offset, None)
-        inner = offset[0, :, bands[0], bands[2]]  # (O,): the offset wherever the window sees no padding
+        if self.conv.weight.is_contiguous(memory_format=torch.channels_last) and not self.conv.weight.is_contiguous():
+            # The stem's memory format decides the conv's algorithm and its output's layout, which every later
+            # layer then reads: a folded weight that fell back to NCHW would take the whole model with it.
+            # clone, not contiguous(): with one input channel both layouts count as contiguous, and only the
+            # strides that clone gives make the conv choose channels_last.
+            weight = weight.clone(memory_format=torch.channels_last)
+        if torch.compiler.is_compiling():  # one traced expression the compiler can fuse: subtract the whole map
+            return FoldTerms(weight, self.conv.bias, self.offset(x, offset_weight), None)
+        inner = offset_weight.sum((1, 2, 3))  # (O,): the offset where every tap reads the image
+        if self.feeds_batch_stats:
+            # A per-channel constant before a BatchNorm that uses batch statistics leaves its output unchanged,
+            # so the constant's gradient is zero (exactly, in exact arithmetic). Detached, it spares the conv's
+            # backward a reduction over the whole output gradient that would only sum rounding noise. The
+            # running mean still sees it, so evaluation is exact.
+            inner = inner.detach()
         bias = -inner if self.conv.bias is None else self.conv.bias - inner
-        return FoldTerms(weight, bias, offset - inner.view(1, -1, 1, 1), bands)  # the correction is 0 inside
+        border = self.border_taps(tuple(x.shape[-2:]), x.device)
+        if border is None:
+            return FoldTerms(weight, bias, inner.new_zeros(len(inner), 0), None)
+        # (O, k*k) @ (k*k, P) -> (O, P): the padded taps' share of ``inner``, which must not be subtracted there.
+        correction = offset_weight.flatten(1) @ border.missing.to(offset_weight.dtype)
+        return FoldTerms(weight, bias, correction, border)
 
     def _cached_terms(self, x: Tensor) -> FoldTerms:
         """``_terms``, from the cache when no gradient is tracked."""
@@ -421,26 +496,19 @@ class FoldStem(StemAdapter):
         return terms
 
     def project(self, x: Tensor) -> Tensor:
-        """``conv(x, w') - offset``, with the offset's interior constant carried by the conv's bias.
+        """``conv(x, w') - offset``: the conv's bias carries the offset of a window that sees no padding.
 
-        The conv applies the bias for free, so only the border bands need a correction, not a pass over
-        the whole (B, O, H', W') output. In place is safe: the conv's backward does not need its output.
+        The conv adds the bias for free, so only the P border positions, where some taps read the padding,
+        need a correction (``_AddAtBorder``), not a pass over the whole (B, O, H', W') output. In place is
+        safe: the conv's backward does not need its output.
         """
-        weight, bias, correction, bands = self._cached_terms(x)
+        weight, bias, correction, border = self._cached_terms(x)
         out = conv_forward(self.conv, x, weight, bias)  # (B,1,H,W) -> (B,O,H',W')
-        if bands is None:
-            return out.sub_(correction)  # the whole offset map, broadcast over the batch
-        top, bottom, left, right = bands
-        h, w = out.shape[-2:]
-        if top:
-            out[..., :top, :] -= correction[..., :top, :]
-        if bottom:
-            out[..., h - bottom:, :] -= correction[..., h - bottom:, :]
-        if left:
-            out[..., top:h - bottom, :left] -= correction[..., top:h - bottom, :left]
-        if right:
-            out[..., top:h - bottom, w - right:] -= correction[..., top:h - bottom, w - right:]
-        return out
+        if border is not None:
+            return _AddOnBands.apply(out, correction, border.bands)
+        if correction.dim() == 4:
+            return out - correction  # compiled: the whole (1,O,H',W') offset map, broadcast over the batch
+        return out  # no window reaches into the padding (a 'valid' conv)
 
     def _apply(self, fn, recurse=True):
         self._offsets.clear()  # .to(), .half(), ... make new tensors; drop maps built for the old ones

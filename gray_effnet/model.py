@@ -7,9 +7,10 @@ from typing import Any
 
 import timm
 import torch
+from timm.models.efficientnet import EfficientNet
 from torch import Tensor, nn
 
-from .adapters import ADAPTERS, StemAdapter, create_adapter, list_adapters
+from .adapters import ADAPTERS, FoldStem, StemAdapter, create_adapter, list_adapters
 from .errors import InputError, WeightsError
 from .intensity import parse_intensity
 from .weights import (
@@ -225,7 +226,19 @@ class GrayEfficientNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Shape: (B, 1, H, W) -> (B, num_classes)."""
+        stem = self.stem
+        if isinstance(stem, FoldStem) and not torch.compiler.is_compiling():
+            stem.feeds_batch_stats = self._stem_feeds_batch_stats()
         return self.model(self.prepare_input(x))
+
+    def _stem_feeds_batch_stats(self) -> bool:
+        """Whether the stem's output goes straight into a BatchNorm normalising with batch statistics now.
+
+        True for timm's ``EfficientNet`` in training mode, whose ``forward_features`` runs ``bn1`` on the stem's
+        output; False when that BatchNorm is frozen (``eval()`` while the rest trains) or for other models.
+        """
+        bn = getattr(self.model, "bn1", None) if isinstance(self.model, EfficientNet) else None
+        return isinstance(bn, nn.modules.batchnorm._BatchNorm) and (bn.training or bn.running_mean is None)
 
     # -- timm-native state dicts ---------------------------------------------------------------------
     def timm_state_dict(self) -> dict[str, Tensor]:

@@ -158,20 +158,44 @@ class TestFold:
 
 class TestFoldBorders:
     @pytest.mark.parametrize("name", MODELS)
-    def test_no_interior_falls_back_to_the_full_map(self, name):
+    def test_no_interior_is_one_band(self, name):
         """A 3x3 image under a 3x3 stride-2 kernel: every output window reaches into the padding."""
         fold = make_model(name, "fold")
         x = gray_batch(2, 3, 3)
-        assert fold.stem._bands((3, 3)) is None
+        assert fold.stem.border_taps((3, 3)).bands == ((slice(0, 2), slice(0, 2)),)
         with torch.no_grad():
             torch.testing.assert_close(fold.stem(x), stock_stem(fold, x), rtol=1e-5, atol=1e-5)
 
     def test_bands_are_the_padded_rows_and_columns(self):
+        def bands(stem, size):
+            return [((r.start, r.stop), (c.start, c.stop)) for r, c in stem.border_taps(size).bands]
+
         stem = make_model("efficientnet_b0", "fold").stem  # symmetric padding 1, stride 2
-        assert stem._bands((64, 96)) == (1, 0, 1, 0)  # even sizes: only the top row and left column
-        assert stem._bands((67, 45)) == (1, 1, 1, 1)
+        assert bands(stem, (64, 96)) == [((0, 1), (0, 48)), ((1, 32), (0, 1))]  # even: the top row, left column
+        assert bands(stem, (67, 45)) == [((0, 1), (0, 23)), ((33, 34), (0, 23)), ((1, 33), (0, 1)), ((1, 33), (22, 23))]
         tf_stem = make_model("tf_efficientnet_b0", "fold").stem  # TF 'same': extra padding bottom/right
-        assert tf_stem._bands((64, 96)) == (0, 1, 0, 1)
+        assert bands(tf_stem, (64, 96)) == [((31, 32), (0, 48)), ((0, 31), (47, 48))]
+        missing = tf_stem.border_taps((64, 96)).missing
+        assert missing.shape == (9, 48 + 31)
+        assert missing[:, :47].sum(0).tolist() == [3.0] * 47  # the bottom row: the 3 taps of the kernel's last row
+        assert missing[:, 47].sum().item() == 5.0  # the corner: last row and last column
+
+    @pytest.mark.parametrize("name", MODELS)
+    def test_gradient_to_the_offset_without_batch_statistics(self, name):
+        """With bn1 frozen (eval) the offset constant's gradient is not zero: fold must keep it, as repeat has it."""
+        grads = {}
+        for adapter in ("repeat", "fold"):
+            model = make_model(name, adapter).double().train()
+            model.model.bn1.eval()
+            model(gray_batch(2, 48, 40).double()).square().mean().backward()
+            grads[adapter] = model.stem.conv.weight.grad
+        torch.testing.assert_close(grads["fold"], grads["repeat"], rtol=1e-9, atol=1e-12)
+        model = make_model(name, "fold").train()
+        model(gray_batch(2, 48, 40))
+        assert model.stem.feeds_batch_stats
+        model.model.bn1.eval()
+        model(gray_batch(2, 48, 40))
+        assert not model.stem.feeds_batch_stats
 
 
 class TestFoldCache:
