@@ -23,9 +23,9 @@ distinct 8-bit gray images by seeded random shifts, scales and noise, split 80/2
 and ``val/`` (both scripts read that split as it is). Written once into ``--data-dir`` and reused while its
 ``.complete`` marker matches. The weights: ``gray_effnet.weights.pretrained_weights_file`` (the bundled
 efficientnet-lite0 package); ours reads it through ``--pretrained`` (its default), timm through
-``--pretrained --pretrained-path`` a copy under timm's own key names, from which timm sums the RGB stem into
-one channel (``--in-chans 1``). Before any run, the script checks in-process that timm's loader really takes
-every tensor from that file.
+``--pretrained --pretrained-path`` a copy under timm's own key names (written to ``peer_timm-weights/`` beside
+the data folder), from which timm sums the RGB stem into one channel (``--in-chans 1``). Before any run,
+the script checks in-process that timm's loader really takes every tensor from that file.
 
 Writes into ``--output`` (default ``benchmarks/results/peer_timm/``): ``runs.csv`` (one row per run, with the
 machine, versions, thread settings and the exact command, rewritten after every run), ``results.md`` (per
@@ -72,6 +72,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, HelpFormatter, command_line, environment, fmt, format_table, write_csv  # noqa: E402
 
+from gray_effnet import GrayEfficientNet  # noqa: E402
 from gray_effnet.data import default_cache_dir  # noqa: E402
 from gray_effnet.weights import (  # noqa: E402
     classifier_keys,
@@ -230,6 +231,22 @@ def check_timm_loads(path: Path, num_classes: int) -> str:
             f"a fresh {num_classes}-class classifier")
 
 
+def check_ours_loads(path: Path, num_classes: int) -> str:
+    """Build the model as our train.py does with its defaults and check that it holds the same weights."""
+    ref, _ = read_weights_file(path)
+    model = GrayEfficientNet(MODEL, num_classes=num_classes, pretrained=True)  # train.py's defaults
+    got = model.timm_state_dict()
+    stem, head = f"{model.stem_name}.weight", classifier_keys(model.model)
+    same = [k for k in got if k != stem and k not in head and torch.equal(got[k], ref[k])]
+    stem_ok = got[stem].shape == ref[stem].shape and torch.equal(got[stem], ref[stem]) or torch.allclose(
+        got[stem], ref[stem].sum(1, keepdim=True))
+    if len(same) != len(got) - 1 - len(head) or not stem_ok:
+        raise RuntimeError(f"ours did not load the bundled weights: {len(same)} of {len(got) - 1 - len(head)} "
+                           "tensors equal")
+    return f"ours (GrayEfficientNet with train.py's defaults, adapter {model.adapter!r}) holds the same {len(same)} " \
+           "tensors and stem"
+
+
 # -- the runs -----------------------------------------------------------------------------------------------
 def timm_command(args: argparse.Namespace, cfg: Config, data: Path, weights: Path, out: Path,
                  num_classes: int) -> list[str]:
@@ -262,13 +279,19 @@ def best_acc(tool: str, out: Path) -> tuple[float | None, int]:
     return (max(accs) if accs else None), len(accs)
 
 
-def loaded_weights(tool: str, log: str) -> str:
-    """What the run's log says about its weights (timm logs the file; ours logs its data split)."""
+def loaded_weights(tool: str, log: str, out: Path) -> str:
+    """What the run says about its weights: timm logs the file; ours records its arguments in config.json."""
     if tool == "timm":
         m = re.search(r"Loading pretrained weights from file \(([^)]*)\)", log)
         return f"file {m.group(1)}" if m else "NOT LOGGED"
+    try:
+        run_args = json.loads((out / "config.json").read_text())["args"]
+    except (OSError, ValueError, KeyError):
+        return "n/a (no config.json)"
+    pretrained = run_args.get("pretrained") and not run_args.get("weights")
     m = re.search(r"(\d+) train / (\d+) val images \(given split\)", log)
-    return f"bundled (--pretrained); split {m.group(1)}/{m.group(2)}" if m else "bundled (--pretrained)"
+    return ("bundled (--pretrained)" if pretrained else "NOT the bundled weights") + (
+        f"; split {m.group(1)}/{m.group(2)}" if m else "; split not logged")
 
 
 def run(cmd: Sequence[str], cwd: Path, log_path: Path, env: dict[str, str]) -> tuple[float, int]:
@@ -397,8 +420,11 @@ def main(args: argparse.Namespace) -> int:
     scratch_ctx = tempfile.TemporaryDirectory(prefix="peer_timm-") if args.scratch is None else None
     scratch = Path(scratch_ctx.name) if scratch_ctx else args.scratch.resolve()
     scratch.mkdir(parents=True, exist_ok=True)
-    weights, source = timm_weights(scratch / f"{MODEL}-timm-names.safetensors")
-    weights_note = check_timm_loads(weights, num_classes)
+    # Beside the data, not in the scratch folder: the commands in the report then hold paths that stay.
+    weights_dir = data.parent / "peer_timm-weights"
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    weights, source = timm_weights(weights_dir / f"{MODEL}-timm-names.safetensors")
+    weights_note = f"{check_timm_loads(weights, num_classes)}; {check_ours_loads(weights, num_classes)}"
     print(f"weights: {source} -> {weights}\n  {weights_note}")
 
     env_vars = {**os.environ, "HF_HUB_OFFLINE": "1"}  # both offline: any download attempt fails loudly
@@ -436,7 +462,7 @@ def main(args: argparse.Namespace) -> int:
             acc, epochs_done = best_acc(tool, out)
             rows.append({"round": rnd, "config": cfg.name, "tool": tool, "seconds": round(seconds, 2),
                          "best_acc": acc, "epochs_done": epochs_done, "returncode": rc,
-                         "weights": loaded_weights(tool, log.read_text(errors="replace")),
+                         "weights": loaded_weights(tool, log.read_text(errors="replace"), out),
                          "log": str(log.relative_to(output)), "command": shlex.join(cmd), **env})
             write_csv(rows, output / "runs.csv")
             tqdm.write(f"round {rnd} {cfg.name:>14} {tool:>4}: {seconds:7.1f} s, best acc {fmt(acc)}, exit {rc}")
