@@ -12,6 +12,9 @@ Resume after an interruption (the same command, plus --resume):
     python train.py --data /path/to/folders --output runs/xray --resume
 Evaluate a checkpoint on the validation split (accuracy, per-class precision/recall, confusion matrix):
     python train.py --evaluate --weights runs/xray/best.safetensors --data /path/to/folders
+Decode and resize the images once into a pack, then train on it (augmentation runs on the device):
+    python -m gray_effnet pack --data /path/to/folders --img-size 84 112 --output /path/to/pack
+    python train.py --data /path/to/pack
 CT in Hounsfield units (DICOM), with three learnable intensity windows as the stem's channels:
     python train.py --data /path/to/dicom --intensity range -1024 3071 --adapter wso --windows 40:80 80:200 600:2800
 """
@@ -60,6 +63,7 @@ from gray_effnet.data import (
 from gray_effnet.engine import amp_setup, evaluate, process_peak_mem_mb, train_one_epoch
 from gray_effnet.intensity import WINDOWS_HELP, parse_intensity, parse_intensity_args, parse_windows
 from gray_effnet.model import min_input_size
+from gray_effnet.pack import BatchAugment, Pack, PackedDataset, is_pack, open_pack
 from gray_effnet.report import format_eval, write_predictions
 from gray_effnet.runinfo import device_name, git_commit
 from gray_effnet.weights import atomic_write
@@ -77,7 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-rate", type=float, default=0.2, help="dropout before the classifier")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
-                   help="ImageFolder tree (or one with train/ and val/); default: the digits demo")
+                   help="ImageFolder tree (or one with train/ and val/), or a pack (python -m gray_effnet pack); "
+                   "default: the digits demo")
     g.add_argument("--val-split", type=float, default=0.2, help="validation fraction when DIR has no train/val")
     g.add_argument("--img-size", nargs=2, type=int, default=None, metavar=("H", "W"),
                    help="input size, H != W is fine (default: 64 64; with --evaluate, the checkpoint's)")
@@ -155,6 +160,8 @@ def check_args(args) -> None:
 def resolve_data(args, primary: bool):
     """The data folder (writing the demo digits once), checked and split before anything trains."""
     root = args.data
+    if is_pack(root):  # decoded once by `python -m gray_effnet pack`; open_pack refuses a stale one
+        return root, open_pack(root)
     if root is None:
         if primary:
             root = prepare_digits()
@@ -165,9 +172,12 @@ def resolve_data(args, primary: bool):
 
 
 def data_line(args, root, folder, wide: bool) -> str:
-    split = " (given split)" if folder.presplit else f" (seeded stratified split, {args.val_split:.0%} val)"
+    packed = isinstance(folder, Pack)
+    val_split = folder.meta["val_split"] if packed else args.val_split
+    split = " (given split)" if folder.presplit else f" (seeded stratified split, {val_split:.0%} val)"
     classes = plural(len(folder.classes), "class", "classes")
-    return (f"data: {root}: {classes}, {len(folder.train)} train / {len(folder.val)} val images{split}; "
+    what = f"pack of {folder.source}, {folder.dtype}, {folder.note}; " if packed else ""
+    return (f"data: {root}: {what}{classes}, {len(folder.train)} train / {len(folder.val)} val images{split}; "
             f"{folder.scan.converted} converted from colour, {len(folder.scan.bad)} unreadable skipped, "
             f"{len(folder.ignored)} non-image files ignored; {'float32' if wide else 'uint8'} batches")
 
@@ -192,19 +202,49 @@ def adapter_options(args) -> tuple[str, dict]:
     return str(intensity), {"windows": windows, "range": [intensity.low, intensity.high]}
 
 
+def pack_settings(args, pack: Pack, intensity) -> tuple[tuple[int, int], str]:
+    """A pack fixes the image size and the intensity mapping: refuse others rather than train on a mismatch."""
+    if args.img_size and tuple(args.img_size) != pack.img_size:
+        raise InputError(f"--img-size {args.img_size[0]} {args.img_size[1]}: the pack {pack.root} holds "
+                         f"{pack.img_size[0]}x{pack.img_size[1]} images; leave out --img-size, or pack again at "
+                         "that size (python -m gray_effnet pack --img-size H W)")
+    named = None if intensity is None else str(parse_intensity(intensity))
+    if named is not None and named != pack.intensity:
+        raise InputError(f"intensity mapping {named!r}, but the pack {pack.root} was read with {pack.intensity!r}; "
+                         f"pack again with --intensity {named}")
+    return pack.img_size, pack.intensity
+
+
+def build_datasets(args, folder, size: tuple[int, int], intensity: str, rank: int = 0):
+    """Train and val datasets, the batch augmentation on the device (packs only), and loader workers.
+
+    A pack's loader reads a whole batch with one index into a memory map: worker processes would only add
+    their start-up, so it reads in the training process."""
+    if isinstance(folder, Pack):
+        augment = BatchAugment(size, crop_scale=args.crop_scale, hflip=args.hflip, rotate=args.rotate,
+                               seed=args.seed + 1_000_003 * rank)  # ranks augment differently
+        return PackedDataset(folder, "train"), PackedDataset(folder, "val"), augment, 0
+    augment = build_transforms(size, train=True, crop_scale=args.crop_scale, hflip=args.hflip, rotate=args.rotate)
+    train_ds = GrayImageFolder(folder.train, augment, wide=folder.scan.wide, intensity=intensity)
+    val_ds = GrayImageFolder(folder.val, build_transforms(size, train=False), wide=folder.scan.wide,
+                             intensity=intensity)
+    return train_ds, val_ds, None, args.workers
+
+
 def run_evaluate(args, device: torch.device, autocast) -> None:
     model = load_model(args.weights).to(device)
     root, folder = resolve_data(args, primary=True)
     if model.class_names and model.class_names != folder.classes:
         raise DataError(f"the checkpoint's classes {model.class_names} differ from {root}'s {folder.classes}")
     img_size = args.img_size or model.img_size or (64, 64)
+    intensity = parse_intensity_args(args.intensity) or model.intensity  # the checkpoint's, unless named
+    if isinstance(folder, Pack):
+        img_size, intensity = pack_settings(args, folder, intensity)
     if min(img_size) < model.min_size:
         raise InputError(f"--img-size {img_size[0]} {img_size[1]} is smaller than the model's total stride "
                          f"{model.min_size}")
-    intensity = parse_intensity_args(args.intensity) or model.intensity  # the checkpoint's, unless named
-    ds = GrayImageFolder(folder.val, build_transforms(img_size, train=False), wide=folder.scan.wide,
-                         intensity=intensity)
-    loader = make_loader(ds, args.batch_size, train=False, workers=args.workers, pin_memory=device.type == "cuda")
+    _, ds, _, workers = build_datasets(args, folder, img_size, str(intensity))
+    loader = make_loader(ds, args.batch_size, train=False, workers=workers, pin_memory=device.type == "cuda")
     log(data_line(args, root, folder, ds.wide) + f"; evaluating the {len(folder.val)} validation images")
     result = evaluate(model, loader, device=device, num_classes=model.num_classes, autocast=autocast,
                       keep_predictions=True, progress=not args.no_progress)
@@ -234,16 +274,17 @@ def main(args) -> None:
     if args.resume == "auto" and state_path is None:
         log(f"--resume: nothing to resume in {output}, starting fresh")
     root, folder = resolve_data(args, primary)
+    h, w = args.img_size or (64, 64)
+    if isinstance(folder, Pack):
+        (h, w), intensity = pack_settings(args, folder, parse_intensity_args(args.intensity))
+        if min(h, w) < min_input_size(args.model):
+            raise InputError(f"the pack's {h}x{w} images are smaller than {args.model}'s total stride")
     state = None
     if state_path is not None:
         state = load_state(state_path, {"model_name": args.model, "adapter": args.adapter,
                                         "num_classes": len(folder.classes), "intensity": intensity})
-    h, w = args.img_size or (64, 64)
-    augment = build_transforms((h, w), train=True, crop_scale=args.crop_scale, hflip=args.hflip, rotate=args.rotate)
-    train_ds = GrayImageFolder(folder.train, augment, wide=folder.scan.wide, intensity=intensity)
-    val_ds = GrayImageFolder(folder.val, build_transforms((h, w), train=False), wide=folder.scan.wide,
-                             intensity=intensity)
-    loader_kw = {"workers": args.workers, "pin_memory": device.type == "cuda", "seed": args.seed,
+    train_ds, val_ds, batch_augment, workers = build_datasets(args, folder, (h, w), intensity, rank)
+    loader_kw = {"workers": workers, "pin_memory": device.type == "cuda", "seed": args.seed,
                  "world_size": world, "rank": rank}
     train_loader = make_loader(train_ds, args.batch_size, train=True, **loader_kw)
     val_loader = make_loader(val_ds, args.batch_size, train=False, **loader_kw)
@@ -317,10 +358,12 @@ def main(args) -> None:
     progress = primary and not args.no_progress
     for epoch in range(start_epoch, args.epochs):
         set_loader_epoch(train_loader, epoch, args.seed)
+        if batch_augment is not None:
+            batch_augment.set_epoch(epoch)  # its crops depend on (seed, epoch, step) only: resumable
         stats = train_one_epoch(model, train_loader, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
                                 device=device, epoch=epoch, autocast=autocast, scaler=scaler,
                                 clip_grad=args.clip_grad, channels_last=args.channels_last,
-                                log_every=args.log_every, progress=progress)
+                                log_every=args.log_every, progress=progress, augment=batch_augment)
         result = evaluate(eval_model, val_loader, device=device, num_classes=len(folder.classes), autocast=autocast,
                           channels_last=args.channels_last, progress=progress, desc=f"epoch {epoch} val")
         row = EpochRow(epoch=epoch, lr=optimizer.param_groups[0]["lr"], **stats,  # lr: where the epoch ended

@@ -1,4 +1,4 @@
-"""Command-line tools: ``python -m gray_effnet {explain,export,predict} --help``."""
+"""Command-line tools: ``python -m gray_effnet {explain,export,pack,predict} --help``."""
 
 import argparse
 import sys
@@ -21,6 +21,27 @@ def _export(args: argparse.Namespace) -> None:
 
     result = export(args.weights, args.format, args.output, img_size=args.img_size, check=not args.no_check)
     print(result)
+
+
+def _pack(args: argparse.Namespace) -> None:
+    import shlex
+    import warnings
+
+    from .data import UnreadableImageWarning
+    from .intensity import parse_intensity_args
+    from .pack import write_pack
+
+    with warnings.catch_warnings():  # the bad files are listed once below, with their reasons
+        warnings.simplefilter("ignore", UnreadableImageWarning)
+        pack = write_pack(args.data, args.output, args.img_size, val_split=args.val_split, seed=args.seed,
+                          intensity=parse_intensity_args(args.intensity), dtype=args.dtype, strict=args.strict_data,
+                          workers=args.workers, progress=not args.no_progress,
+                          command=shlex.join(["python", "-m", "gray_effnet", *sys.argv[1:]]))
+    h, w = pack.img_size
+    print(f"packed {len(pack.train) + len(pack.val)} images of {len(pack.classes)} classes "
+          f"({', '.join(pack.classes)}) from {pack.source} into {pack.root}: {h}x{w} {pack.dtype}, "
+          f"{len(pack.train)} train / {len(pack.val)} val, {pack.nbytes / 2**20:.1f} MB, {pack.meta['seconds']:.1f}s")
+    print(f"skipped {len(pack.scan.bad)} unreadable file(s)" + "".join(f"\n  {p}: {why}" for p, why in pack.scan.bad))
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -56,10 +77,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the comparison with the PyTorch model")
     p.set_defaults(func=_export)
 
+    p = sub.add_parser("pack", formatter_class=HelpFormatter,
+                       help="decode and resize an image folder once into a memory-mapped pack that train.py reads")
+    p.add_argument("--data", required=True, help="ImageFolder tree (or one with train/ and val/)")
+    p.add_argument("--img-size", nargs=2, type=int, required=True, metavar=("H", "W"),
+                   help="size to store, the size train.py will train at")
+    p.add_argument("--output", required=True, help="the pack folder (an older pack there is replaced when done)")
+    p.add_argument("--val-split", type=float, default=0.2, help="validation fraction when DIR has no train/val")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split")
+    p.add_argument("--intensity", nargs="+", default=["full"], metavar="MAPPING",
+                   help="how pixels map to [0, 1] (see train.py --help)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "uint8", "uint16", "float16"),
+                   help="stored dtype; auto: uint8 for 8-bit data, else uint16")
+    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: the CPU count)")
+    p.add_argument("--strict-data", action="store_true", help="refuse to pack if any file is unreadable")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_pack)
+
     p = sub.add_parser("predict", formatter_class=HelpFormatter,
                        help="classify a folder of images with a checkpoint, write a CSV")
     p.add_argument("--weights", required=True)
-    p.add_argument("--data", required=True, help="a folder of images, with or without class subfolders")
+    p.add_argument("--data", required=True,
+                   help="a folder of images, with or without class subfolders, or a pack (all its images)")
     p.add_argument("--output", default=None, help="CSV path (default: predictions_<folder>.csv beside the weights)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")

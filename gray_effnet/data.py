@@ -555,8 +555,13 @@ class Batch(NamedTuple):
     skipped: int
 
 
-def collate(items: list[tuple[Tensor, int, str] | None]) -> Batch:
-    """Stack the readable samples; unreadable ones (``None``) are dropped and counted."""
+def collate(items: list[tuple[Tensor, int, str] | None] | Batch) -> Batch:
+    """Stack the readable samples; unreadable ones (``None``) are dropped and counted.
+
+    A dataset whose ``__getitems__`` reads a whole batch at once (a pack) gives a ``Batch``: it passes as it is.
+    """
+    if isinstance(items, Batch):
+        return items
     good = [it for it in items if it is not None]
     if not good:
         return Batch(torch.empty(0, 1, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.long), [], len(items))

@@ -50,9 +50,12 @@ def process_peak_mem_mb(device: torch.device) -> float:
         return float("nan")
 
 
-def _to_device(images: Tensor, targets: Tensor, device: torch.device, channels_last: bool):
+def _to_device(images: Tensor, targets: Tensor, device: torch.device, channels_last: bool,
+               augment: Callable[[Tensor], Tensor] | None = None):
     # uint8 batches cross the bus at 1 byte per pixel; pinned memory makes the copy asynchronous.
     images = images.to(device, non_blocking=True)
+    if augment is not None:  # batch augmentation on the device (a pack's BatchAugment), in NCHW
+        images = augment(images)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets.to(device, non_blocking=True)
@@ -73,8 +76,11 @@ def train_one_epoch(
     channels_last: bool = False,
     log_every: int = 20,
     progress: bool = True,
+    augment: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
     """Train for one epoch; returns loss, accuracy, images/s, seconds, skipped files and steps.
+
+    ``augment``, when given, transforms each batch once it is on the device (``gray_effnet.pack.BatchAugment``).
 
     ``.item()`` waits for the device, so losses are checked for NaN/inf only every ``log_every`` steps
     and at the end; the error names the first bad step of that window. Raises ``NonFiniteLossError``.
@@ -109,7 +115,7 @@ def train_one_epoch(
         skipped += batch.skipped
         if batch.targets.numel() == 0:
             continue
-        images, targets = _to_device(batch.images, batch.targets, device, channels_last)
+        images, targets = _to_device(batch.images, batch.targets, device, channels_last, augment)
         with autocast():
             logits = model(images)
             loss = criterion(logits, targets)

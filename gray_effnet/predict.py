@@ -1,7 +1,9 @@
 """Classify a folder of images with a checkpoint: ``python -m gray_effnet predict --weights W --data DIR``.
 
 ``DIR`` may hold class subfolders named like the checkpoint's classes (then accuracy, per-class precision
-and recall and a confusion matrix are printed too) or just images (then only predictions are written).
+and recall and a confusion matrix are printed too) or just images (then only predictions are written). It may
+also be a pack (``python -m gray_effnet pack``): then every image in it, train and val split alike, is
+predicted at the pack's size, with its labels.
 """
 
 import argparse
@@ -14,7 +16,8 @@ from .checkpoint import load_model
 from .data import GrayImageFolder, build_transforms, drop_unreadable, find_images, is_image_file, make_loader
 from .engine import evaluate
 from .errors import DataError
-from .intensity import parse_intensity_args
+from .intensity import parse_intensity, parse_intensity_args
+from .pack import PackedDataset, is_pack, open_pack
 from .report import format_eval, write_predictions
 
 __all__ = ["labelled_samples", "predict"]
@@ -36,6 +39,8 @@ def predict(args: argparse.Namespace) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(args.weights).to(device).eval()
     root = Path(args.data)
+    if is_pack(root):
+        return _predict_pack(args, model, root, device)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
     names = model.class_names or [str(i) for i in range(model.num_classes)]
@@ -54,6 +59,30 @@ def predict(args: argparse.Namespace) -> None:
                          pin_memory=device.type == "cuda")
     result = evaluate(model, loader, device=device, num_classes=model.num_classes, keep_predictions=True,
                       desc="predict")
+    _report(args, result, names, root, labelled)
+
+
+def _predict_pack(args: argparse.Namespace, model, root: Path, device: torch.device) -> None:
+    """Every readable image of a pack, read as it was packed (its size and intensity mapping)."""
+    pack = open_pack(root)
+    names = model.class_names or [str(i) for i in range(model.num_classes)]
+    unknown = sorted(set(pack.classes) - set(names))
+    if unknown:
+        raise DataError(f"classes of the pack {root} that are not classes of the checkpoint: {unknown}; "
+                        f"its classes are {names}")
+    wanted = str(parse_intensity(parse_intensity_args(args.intensity) or model.intensity))  # the checkpoint's
+    if wanted != pack.intensity:
+        raise DataError(f"the pack {root} was read with intensity {pack.intensity!r}, this prediction needs "
+                        f"{wanted!r} (the checkpoint's, or --intensity): pack again with --intensity {wanted}")
+    dataset = PackedDataset(pack, "all", label_map=[names.index(c) for c in pack.classes])
+    loader = make_loader(dataset, args.batch_size, train=False, workers=0, pin_memory=device.type == "cuda")
+    result = evaluate(model, loader, device=device, num_classes=model.num_classes, keep_predictions=True,
+                      desc="predict")
+    print(f"pack of {pack.source}, {pack.img_size[0]}x{pack.img_size[1]}: {pack.note}")
+    _report(args, result, names, root, labelled=True)
+
+
+def _report(args: argparse.Namespace, result, names: list[str], root: Path, labelled: bool) -> None:
     if labelled:
         print(format_eval(result, names))
     else:

@@ -29,6 +29,8 @@ SUBSTITUTIONS = {
     # torch.compile on the CPU takes about two minutes per graph; compiled == eager is tested on the stem.
     " --compile": "",
     "--nproc_per_node=4": "--nproc_per_node=2",
+    # Training commands get FAST's --img-size 32 32, and a pack fixes the size it is trained at.
+    "--img-size 64 64 --output runs/xray-pack": "--img-size 32 32 --output runs/xray-pack",
 }
 # Appended to every training command (argparse keeps the last value).
 FAST = ["--epochs", "1", "--img-size", "32", "32", "--batch-size", "16", "--workers", "0", "--no-progress"]

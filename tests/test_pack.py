@@ -1,0 +1,394 @@
+"""Packed datasets: written once, read as the files are, stale when the source changes, never half-written."""
+
+import contextlib
+import csv
+import io
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from gray_effnet import DataError, GrayEfficientNet, InputError, save_weights
+from gray_effnet.__main__ import main as gray_main
+from gray_effnet.checkpoint import read_checkpoint
+from gray_effnet.data import (
+    GrayImageFolder,
+    UnreadableImageWarning,
+    build_transforms,
+    collate,
+    load_folder,
+    make_loader,
+    set_loader_epoch,
+)
+from gray_effnet.pack import BatchAugment, PackedDataset, is_pack, open_pack, write_pack
+
+from .test_train import FAST, comparable, metrics
+
+# Two classes that differ: a bright and a dark blob, so that a model can tell them apart.
+SIZE = (32, 32)
+
+
+def write_images(root: Path, counts: dict[str, int], size=(40, 48), bits: int = 8, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    hi = 255 if bits == 8 else 65535
+    dtype = np.uint8 if bits == 8 else np.uint16
+    for k, (cls, n) in enumerate(counts.items()):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            a = rng.integers(0, hi // 2, size).astype(np.int64) + k * (hi // 3)
+            Image.fromarray(np.clip(a, 0, hi).astype(dtype)).save(root / cls / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def folder8(tmp_path) -> Path:
+    return write_images(tmp_path / "src8", {"a": 6, "b": 5})
+
+
+@pytest.fixture
+def folder16(tmp_path) -> Path:
+    return write_images(tmp_path / "src16", {"a": 6, "b": 5}, bits=16)
+
+
+def pack_of(src: Path, out: Path, **kwargs):
+    return write_pack(src, out, kwargs.pop("img_size", SIZE), progress=False, workers=2, **kwargs)
+
+
+def files_val(src: Path, size=SIZE) -> tuple[list, GrayImageFolder]:
+    folder = load_folder(src)
+    return folder, GrayImageFolder(folder.val, build_transforms(size, train=False), wide=folder.scan.wide)
+
+
+class TestWritePack:
+    def test_8bit_val_equals_files_bitwise(self, folder8, tmp_path):
+        pack = pack_of(folder8, tmp_path / "p")
+        assert pack.dtype == "uint8" and is_pack(tmp_path / "p")
+        folder, files = files_val(folder8)
+        assert (pack.classes, pack.train, pack.val) == (folder.classes, folder.train, folder.val)
+        packed = PackedDataset(pack, "val")
+        assert len(packed) == len(files) > 0
+        for i in range(len(files)):
+            (x, y, p), (fx, fy, fp) = packed[i], files[i]
+            assert x.dtype == fx.dtype == torch.uint8 and (y, p) == (fy, fp)
+            assert torch.equal(x, fx)
+
+    def test_16bit_within_uint16_rounding(self, folder16, tmp_path):
+        pack = pack_of(folder16, tmp_path / "p", img_size=(24, 20))  # non-square
+        assert pack.dtype == "uint16"
+        _, files = files_val(folder16, (24, 20))
+        packed = PackedDataset(pack, "val")
+        for i in range(len(files)):
+            x, fx = packed[i][0], files[i][0]
+            assert x.dtype == fx.dtype == torch.float32 and x.shape == fx.shape == (1, 24, 20)
+            assert (x - fx).abs().max().item() <= 0.5 / 65535 + 1e-7
+
+    def test_float16_and_uint8_refused_for_deep_data(self, folder16, tmp_path):
+        pack = pack_of(folder16, tmp_path / "f", dtype="float16")
+        assert np.load(pack.root / "images.npy", mmap_mode="r").dtype == np.float16
+        _, files = files_val(folder16)
+        torch.testing.assert_close(PackedDataset(pack, "val")[0][0], files[0][0], atol=1e-3, rtol=0)
+        with pytest.raises(InputError, match="deeper than 8 bit .*use --dtype uint16 or float16"):
+            pack_of(folder16, tmp_path / "u", dtype="uint8")
+
+    def test_bad_files_skipped_and_named(self, folder8, tmp_path):
+        (folder8 / "a" / "empty.png").write_bytes(b"")
+        with pytest.warns(UnreadableImageWarning, match="empty.png"):
+            pack = pack_of(folder8, tmp_path / "p")
+        assert [Path(p).name for p, _ in pack.scan.bad] == ["empty.png"]
+        meta = json.loads((tmp_path / "p" / "pack.json").read_text())
+        assert meta["skipped"][0][0] == os.path.join("a", "empty.png") and "Error" in meta["skipped"][0][1]
+        assert len(pack.train) + len(pack.val) == 11
+
+    def test_decode_failure_at_pack_time_skipped(self, folder8, tmp_path, monkeypatch):
+        """A file that passes the header scan but fails to decode (truncated) is skipped and named too."""
+        import gray_effnet.pack as pack_module
+
+        real = pack_module.read_gray
+
+        def flaky(path, *a, **k):
+            if path.endswith("001.png"):
+                raise OSError("image file is truncated")
+            return real(path, *a, **k)
+
+        monkeypatch.setattr(pack_module, "read_gray", flaky)
+        with pytest.warns(UnreadableImageWarning, match="001.png"):
+            pack = pack_of(folder8, tmp_path / "p")
+        assert sorted(Path(p).name for p, _ in pack.scan.bad) == ["001.png", "001.png"]
+        assert len(pack.train) + len(pack.val) == 9
+        assert all(not p.endswith("001.png") for p in PackedDataset(pack, "all").paths)
+
+    def test_strict_refuses(self, folder8, tmp_path):
+        (folder8 / "b" / "empty.png").write_bytes(b"")
+        with pytest.raises(DataError, match="--strict-data: 1 unreadable"):
+            pack_of(folder8, tmp_path / "p", strict=True)
+        assert not (tmp_path / "p").exists()
+
+    def test_refuses_to_replace_a_folder_that_is_not_a_pack(self, folder8, tmp_path):
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "notes.txt").write_text("keep me")
+        with pytest.raises(DataError, match="exists and is not a pack"):
+            pack_of(folder8, tmp_path / "mine")
+        assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+class TestAtomic:
+    def _crash_midway(self, monkeypatch):
+        import gray_effnet.pack as pack_module
+
+        calls = {"n": 0}
+        real = pack_module._store
+
+        def crash(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt  # as Ctrl-C would, halfway through the images
+            return real(*a, **k)
+
+        monkeypatch.setattr(pack_module, "_store", crash)
+
+    def test_interrupted_leaves_no_pack(self, folder8, tmp_path, monkeypatch):
+        self._crash_midway(monkeypatch)
+        with pytest.raises(KeyboardInterrupt):
+            pack_of(folder8, tmp_path / "p")
+        assert not is_pack(tmp_path / "p") and not (tmp_path / "p").exists()
+        assert sorted(os.listdir(tmp_path)) == ["src8"]  # no partial folder left either
+
+    def test_interrupted_keeps_the_older_pack(self, folder8, tmp_path, monkeypatch):
+        old = pack_of(folder8, tmp_path / "p")
+        before = (tmp_path / "p" / "pack.json").read_text()
+        self._crash_midway(monkeypatch)
+        with pytest.raises(KeyboardInterrupt):
+            pack_of(folder8, tmp_path / "p", img_size=(40, 40))
+        assert (tmp_path / "p" / "pack.json").read_text() == before
+        assert open_pack(tmp_path / "p").img_size == old.img_size
+        monkeypatch.undo()
+        assert pack_of(folder8, tmp_path / "p", img_size=(40, 40)).img_size == (40, 40)  # replaced when complete
+        assert sorted(os.listdir(tmp_path)) == ["p", "src8"]
+
+    def test_leftover_partial_is_never_read_and_is_cleaned(self, folder8, tmp_path):
+        """A partial folder of a killed process (its pid gone) is not a pack, and the next pack removes it."""
+        pack_of(folder8, tmp_path / "p")
+        leftover = tmp_path / "p.partial-999999999"
+        shutil.copytree(tmp_path / "p", leftover)
+        (leftover / "pack.json").unlink()  # a partial folder never has pack.json: it is written last
+        assert not is_pack(leftover)
+        with pytest.raises(DataError, match="is not a pack"):
+            open_pack(leftover)
+        pack_of(folder8, tmp_path / "p")
+        assert not leftover.exists()
+
+
+class TestStale:
+    @pytest.fixture
+    def packed(self, folder8, tmp_path):
+        pack_of(folder8, tmp_path / "p")
+        return folder8, tmp_path / "p"
+
+    def test_fresh(self, packed):
+        assert "unchanged since packing" in open_pack(packed[1]).note
+
+    @pytest.mark.parametrize("change, counts", [
+        ("touch", "1 modified"), ("rewrite", "1 modified"), ("add", "1 added"), ("remove", "1 removed"),
+    ])
+    def test_changed_source_is_refused(self, packed, change, counts):
+        src, p = packed
+        target = src / "a" / "002.png"
+        if change == "touch":
+            st = target.stat()
+            os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        elif change == "rewrite":
+            Image.fromarray(np.zeros((40, 48), np.uint8)).save(target)
+        elif change == "add":
+            shutil.copy(target, src / "b" / "new.png")
+        else:
+            target.unlink()
+        source = re.escape(str(src.resolve()))
+        refresh = rf"refresh it with: python -m gray_effnet pack --data {source} --img-size 32 32"
+        with pytest.raises(DataError, match=rf"is stale: .* were {counts} \(.*\.png\); {refresh}"):
+            open_pack(p)
+        assert open_pack(p, check_stale=False).note == "staleness not checked"
+
+    def test_counts_several(self, packed):
+        src, p = packed
+        for name in ("x.png", "y.png"):
+            shutil.copy(src / "a" / "000.png", src / "a" / name)
+        (src / "b" / "000.png").unlink()
+        with pytest.raises(DataError, match=r"2 added \(a/x.png, a/y.png\); 1 removed \(b/000.png\)"):
+            open_pack(p)
+
+    def test_source_gone_is_a_note(self, packed):
+        src, p = packed
+        shutil.rmtree(src)
+        pack = open_pack(p)
+        assert "is gone: could not check whether the pack is stale" in pack.note
+        assert len(PackedDataset(pack, "train")) == len(pack.train)
+
+
+class TestPackedLoader:
+    def test_batches_match_items_in_sampler_order(self, folder16, tmp_path):
+        pack = pack_of(folder16, tmp_path / "p")
+        ds = PackedDataset(pack, "train")
+        loader = make_loader(ds, 4, train=True, workers=0, seed=3)
+        set_loader_epoch(loader, 1, 3)
+        order = list(loader.sampler)
+        got = [b for b in loader]
+        images = torch.cat([b.images for b in got])
+        paths = [p for b in got for p in b.paths]
+        want = collate([ds[i] for i in order[:len(paths)]])
+        assert paths == want.paths and torch.equal(images, want.images)
+        assert torch.equal(torch.cat([b.targets for b in got]), want.targets)
+
+    def test_workers_do_not_copy_the_array(self, folder8, tmp_path):
+        import pickle
+
+        ds = PackedDataset(pack_of(folder8, tmp_path / "p"), "train")
+        ds[0]  # opens the memory map
+        assert len(pickle.dumps(ds)) < 4096 + 200 * len(ds)
+        loader = make_loader(ds, 4, train=False, workers=1)
+        assert sum(len(b.paths) for b in loader) == len(ds)
+
+
+class TestBatchAugment:
+    def test_shape_dtype_range(self):
+        x = torch.randint(0, 256, (5, 1, 40, 30), dtype=torch.uint8)
+        y = BatchAugment((24, 20), crop_scale=0.5, hflip=0.5, rotate=15)(x)
+        assert y.shape == (5, 1, 24, 20) and y.dtype == torch.float32
+        assert 0 <= y.min().item() and y.max().item() <= 1
+
+    def test_crop_scale_one_keeps_the_image(self):
+        """scale (1, 1) and a square image: the crop is the whole image, at any aspect ratio draw it fits."""
+        x = torch.rand(3, 1, 16, 16)
+        torch.testing.assert_close(BatchAugment((16, 16), crop_scale=1.0)(x), x, atol=1e-5, rtol=0)
+
+    def test_depends_only_on_seed_epoch_step(self):
+        x = torch.rand(4, 1, 32, 32)
+
+        def run(seed, epoch, steps=2):
+            aug = BatchAugment((32, 32), crop_scale=0.5, hflip=0.5, rotate=20, seed=seed)
+            aug.set_epoch(epoch)
+            return [aug(x) for _ in range(steps)]
+
+        a, b = run(0, 1), run(0, 1)
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+        assert not torch.equal(a[0], a[1])  # each step its own parameters
+        assert not torch.equal(a[0], run(0, 2)[0]) and not torch.equal(a[0], run(1, 1)[0])
+        assert not torch.equal(a[0][0], a[0][1])  # each image its own parameters
+
+    def test_global_rng_untouched(self):
+        x = torch.rand(2, 1, 16, 16)
+        torch.manual_seed(5)
+        state = torch.random.get_rng_state()
+        BatchAugment((16, 16), crop_scale=0.5, hflip=0.5, rotate=10)(x)
+        assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def run(*argv) -> str:
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
+    return printed.getvalue()
+
+
+PACK_FAST = [a for a in FAST if a not in ("--img-size", "32")]  # a pack gives the size
+
+
+@pytest.fixture(scope="module")
+def trained_on_pack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("packrun")
+    src = write_images(tmp / "src", {"dark": 12, "bright": 12}, bits=16)
+    pack_of(src, tmp / "pack")
+    printed = run("--data", tmp / "pack", "--epochs", "1", "--output", tmp / "run", "--no-pretrained",
+                  "--hflip", "0.5", *PACK_FAST)
+    return tmp, printed
+
+
+class TestTrainOnPack:
+    def test_one_epoch(self, trained_on_pack):
+        tmp, printed = trained_on_pack
+        assert f"data: {tmp / 'pack'}: pack of {tmp / 'src'}, uint16, source" in printed
+        assert "unchanged since packing" in printed and "float32 batches" in printed
+        _, meta = read_checkpoint(tmp / "run" / "last.safetensors")
+        assert meta["img_size"] == list(SIZE) and meta["class_names"] == ["bright", "dark"]
+        assert len(metrics(tmp / "run")) == 1
+
+    def test_other_img_size_refused(self, trained_on_pack):
+        tmp, _ = trained_on_pack
+        with pytest.raises(InputError, match="--img-size 40 40: the pack .* holds 32x32 images"):
+            run("--data", tmp / "pack", "--output", tmp / "x", *PACK_FAST, "--img-size", "40", "40")
+
+    def test_evaluate_and_predict(self, trained_on_pack, capsys):
+        tmp, _ = trained_on_pack
+        weights = tmp / "run" / "best.safetensors"
+        printed = run("--evaluate", "--weights", weights, "--data", tmp / "pack", "--output", tmp / "ev",
+                      "--workers", "0", "--no-progress")
+        val_acc = float(metrics(tmp / "run")[0]["val_acc"])
+        n_val = len(open_pack(tmp / "pack").val)
+        assert f"accuracy {val_acc:.4f} on {n_val} images" in printed and n_val == 4
+        out = tmp / "pred.csv"
+        assert gray_main(["predict", "--weights", str(weights), "--data", str(tmp / "pack"), "--output",
+                          str(out)]) == 0
+        assert "on 24 images" in capsys.readouterr().out
+        with open(out) as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 24 and all(r["target"] == Path(r["path"]).parent.name for r in rows)
+
+    def test_resume_equals_uninterrupted(self, trained_on_pack, monkeypatch):
+        tmp, _ = trained_on_pack
+        full, cut = tmp / "full", tmp / "cut"
+        args = ["--data", tmp / "pack", "--epochs", "2", "--no-pretrained", "--hflip", "0.5", "--rotate", "10",
+                "--crop-scale", "0.5", *PACK_FAST]
+        run(*args, "--output", full)
+
+        class Crash(Exception):
+            pass
+
+        real_save = train.save_checkpoint
+
+        def save_then_crash(*a, **k):
+            real_save(*a, **k)
+            raise Crash
+
+        monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+        with pytest.raises(Crash):
+            run(*args, "--output", cut)
+        monkeypatch.setattr(train, "save_checkpoint", real_save)
+        run(*args, "--output", cut, "--resume")
+        for got, want in zip(comparable(metrics(cut)), comparable(metrics(full)), strict=True):
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+        a, _ = read_checkpoint(full / "last.safetensors")
+        b, _ = read_checkpoint(cut / "last.safetensors")
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+class TestCli:
+    def test_pack_command(self, folder8, tmp_path, capsys):
+        (folder8 / "a" / "broken.png").write_bytes(b"not a png")
+        out = tmp_path / "p"
+        assert gray_main(["pack", "--data", str(folder8), "--img-size", "32", "32", "--output", str(out),
+                          "--no-progress", "--workers", "1"]) == 0
+        printed = capsys.readouterr().out
+        assert re.search(rf"packed 11 images of 2 classes \(a, b\) from .* into {re.escape(str(out))}: 32x32 uint8, "
+                         r"\d+ train / \d+ val, [\d.]+ MB, [\d.]+s", printed), printed
+        assert "skipped 1 unreadable file(s)" in printed and "broken.png: UnidentifiedImageError" in printed
+        meta = json.loads((out / "pack.json").read_text())
+        assert meta["command"].startswith("python -m gray_effnet") and meta["files"]
+
+    def test_errors_are_one_line(self, tmp_path, capsys):
+        assert gray_main(["pack", "--data", str(tmp_path / "nope"), "--img-size", "8", "8", "--output",
+                          str(tmp_path / "p")]) == 2
+        assert "does not exist" in capsys.readouterr().err
+
+    def test_predict_refuses_another_intensity(self, folder8, tmp_path, capsys):
+        pack_of(folder8, tmp_path / "p", intensity="minmax")
+        model = GrayEfficientNet("tf_efficientnet_lite0", num_classes=2, class_names=["a", "b"], img_size=SIZE)
+        weights = save_weights(model, tmp_path / "w.safetensors")
+        assert gray_main(["predict", "--weights", str(weights), "--data", str(tmp_path / "p")]) == 2
+        assert "read with intensity 'minmax', this prediction needs 'full'" in capsys.readouterr().err
