@@ -5,7 +5,7 @@ on the bundled ImageNet weights of tf_efficientnet_lite0. No network and no data
 
 Single process (CPU, or one GPU):
     python train.py --adapter broadcast
-    python train.py --data /path/to/folders --img-size 84 112 --epochs 20 --amp bf16 --channels-last
+    python train.py --data /path/to/folders --img-size 84 112 --epochs 20 --amp bf16
 Several GPUs on one machine (or nodes: see torchrun --help), one process each:
     torchrun --standalone --nproc_per_node=4 train.py --data /path/to/folders
 Resume after an interruption (the same command, plus --resume):
@@ -22,11 +22,16 @@ CT in Hounsfield units (DICOM), with three learnable intensity windows as the st
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import shlex
 import sys
 import time
 from pathlib import Path
+
+from gray_effnet.cli import HelpFormatter, configure_openmp
+
+configure_openmp()  # before torch loads: libgomp reads its spin setting once (gray_effnet/tuning.py says why)
 
 import numpy as np
 import timm
@@ -50,7 +55,6 @@ from gray_effnet.checkpoint import (
     set_rng_state,
     write_metrics,
 )
-from gray_effnet.cli import HelpFormatter
 from gray_effnet.data import (
     INTENSITY_HELP,
     GrayImageFolder,
@@ -66,6 +70,7 @@ from gray_effnet.model import min_input_size
 from gray_effnet.pack import BatchAugment, Pack, PackedDataset, is_pack, open_pack
 from gray_effnet.report import format_eval, write_predictions
 from gray_effnet.runinfo import device_name, git_commit
+from gray_effnet.tuning import CHANNELS_LAST_MODES, choose_channels_last, plan_threads
 from gray_effnet.weights import atomic_write
 
 
@@ -103,7 +108,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this")
     g = p.add_argument_group("speed")
     g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast dtype")
-    g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on recent GPUs)")
+    g.add_argument("--channels-last", default="auto", choices=CHANNELS_LAST_MODES,
+                   help="NHWC memory format; auto: on with CUDA, on the CPU where a short probe finds it faster")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of each process (default: its share of the cores; the first lines say)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (DDP on CUDA)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -143,6 +151,7 @@ def check_args(args) -> None:
         (0 <= args.label_smoothing < 1, f"--label-smoothing must be in [0, 1); got {args.label_smoothing}"),
         (args.clip_grad is None or args.clip_grad > 0, f"--clip-grad must be positive; got {args.clip_grad}"),
         (args.log_every >= 1, f"--log-every must be at least 1; got {args.log_every}"),
+        (args.threads is None or args.threads >= 1, f"--threads must be at least 1; got {args.threads}"),
         (not args.evaluate or args.weights, "--evaluate needs --weights PATH (a checkpoint of this project)"),
     ]
     for ok, message in checks:
@@ -246,8 +255,14 @@ def run_evaluate(args, device: torch.device, autocast) -> None:
     _, ds, _, workers = build_datasets(args, folder, img_size, str(intensity))
     loader = make_loader(ds, args.batch_size, train=False, workers=workers, pin_memory=device.type == "cuda")
     log(data_line(args, root, folder, ds.wide) + f"; evaluating the {len(folder.val)} validation images")
+    torch.set_num_threads(plan_threads(workers=workers, requested=args.threads).threads)
+    channels_last, why = choose_channels_last(args.channels_last, model, device, (args.batch_size, 1, *img_size),
+                                              train=False, autocast=autocast)
+    log(why)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     result = evaluate(model, loader, device=device, num_classes=model.num_classes, autocast=autocast,
-                      keep_predictions=True, progress=not args.no_progress)
+                      channels_last=channels_last, keep_predictions=True, progress=not args.no_progress)
     print(format_eval(result, folder.classes))
     out = Path(args.output) if args.output else Path(args.weights).parent
     path = out / "eval_predictions.csv"
@@ -289,6 +304,10 @@ def main(args) -> None:
     train_loader = make_loader(train_ds, args.batch_size, train=True, **loader_kw)
     val_loader = make_loader(val_ds, args.batch_size, train=False, **loader_kw)
     log(data_line(args, root, folder, train_ds.wide))
+    threads = plan_threads(workers=workers, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                           requested=args.threads)
+    torch.set_num_threads(threads.threads)
+    log(threads.describe())
 
     # -- model. Order: to(device) -> channels_last -> optimizer -> compile -> DDP, because the optimizer
     # must hold the parameters that live on the device, and DDP must wrap the module that will run. ---------
@@ -299,7 +318,10 @@ def main(args) -> None:
     if args.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    if args.channels_last:
+    channels_last, why = choose_channels_last(args.channels_last, model, device, (args.batch_size, 1, h, w),
+                                              train=True, autocast=autocast)
+    log(why)
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     unwrapped = model  # saved and evaluated: no DDP collectives, no '_orig_mod.' prefixes
     lr = args.lr * args.batch_size * world / 64  # --lr is for a global batch of 64; scale linearly
@@ -342,7 +364,8 @@ def main(args) -> None:
             write_metrics(output / "metrics.csv", history)  # drop rows of an epoch that did not finish
         config = {"args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
                   "resolved": {"data": str(root), "output": str(output), "lr": lr, "world_size": world,
-                               "classes": folder.classes, "device": str(device),
+                               "classes": folder.classes, "device": str(device), "threads": threads.threads,
+                               "channels_last": channels_last,
                                "device_name": device_name(device), "command": command_line(args),
                                "commit": git_commit(Path(__file__))},
                   "versions": {"gray_effnet": gray_effnet.__version__, "torch": torch.__version__,
@@ -362,10 +385,10 @@ def main(args) -> None:
             batch_augment.set_epoch(epoch)  # its crops depend on (seed, epoch, step) only: resumable
         stats = train_one_epoch(model, train_loader, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
                                 device=device, epoch=epoch, autocast=autocast, scaler=scaler,
-                                clip_grad=args.clip_grad, channels_last=args.channels_last,
+                                clip_grad=args.clip_grad, channels_last=channels_last,
                                 log_every=args.log_every, progress=progress, augment=batch_augment)
         result = evaluate(eval_model, val_loader, device=device, num_classes=len(folder.classes), autocast=autocast,
-                          channels_last=args.channels_last, progress=progress, desc=f"epoch {epoch} val")
+                          channels_last=channels_last, progress=progress, desc=f"epoch {epoch} val")
         row = EpochRow(epoch=epoch, lr=optimizer.param_groups[0]["lr"], **stats,  # lr: where the epoch ended
                        val_loss=result.loss, val_acc=result.acc,
                        process_peak_mem_mb=process_peak_mem_mb(device), val_skipped=result.skipped)

@@ -43,6 +43,7 @@ __all__ = [
     "INTENSITY_HELP",
     "Batch",
     "FolderSplit",
+    "SampleSeeds",
     "GrayImageFolder",
     "UnreadableImageWarning",
     "build_transforms",
@@ -531,7 +532,12 @@ class GrayImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, str] | None:
+    # Training loaders hand this dataset (index, seed) keys (``SampleSeeds``): each image's augmentation then
+    # depends on (seed, epoch, index) alone, whichever worker, persistent or not, reads it.
+    takes_sample_seeds = True
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int, str] | None:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
         try:
             img = read_gray(path, self.intensity, warn_frames=False)  # the scan reported multi-frame files once
@@ -542,7 +548,12 @@ class GrayImageFolder(Dataset):
         if self.wide and img.dtype == torch.uint8:
             img = img.float().div_(255)
         if self.transform is not None:
-            img = self.transform(img)
+            if seed is None:
+                img = self.transform(img)
+            else:
+                with torch.random.fork_rng(devices=[]):  # the worker's (or main process') generator stays as it was
+                    torch.manual_seed(seed)
+                    img = self.transform(img)
         return img, label, path
 
 
@@ -570,6 +581,30 @@ def collate(items: list[tuple[Tensor, int, str] | None] | Batch) -> Batch:
     return Batch(images, targets, [it[2] for it in good], len(items) - len(good))
 
 
+class SampleSeeds(torch.utils.data.Sampler):
+    """Wrap a training sampler: yield ``(index, seed)`` with ``seed`` a function of (seed, epoch, index).
+
+    The augmentation seeds then travel with the indices, so loader workers can persist across epochs (no
+    re-forking each epoch) and a resumed run still sees what an uninterrupted one saw in the same epoch.
+    """
+
+    def __init__(self, sampler: DistributedSampler, seed: int) -> None:
+        self.sampler, self.seed, self.epoch = sampler, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        # Distinct, well-mixed 63-bit seeds from the three integers (SplitMix-style constants).
+        base = (self.seed * 0x9E3779B97F4A7C15 + self.epoch * 0xBF58476D1CE4E5B9) & (2**63 - 1)
+        for index in self.sampler:
+            yield index, (base ^ (index * 0x94D049BB133111EB)) & (2**63 - 1)
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -581,14 +616,17 @@ def make_loader(
     world_size: int = 1,
     rank: int = 0,
 ) -> DataLoader:
-    """A loader whose order depends only on (seed, epoch): call ``set_loader_epoch`` each training epoch.
+    """A loader whose order and augmentation depend only on (seed, epoch): call ``set_loader_epoch`` each epoch.
 
     Training uses a ``DistributedSampler`` for one process too, so single-process and ``torchrun`` runs
     share one code path. Evaluation gives each rank every ``world_size``-th sample, with no padding, so
     every image counts once; evaluate the unwrapped model, since DDP expects equal batch counts.
     """
+    seeded = train and getattr(dataset, "takes_sample_seeds", False)
     if train:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        if seeded:
+            sampler = SampleSeeds(sampler, seed)
     else:
         sampler = range(rank, len(dataset), world_size)
     per_rank = math.ceil(len(dataset) / world_size)
@@ -601,12 +639,15 @@ def make_loader(
         pin_memory=pin_memory,
         drop_last=train and per_rank > batch_size,  # a batch of 1 breaks BatchNorm in training
         generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,  # fresh workers each epoch, seeded from (seed, epoch): resumable
+        # Workers live for the whole run (forking them each epoch costs a pause per epoch) wherever their own
+        # random state does not matter: evaluation, and datasets seeded per sample. Other training datasets get
+        # fresh workers each epoch, seeded from (seed, epoch) by set_loader_epoch.
+        persistent_workers=workers > 0 and (seeded or not train),
     )
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int, seed: int = 0) -> None:
-    """Make the shuffle and the workers' augmentation seeds a function of (seed, epoch)."""
+    """Make the shuffle and the augmentation seeds (per sample, or else the workers') a function of (seed, epoch)."""
     loader.sampler.set_epoch(epoch)
     loader.generator = torch.Generator().manual_seed(seed * 100003 + epoch)
 

@@ -19,6 +19,7 @@ from .errors import DataError
 from .intensity import parse_intensity, parse_intensity_args
 from .pack import PackedDataset, is_pack, open_pack
 from .report import format_eval, write_predictions
+from .tuning import choose_channels_last
 
 __all__ = ["labelled_samples", "predict"]
 
@@ -57,8 +58,7 @@ def predict(args: argparse.Namespace) -> None:
     dataset = GrayImageFolder(samples, build_transforms(size, train=False), wide=scan.wide, intensity=intensity)
     loader = make_loader(dataset, args.batch_size, train=False, workers=args.workers,
                          pin_memory=device.type == "cuda")
-    result = evaluate(model, loader, device=device, num_classes=model.num_classes, keep_predictions=True,
-                      desc="predict")
+    result = _evaluate(args, model, loader, device, size)
     _report(args, result, names, root, labelled)
 
 
@@ -76,10 +76,20 @@ def _predict_pack(args: argparse.Namespace, model, root: Path, device: torch.dev
                         f"{wanted!r} (the checkpoint's, or --intensity): pack again with --intensity {wanted}")
     dataset = PackedDataset(pack, "all", label_map=[names.index(c) for c in pack.classes])
     loader = make_loader(dataset, args.batch_size, train=False, workers=0, pin_memory=device.type == "cuda")
-    result = evaluate(model, loader, device=device, num_classes=model.num_classes, keep_predictions=True,
-                      desc="predict")
+    result = _evaluate(args, model, loader, device, pack.img_size)
     print(f"pack of {pack.source}, {pack.img_size[0]}x{pack.img_size[1]}: {pack.note}")
     _report(args, result, names, root, labelled=True)
+
+
+def _evaluate(args: argparse.Namespace, model, loader, device: torch.device, size: tuple[int, int]):
+    """Predict every batch of ``loader``, in the memory format that ``--channels-last`` resolves to."""
+    channels_last, why = choose_channels_last(args.channels_last, model, device, (args.batch_size, 1, *size),
+                                              train=False)
+    print(why)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return evaluate(model, loader, device=device, num_classes=model.num_classes, channels_last=channels_last,
+                    keep_predictions=True, desc="predict")
 
 
 def _report(args: argparse.Namespace, result, names: list[str], root: Path, labelled: bool) -> None:

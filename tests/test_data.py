@@ -351,6 +351,24 @@ class TestLoader:
         assert differ(epoch0, epoch1) >= 6  # another epoch: other crops of the same files
         assert differ(epoch1, crops(fresh(6), 1, 6)) >= 6  # another seed likewise
 
+    def test_persistent_workers_and_their_number_leave_the_crops_alone(self, tmp_path):
+        """Image folders seed each sample from (seed, epoch, index): workers persist, and 0 or 2 of them agree."""
+        data = load_folder(write_folder(tmp_path, {"a": 6, "b": 6}, size=(40, 40)), val_split=0.25)
+        ds = GrayImageFolder(data.train, build_transforms((24, 24), train=True, crop_scale=0.3))
+
+        def crops(loader, epoch):
+            set_loader_epoch(loader, epoch, seed=5)
+            return {p: img for batch in loader for p, img in zip(batch.paths, batch.images)}
+
+        two, none = (make_loader(ds, 4, train=True, workers=n, seed=5) for n in (2, 0))
+        assert two.persistent_workers and not none.persistent_workers
+        assert make_loader(ds, 4, train=False, workers=2).persistent_workers  # evaluation: no randomness
+        rng = torch.get_rng_state()
+        for epoch in (0, 1, 0):
+            a, b = crops(two, epoch), crops(none, epoch)
+            assert a.keys() == b.keys() and all(torch.equal(a[p], b[p]) for p in a)
+        assert torch.equal(torch.get_rng_state(), rng)  # workers=0 seeds in a fork of the main generator
+
     def test_worker_seeds_are_a_function_of_seed_and_epoch(self):
         """Each worker's torch seed, read inside the worker: new for each epoch and seed, the same on a resume.
 

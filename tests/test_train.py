@@ -29,7 +29,8 @@ from gray_effnet.data import UnreadableImageWarning, build_transforms, prepare_d
 from .helpers import PicklePayload
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--img-size", "32", "32", "--batch-size", "16", "--workers", "0", "--no-progress", "--log-every", "2"]
+FAST = ["--img-size", "32", "32", "--batch-size", "16", "--workers", "0", "--no-progress", "--log-every", "2",
+        "--channels-last", "off"]  # no timing probe: runs that are compared must not pick formats by the clock
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +318,7 @@ class TestSpeedFlags:
 
     def test_bf16_channels_last(self, digits, tmp_path, observed):
         out = tmp_path / "run"
-        run("--data", digits, "--epochs", "1", "--output", out, "--amp", "bf16", "--channels-last", *FAST)
+        run("--data", digits, "--epochs", "1", "--output", out, "--amp", "bf16", *FAST, "--channels-last", "on")
         row = comparable(metrics(out))[0]
         assert all(math.isfinite(v) for v in row.values())
         assert observed["logits"] and set(observed["logits"]) == {torch.bfloat16}
@@ -336,7 +337,7 @@ class TestSpeedFlags:
         # The optimizer steps on unscaled gradients of norm `clip` (the GradScaler skips steps with inf).
         assert observed["grad_norm"] and observed["grad_norm"] == pytest.approx([clip] * len(observed["grad_norm"]),
                                                                                 rel=1e-3)
-        assert all(observed["contiguous"])  # no --channels-last: NCHW
+        assert all(observed["contiguous"])  # --channels-last off: NCHW
         assert torch.load(out / STATE_NAME, weights_only=True)["scaler"]  # a GradScaler only for fp16
 
     def test_without_flags_nothing_changes(self, digits, tmp_path, observed):

@@ -1,0 +1,165 @@
+"""Speed settings chosen for the machine: CPU threads that do not fight, and the memory format.
+
+Two things decide much of a CPU run's speed and neither has one right value everywhere:
+
+* **Threads.** PyTorch's CPU kernels run on OpenMP threads (libgomp in the pip wheels). Between parallel
+  regions an idle thread spins, waiting for the next one, for ``GOMP_SPINCOUNT`` turns (300,000 by default)
+  before it sleeps. Alone on its cores that is what makes small kernels fast; with a second process on the
+  same cores the spinning threads take the time slices the other process' threads need, and both slow down
+  several-fold. ``gray_effnet.cli.OPENMP_ENV`` lowers the spin, which libgomp reads when it loads: the entry
+  points (``train.py``, ``python -m gray_effnet``) call ``configure_openmp()`` before they import torch. The
+  intra-op thread count is this process' share of the cores (``plan_threads``).
+* **Memory format.** ``channels_last`` (NHWC) can double a CPU training step where oneDNN has fast NHWC
+  kernels (AVX-512 Xeons) and do nothing elsewhere; on CUDA it is what tensor cores want. ``auto`` measures it:
+  a few steps of a copy of the model in each format (``choose_channels_last``).
+
+The numbers behind these choices are in ``benchmarks/results/`` (``threads``, ``adapters``), each with the
+CPU it ran on.
+"""
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import InputError
+
+__all__ = ["CHANNELS_LAST_MODES", "ThreadPlan", "available_cores", "choose_channels_last", "plan_threads"]
+
+CHANNELS_LAST_MODES = ("auto", "on", "off")
+
+
+def available_cores() -> int:
+    """CPUs this process may run on: its affinity mask, further capped by a cgroup v2 CPU quota (containers)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.floor(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """The intra-op threads of one training process, and why."""
+
+    threads: int
+    cores: int
+    local_processes: int
+    workers: int
+    chosen_by: str  # "auto" or "--threads"
+
+    def describe(self) -> str:
+        spin = os.environ.get("OMP_WAIT_POLICY") and f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" or (
+            f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in os.environ else "OpenMP defaults")
+        share = f"{self.cores} cores / {self.local_processes} process{'es' if self.local_processes > 1 else ''}"
+        return (f"threads: {self.threads} intra-op ({self.chosen_by}: {share}; "
+                f"{self.workers} loader worker{'s' if self.workers != 1 else ''} at 1 thread each; {spin})")
+
+
+def plan_threads(*, workers: int, local_processes: int = 1, requested: int | None = None,
+                 cores: int | None = None) -> ThreadPlan:
+    """This process' share of the cores: ``cores // local_processes``, at least 1 (or ``requested``).
+
+    The loader workers are not subtracted: each runs torch at 1 thread (the DataLoader sets that), and they
+    sleep whenever the prefetch queue is full, which is most of the time once decoding keeps up; a packed
+    dataset has none. Subtracting them on a 2-core machine would halve the model's threads for good.
+
+    Args:
+        workers: loader worker processes of this process.
+        local_processes: training processes on this machine (``LOCAL_WORLD_SIZE`` under torchrun).
+        requested: a thread count the user asked for (``--threads``); checked, and used as it is.
+        cores: the cores to share (default: ``available_cores()``).
+    """
+    cores = cores or available_cores()
+    if requested is not None:
+        if requested < 1:
+            raise InputError(f"--threads must be at least 1; got {requested}")
+        return ThreadPlan(requested, cores, local_processes, workers, "--threads")
+    return ThreadPlan(max(1, cores // max(1, local_processes)), cores, local_processes, workers, "auto")
+
+
+def _time_steps(model: nn.Module, x: torch.Tensor, *, train: bool, autocast: Callable, steps: int,
+                device: torch.device) -> float:
+    """Seconds per step (median of ``steps`` after one untimed step) of forward (+ backward) on ``x``."""
+
+    def step() -> None:
+        with (nullcontext() if train else torch.no_grad()), autocast():
+            out = model(x)
+        if train:
+            out.float().square().mean().backward()
+            model.zero_grad(set_to_none=True)
+
+    times = []
+    for i in range(steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def choose_channels_last(mode: str, model: nn.Module, device: torch.device, input_shape: tuple[int, ...], *,
+                         train: bool, autocast: Callable = nullcontext, steps: int = 2,
+                         min_gain: float = 1.05) -> tuple[bool, str]:
+    """Resolve ``--channels-last auto|on|off`` to a bool, with a line saying why.
+
+    ``auto`` on CUDA is on (cuDNN's NHWC kernels are what tensor cores run, as timm recommends). On the CPU it
+    times ``steps`` forward (and, with ``train``, backward) passes of a copy of ``model`` in each format on a
+    random batch of ``input_shape`` (the batch capped at 16) and takes NHWC when it is at least ``min_gain``
+    times faster. The copy keeps the model's batch statistics and gradients untouched. Under
+    ``torch.distributed`` rank 0 decides for every rank, so that they agree.
+
+    Args:
+        mode: ``auto``, ``on`` or ``off``.
+        model: the model as it will run (on ``device``, not yet compiled or wrapped).
+        device: where it runs.
+        input_shape: (B, 1, H, W) of a batch.
+        train: probe training steps (forward and backward) rather than inference.
+        autocast: the run's autocast context factory.
+        steps: timed steps per format, after one untimed.
+        min_gain: the speed-up NHWC must show to be chosen.
+    """
+    if mode not in CHANNELS_LAST_MODES:
+        raise InputError(f"channels_last must be one of {', '.join(CHANNELS_LAST_MODES)}; got {mode!r}")
+    if mode != "auto":
+        return mode == "on", f"channels_last: {mode} (asked for)"
+    if device.type == "cuda":
+        return True, "channels_last: on (auto: CUDA, where NHWC is what cuDNN's tensor-core kernels use)"
+    decision = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        b, *rest = input_shape
+        with torch.random.fork_rng(devices=[]):  # the probe's batch and dropout leave the run's generator alone
+            torch.manual_seed(0)
+            x = torch.rand(min(b, 16), *rest, device=device)
+            probe = copy.deepcopy(model).train(train)
+            nchw = _time_steps(probe, x, train=train, autocast=autocast, steps=steps, device=device)
+            probe.to(memory_format=torch.channels_last)
+            nhwc = _time_steps(probe, x.contiguous(memory_format=torch.channels_last), train=train,
+                               autocast=autocast, steps=steps, device=device)
+        del probe
+        on = nchw >= min_gain * nhwc
+        what = "training" if train else "inference"
+        decision[0] = (on, f"channels_last: {'on' if on else 'off'} (auto: a {x.shape[0]}-image {what} step took "
+                           f"{nhwc * 1e3:.0f} ms in NHWC, {nchw * 1e3:.0f} ms in NCHW; NHWC is taken from "
+                           f"{min_gain:.2f}x faster)")
+    if dist.is_initialized():
+        dist.broadcast_object_list(decision, src=0)
+    return decision[0]

@@ -1,0 +1,91 @@
+"""Threads and memory format chosen for the machine (gray_effnet.tuning, gray_effnet.cli.configure_openmp)."""
+
+import copy
+
+import pytest
+import torch
+
+from gray_effnet.cli import OPENMP_ENV, configure_openmp
+from gray_effnet.errors import InputError
+from gray_effnet.tuning import available_cores, choose_channels_last, plan_threads
+
+from .helpers import make_model
+
+
+class TestConfigureOpenmp:
+    def test_sets_the_spin_where_unset(self):
+        env = {}
+        assert configure_openmp(env) == OPENMP_ENV and env == OPENMP_ENV
+
+    def test_the_users_settings_win(self):
+        env = {"GOMP_SPINCOUNT": "0"}
+        assert configure_openmp(env) == {} and env == {"GOMP_SPINCOUNT": "0"}
+        env = {"OMP_WAIT_POLICY": "ACTIVE"}
+        assert configure_openmp(env) == {} and env == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+class TestPlanThreads:
+    def test_share_of_the_cores(self):
+        assert plan_threads(workers=2, cores=8).threads == 8
+        assert plan_threads(workers=2, local_processes=4, cores=8).threads == 2
+        assert plan_threads(workers=0, local_processes=4, cores=2).threads == 1  # never 0
+
+    def test_requested_is_used_as_is(self):
+        plan = plan_threads(workers=2, requested=3, cores=2)
+        assert plan.threads == 3 and plan.chosen_by == "--threads"
+
+    def test_requested_below_one_refused(self):
+        with pytest.raises(InputError, match="--threads must be at least 1; got 0"):
+            plan_threads(workers=0, requested=0)
+
+    def test_describe_says_what_and_why(self, monkeypatch):
+        monkeypatch.setenv("GOMP_SPINCOUNT", "3000")
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        line = plan_threads(workers=1, local_processes=2, cores=4).describe()
+        assert line == ("threads: 2 intra-op (auto: 4 cores / 2 processes; 1 loader worker at 1 thread each; "
+                        "GOMP_SPINCOUNT=3000)")
+
+    def test_available_cores(self):
+        assert 1 <= available_cores() <= (torch.get_num_threads() + 1024)
+
+
+class TestChooseChannelsLast:
+    @pytest.mark.parametrize("mode, want", [("on", True), ("off", False)])
+    def test_asked_for(self, mode, want):
+        on, why = choose_channels_last(mode, None, torch.device("cpu"), (2, 1, 32, 32), train=True)
+        assert on is want and why == f"channels_last: {mode} (asked for)"
+
+    def test_unknown_mode(self):
+        with pytest.raises(InputError, match="one of auto, on, off; got 'yes'"):
+            choose_channels_last("yes", None, torch.device("cpu"), (2, 1, 32, 32), train=True)
+
+    def test_cuda_is_on_without_a_probe(self):
+        """The CUDA rule needs no device: nothing is timed (the model is not even looked at)."""
+        on, why = choose_channels_last("auto", None, torch.device("cuda"), (2, 1, 32, 32), train=True)
+        assert on and "CUDA" in why
+
+    @pytest.mark.parametrize("train", [True, False])
+    def test_cpu_probe_leaves_the_model_and_generator_alone(self, train):
+        model = make_model("tf_efficientnet_lite0", "fold").train(train)
+        before = copy.deepcopy(model.state_dict())
+        torch.manual_seed(7)
+        rng = torch.get_rng_state()
+        on, why = choose_channels_last("auto", model, torch.device("cpu"), (32, 1, 32, 32), train=train)
+        assert isinstance(on, bool)
+        assert why.startswith(f"channels_last: {'on' if on else 'off'} (auto: a 16-image ")
+        assert ("training" if train else "inference") in why and " ms in NHWC" in why
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert model.training is train and all(p.grad is None for p in model.parameters())
+        for key, value in model.state_dict().items():  # BatchNorm's running statistics included
+            assert torch.equal(value, before[key]), key
+        assert all(p.is_contiguous() for p in model.parameters())  # the model keeps its format
+
+    def test_probe_decides_by_the_clock(self, monkeypatch):
+        """NHWC is taken only when it is at least min_gain times faster."""
+        import gray_effnet.tuning as tuning
+
+        model = make_model("tf_efficientnet_lite0", "repeat")
+        for nchw, nhwc, want in [(2.0, 1.0, True), (1.0, 1.0, False), (1.04, 1.0, False)]:
+            times = iter([nchw, nhwc])
+            monkeypatch.setattr(tuning, "_time_steps", lambda *a, _t=times, **k: next(_t))
+            assert choose_channels_last("auto", model, torch.device("cpu"), (2, 1, 32, 32), train=True)[0] is want
