@@ -25,7 +25,7 @@ offset conv, run once per batch where it is not cached (training, or under ``--c
 
 Example:
     python benchmarks/adapters.py --batch-size 8 --img-size 128 128 --repeats 3 --iters 3
-    python benchmarks/adapters.py --model tf_efficientnet_b0 --batch-size 64 --amp bf16 --channels-last
+    python benchmarks/adapters.py --model tf_efficientnet_b0 --batch-size 64 --amp bf16 --memory-formats nhwc
 """
 
 import argparse
@@ -57,7 +57,7 @@ from gray_effnet.adapters import FoldStem
 from gray_effnet.engine import AMP_DTYPES, amp_setup
 
 MODES = ("infer", "train", "stem")
-TABLE_COLUMNS = ["adapter", "mode", "samples_per_sec", "ms_per_step", "ratio_to_stock", "ratio_iqr",
+TABLE_COLUMNS = ["memory_format", "adapter", "mode", "samples_per_sec", "ms_per_step", "ratio_to_stock", "ratio_iqr",
                  "peak_mem_mb", "params", "stem_macs", "stem_offset_macs"]
 
 
@@ -72,7 +72,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-classes", type=int, default=1000, help="classifier outputs")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--amp", choices=list(AMP_DTYPES), default="none", help="autocast dtype")
-    parser.add_argument("--channels-last", action="store_true", help="models and inputs in NHWC")
+    parser.add_argument("--memory-formats", nargs="+", choices=("nchw", "nhwc"), default=["nchw", "nhwc"],
+                        help="memory formats to time, each in the same run (nhwc: channels_last models and inputs)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each candidate (warm-up absorbs it)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="what to time")
     parser.add_argument("--repeats", type=int, default=7, help="rounds; each times every candidate once")
@@ -82,7 +83,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; default: torch's choice")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the random batch")
     parser.add_argument("--csv", default=None,
-                        help="default: benchmarks/results/adapters-<model>-<device>-<amp>[-<flags>].csv")
+                        help="default: benchmarks/results/adapters-<model>-<device>-<amp>-<HxW>[-<flags>].csv")
     parser.add_argument("--md", default=None, help="default: the CSV path with .md")
     return parser
 
@@ -170,17 +171,26 @@ def main(args: argparse.Namespace) -> list[dict]:
     dtype = str(AMP_DTYPES[args.amp] or torch.float32).removeprefix("torch.")
     h, w = args.img_size
     bsz = args.batch_size
-    fmt_mem = torch.channels_last if args.channels_last else torch.contiguous_format
-
     models, base = build_models(args)
     gen = torch.Generator().manual_seed(args.seed)
-    x_gray = torch.rand(bsz, 1, h, w, generator=gen).to(device)
+    x_gray0 = torch.rand(bsz, 1, h, w, generator=gen).to(device)
     mean = torch.tensor(base.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(base.std, device=device).view(1, 3, 1, 1)
-    # What a torchvision Grayscale(3) + Normalize pipeline hands the stock model: (B,1,H,W) -> (B,3,H,W).
-    x_rgb = ((x_gray.expand(-1, 3, -1, -1) - mean) / std).contiguous(memory_format=fmt_mem)
-    x_gray = x_gray.contiguous(memory_format=fmt_mem)
     y = torch.randint(0, args.num_classes, (bsz,), generator=gen).to(device)
+    rows: list[dict] = []
+    for memory_format in args.memory_formats:
+        rows += time_format(args, models, base, memory_format, x_gray0, mean, std, y, device, autocast, dtype)
+    return rows
+
+
+def time_format(args, models, base, memory_format, x_gray0, mean, std, y, device, autocast, dtype) -> list[dict]:
+    """Every mode and candidate in one memory format (models and inputs converted to it)."""
+    h, w = args.img_size
+    bsz = args.batch_size
+    fmt_mem = torch.channels_last if memory_format == "nhwc" else torch.contiguous_format
+    # What a torchvision Grayscale(3) + Normalize pipeline hands the stock model: (B,1,H,W) -> (B,3,H,W).
+    x_rgb = ((x_gray0.expand(-1, 3, -1, -1) - mean) / std).contiguous(memory_format=fmt_mem)
+    x_gray = x_gray0.clone(memory_format=fmt_mem)
 
     # Setup order as in train.py: to(device) -> channels_last -> optimizer -> compile.
     for model in models.values():
@@ -196,7 +206,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     compile_ = torch.compile if args.compile else (lambda m: m)
 
     env = environment(device, dtype, model=args.model, batch_size=bsz, img_size=f"{h}x{w}", amp=args.amp,
-                      channels_last=args.channels_last, compile=args.compile, optimizer="SGD(momentum=0.9)",
+                      memory_format=memory_format, compile=args.compile, optimizer="SGD(momentum=0.9)",
                       cudnn_benchmark=torch.backends.cudnn.benchmark if device.type == "cuda" else "n/a")
     rows: list[dict] = []
     for mode in args.modes:
@@ -274,8 +284,10 @@ if __name__ == "__main__":
     args = get_args_parser().parse_args()
     rows = main(args)
     device = rows[0]["device"]
-    tags = "".join(t for t, on in (("-channels_last", args.channels_last), ("-compile", args.compile)) if on)
-    csv_path = args.csv or default_output(f"adapters-{args.model}-{device}-{args.amp}{tags}", ".csv")
+    formats = "-" + "-".join(args.memory_formats) if args.memory_formats != ["nchw", "nhwc"] else ""
+    tags = formats + ("-compile" if args.compile else "")
+    size = "x".join(map(str, args.img_size))
+    csv_path = args.csv or default_output(f"adapters-{args.model}-{device}-{args.amp}-{size}{tags}", ".csv")
     md_path = args.md or str(csv_path).removesuffix(".csv") + ".md"
     notes = [
         "ratio_to_stock: median over rounds of candidate/stock samples/s in the same round (>1 = faster); "
