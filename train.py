@@ -29,10 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-from gray_effnet.cli import HelpFormatter, configure_openmp
-
-configure_openmp()  # before torch loads: libgomp reads its spin setting once (gray_effnet/tuning.py says why)
-
 import numpy as np
 import timm
 import torch
@@ -55,6 +51,7 @@ from gray_effnet.checkpoint import (
     set_rng_state,
     write_metrics,
 )
+from gray_effnet.cli import HelpFormatter
 from gray_effnet.data import (
     INTENSITY_HELP,
     GrayImageFolder,
@@ -70,7 +67,7 @@ from gray_effnet.model import min_input_size
 from gray_effnet.pack import BatchAugment, Pack, PackedDataset, is_pack, open_pack
 from gray_effnet.report import format_eval, write_predictions
 from gray_effnet.runinfo import device_name, git_commit
-from gray_effnet.tuning import CHANNELS_LAST_MODES, choose_channels_last, plan_threads
+from gray_effnet.tuning import CHANNELS_LAST_MODES, ThreadGovernor, choose_channels_last, plan_threads
 from gray_effnet.weights import atomic_write
 
 
@@ -308,6 +305,8 @@ def main(args) -> None:
                            requested=args.threads)
     torch.set_num_threads(threads.threads)
     log(threads.describe())
+    # On the CPU, fewer threads once the cores turn out to be shared (benchmarks/threads.py measures why).
+    governor = ThreadGovernor(threads.threads if device.type == "cpu" and args.threads is None else 1, log=log)
 
     # -- model. Order: to(device) -> channels_last -> optimizer -> compile -> DDP, because the optimizer
     # must hold the parameters that live on the device, and DDP must wrap the module that will run. ---------
@@ -386,7 +385,8 @@ def main(args) -> None:
         stats = train_one_epoch(model, train_loader, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
                                 device=device, epoch=epoch, autocast=autocast, scaler=scaler,
                                 clip_grad=args.clip_grad, channels_last=channels_last,
-                                log_every=args.log_every, progress=progress, augment=batch_augment)
+                                log_every=args.log_every, progress=progress, augment=batch_augment,
+                                on_step=governor.step)
         result = evaluate(eval_model, val_loader, device=device, num_classes=len(folder.classes), autocast=autocast,
                           channels_last=channels_last, progress=progress, desc=f"epoch {epoch} val")
         row = EpochRow(epoch=epoch, lr=optimizer.param_groups[0]["lr"], **stats,  # lr: where the epoch ended

@@ -441,7 +441,8 @@ def main(args: argparse.Namespace) -> int:
         f"timm a copy under timm's key names via --pretrained-path. {weights_note}.",
         f"Threads: both subprocesses inherit this environment (OMP_NUM_THREADS={env['omp_num_threads']}, "
         f"OMP_WAIT_POLICY={env['omp_wait_policy']}, HF_HUB_OFFLINE=1); torch.get_num_threads() here is "
-        f"{env['threads']}. Neither script sets the thread count itself.",
+        f"{env['threads']}. timm's script keeps torch's thread count; ours sets its own (its share of the cores, "
+        "and 1 thread if it finds them shared: its log says which).",
     ]
     output = args.output.resolve()
     output.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import argparse
 import csv
 import json
 import re
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -59,25 +60,95 @@ def demo() -> str:
 
 
 def speed() -> str:
-    """Each adapter's speed against the stock model, from benchmarks/adapters.py."""
-    files = sorted(p.name for p in RESULTS.glob("adapters-*.csv"))
+    """Each adapter's speed against the stock model, NCHW and NHWC, per image size, from benchmarks/adapters.py."""
+    files = sorted((p.name for p in RESULTS.glob("adapters-*.csv")), key=lambda n: (n.split("-")[1], _pixels(n)))
     tables = []
     for name in files:
         rows = _rows(name)
-        modes = list(dict.fromkeys(r["mode"] for r in rows))
+        cols = list(dict.fromkeys((r["memory_format"], r["mode"]) for r in rows))
         adapters = [a for a in dict.fromkeys(r["adapter"] for r in rows) if a != "stock"]
-        ratio = {(r["adapter"], r["mode"]): float(r["ratio_to_stock"]) for r in rows}
+        ratio = {(r["adapter"], r["memory_format"], r["mode"]): float(r["ratio_to_stock"]) for r in rows}
+        stock = {(r["memory_format"], r["mode"]): float(r["samples_per_sec"]) for r in rows if r["adapter"] == "stock"}
         first = rows[0]
+        nhwc_gain = ", ".join(f"{m} {stock[('nhwc', m)] / stock[('nchw', m)]:.2f}x" for f, m in cols
+                              if f == "nhwc" and ("nchw", m) in stock)
         lines = [
-            f"`{first['model']}`, batch {first['batch_size']} at {first['img_size']}, {first['dtype']}, "
-            f"{'NHWC' if first.get('channels_last') == 'True' else 'NCHW'}: {_machine(rows)}; "
-            f"`{_command(name[:-4] + '.md')}`",
+            f"`{first['model']}`, batch {first['batch_size']} at {first['img_size']}, {first['dtype']}: "
+            f"{_machine(rows)}; `{_command(name[:-4] + '.md')}`"
+            + (f". Stock model in NHWC against NCHW: {nhwc_gain}." if nhwc_gain else ""),
             "",
-            "| adapter | " + " | ".join(modes) + " |",
-            "|---|" + "---:|" * len(modes),
+            "| adapter | " + " | ".join(f"{m} {f.upper()}" for f, m in cols) + " |",
+            "|---|" + "---:|" * len(cols),
         ]
-        lines += [f"| {a} | " + " | ".join(f"{ratio[(a, m)]:.2f}" for m in modes) + " |" for a in adapters]
+        lines += [f"| {a} | " + " | ".join(f"{ratio[(a, f, m)]:.2f}" for f, m in cols) + " |" for a in adapters]
         tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
+def _pixels(name: str) -> int:
+    size = re.search(r"-(\d+)x(\d+)", name)
+    return int(size.group(1)) * int(size.group(2)) if size else 0
+
+
+def threads() -> str:
+    """A training run alone and two on the same cores, per OpenMP spin policy, from benchmarks/threads.py."""
+    rows = _rows("threads.csv")
+    first = rows[0]
+    lines = [
+        f"`train.py` on the {first['data']}, {first['img_size']}, batch {first['batch_size']}, {first['workers']} "
+        f"loader workers, {first['cores']} cores ({_machine(rows)}; `{_command('threads.md')}`; median of "
+        f"{first['rounds']} rounds), seconds of the second epoch:",
+        "",
+        "| policy | alone (s) | two at once (s) | shared / alone | alone / fastest alone |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {r['policy']} (`{r['env']}`) | {float(r['alone_s']):.1f} | {float(r['shared_s']):.1f} | "
+              f"**{float(r['shared_over_alone']):.2f}x** | {float(r['alone_vs_fastest']):.2f}x |" for r in rows]
+    return "\n".join(lines)
+
+
+def peer() -> str:
+    """Our train.py against timm's train.py on the same data and weights, from benchmarks/peer_timm.py."""
+    rows = _rows("peer_timm/runs.csv")
+    first = rows[0]
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    lines = [
+        f"{first['n_images']} gray {first['image_size']}x{first['image_size']} images (digits, split 80/20), "
+        f"{first['epochs']} epochs, batch {first['batch_size']}, input {first['img_size']}, the same Lite0 ImageNet "
+        f"weights, each run a fresh process timed from start to exit, alternating over {first['rounds']} rounds "
+        f"({_machine(rows)}; `{_command('peer_timm/results.md')}`; "
+        "[runs and logs](benchmarks/results/peer_timm/results.md)):",
+        "",
+        "| config | timm (s) | ours (s) | ours / timm | goal | timm best acc | ours best acc |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for config in configs:
+        by = {tool: [r for r in rows if r["config"] == config and r["tool"] == tool] for tool in ("timm", "ours")}
+        secs = {tool: statistics.median(float(r["seconds"]) for r in rs) for tool, rs in by.items()}
+        accs = {tool: statistics.median(float(r["best_acc"]) for r in rs) for tool, rs in by.items()}
+        goal = float(by["ours"][0]["goal"])
+        ratio = secs["ours"] / secs["timm"]
+        lines.append(f"| {config} | {secs['timm']:.0f} | {secs['ours']:.0f} | **{ratio:.2f}x** | "
+                     f"<= {goal:.1f}x {'(met)' if ratio <= goal else '(NOT met)'} | {accs['timm']:.3f} | "
+                     f"{accs['ours']:.3f} |")
+    return "\n".join(lines)
+
+
+def pack() -> str:
+    """Training from files against a pack, and the packed loader against the model, from benchmarks/pack.py."""
+    tables = []
+    for name in sorted(p.name for p in RESULTS.glob("pack-*.csv")):
+        rows = {r["candidate"]: r for r in _rows(name)}
+        first = next(iter(rows.values()))
+        epoch, loader, model = rows["pack_epoch"], rows["pack_loader"], rows["model_train"]
+        tables.append(
+            f"{first['n_images']} synthetic 16-bit {first['source_size']}x{first['source_size']} PNGs trained at "
+            f"{first['img_size']} on {first['device']} ({_machine(list(rows.values()))}; "
+            f"`{_command(name[:-4] + '.md')}`): an epoch from the pack is **{float(epoch['ratio']):.1f}x** faster "
+            f"than from the files (goal {float(epoch['goal']):.0f}x: {'met' if epoch['met'] == 'yes' else 'NOT met'}"
+            f"), and the packed loader with its augmentation delivers {float(loader['images_per_sec']):.0f} images/s, "
+            f"**{float(loader['ratio']):.1f}x** the model's {float(model['images_per_sec']):.0f} training images/s "
+            f"(goal {float(loader['goal']):.0f}x: {'met' if loader['met'] == 'yes' else 'NOT met'}).")
     return "\n\n".join(tables)
 
 
@@ -168,7 +239,7 @@ def windows() -> str:
 
 REGIONS: dict[str, Callable[[], str]] = {
     "demo": demo, "speed": speed, "pipeline": pipeline, "fidelity": fidelity, "compare": compare,
-    "windows": windows,
+    "windows": windows, "threads": threads, "peer": peer, "pack": pack,
 }
 
 

@@ -1,13 +1,15 @@
-"""A training run alone, and with a second one on the same cores, under each OpenMP spin policy.
+"""A training run alone, and with a second one on the same cores, per thread policy.
 
 PyTorch's CPU threads spin between parallel regions before they sleep. Alone on the cores that is what makes
 small kernels fast; beside another process it takes the time slices the other one needs. This script runs
 ``train.py`` (the demo digits, or ``--data``) under each policy, first alone and then two at once with the
 same command, and reports the second epoch's seconds (the first includes start-up and the memory-format probe):
 
-* ``libgomp default``: ``GOMP_SPINCOUNT=300000``, what torch does when nothing is set;
-* ``train.py default``: no variable set, so ``train.py`` applies ``gray_effnet.cli.OPENMP_ENV``;
-* ``passive``: ``OMP_WAIT_POLICY=PASSIVE``, threads sleep at once.
+* ``train.py``: as it comes: its share of the cores, and ``gray_effnet.tuning.ThreadGovernor``, which drops to
+  1 thread once the CPU time the run gets shows the cores are shared;
+* ``fixed``: ``--threads <cores>``, which turns the governor off: PyTorch's own behaviour;
+* ``fixed, spin 3000``: the same with ``GOMP_SPINCOUNT=3000`` (libgomp's default is 300,000);
+* ``fixed, passive``: the same with ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at once).
 
 ``shared/alone`` is a policy's shared epoch over its own lone epoch (the goal: at most 2.5); ``alone vs
 fastest`` is its lone epoch over the fastest lone epoch of all policies (what the policy costs a lone run).
@@ -32,10 +34,12 @@ from _common import HelpFormatter, default_output, environment, report
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
-POLICIES = {
-    "libgomp default": {"GOMP_SPINCOUNT": "300000"},
-    "train.py default": {},
-    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+CORES = str(len(os.sched_getaffinity(0)))
+POLICIES: dict[str, tuple[dict[str, str], list[str]]] = {  # name: (environment, train.py arguments)
+    "train.py": ({}, []),
+    "fixed": ({}, ["--threads", CORES]),
+    "fixed, spin 3000": ({"GOMP_SPINCOUNT": "3000"}, ["--threads", CORES]),
+    "fixed, passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, ["--threads", CORES]),
 }
 COLUMNS = ["policy", "alone_s", "shared_s", "shared_over_alone", "alone_vs_fastest", "goal", "met"]
 
@@ -58,8 +62,8 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
     return {**env, **extra, "HF_HUB_OFFLINE": "1"}
 
 
-def command(args, output: Path) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "train.py"), "--epochs", "2", "--img-size", *map(str, args.img_size),
+def command(args, output: Path, extra: list[str]) -> list[str]:
+    cmd = [sys.executable, str(ROOT / "train.py"), *extra, "--epochs", "2", "--img-size", *map(str, args.img_size),
            "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--no-progress",
            "--output", str(output), *args.train_args.split()]
     return cmd + (["--data", args.data] if args.data else [])
@@ -71,10 +75,10 @@ def second_epoch_seconds(output: Path) -> float:
     return float(rows[-1]["seconds"])
 
 
-def run_together(args, env: dict[str, str], scratch: Path, n: int) -> list[float]:
+def run_together(args, env: dict[str, str], extra: list[str], scratch: Path, n: int) -> list[float]:
     """Start ``n`` identical runs at once; the second epoch's seconds of each."""
     outs = [Path(tempfile.mkdtemp(dir=scratch)) for _ in range(n)]
-    procs = [subprocess.Popen(command(args, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    procs = [subprocess.Popen(command(args, out, extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for out in outs]
     for proc in procs:
         log, _ = proc.communicate()
@@ -86,10 +90,11 @@ def run_together(args, env: dict[str, str], scratch: Path, n: int) -> list[float
 def main(args) -> list[dict]:
     times: dict[str, dict[str, list[float]]] = {p: {"alone": [], "shared": []} for p in args.policies}
     with tempfile.TemporaryDirectory() as scratch:
-        run_together(args, clean_env({}), Path(scratch), 1)  # writes the demo digits once, warms the file cache
+        run_together(args, clean_env({}), [], Path(scratch), 1)  # writes the demo digits once, warms the file cache
         steps = [(r, p, n) for r in range(args.rounds) for p in args.policies for n in (1, 2)]
         for _, policy, n in tqdm(steps, desc="runs"):
-            seconds = run_together(args, clean_env(POLICIES[policy]), Path(scratch), n)
+            env, extra = POLICIES[policy]
+            seconds = run_together(args, clean_env(env), extra, Path(scratch), n)
             times[policy]["alone" if n == 1 else "shared"] += seconds
             time.sleep(1)
     fastest = min(statistics.median(t["alone"]) for t in times.values())
@@ -99,7 +104,9 @@ def main(args) -> list[dict]:
     rows = []
     for policy, t in times.items():
         alone, shared = statistics.median(t["alone"]), statistics.median(t["shared"])
-        rows.append({"policy": policy, "env": " ".join(f"{k}={v}" for k, v in POLICIES[policy].items()) or "-",
+        env_vars, extra = POLICIES[policy]
+        setting = " ".join([*(f"{k}={v}" for k, v in env_vars.items()), *extra]) or "(as it comes)"
+        rows.append({"policy": policy, "env": setting,
                      "alone_s": alone, "shared_s": shared, "shared_over_alone": shared / alone,
                      "alone_vs_fastest": alone / fastest, "goal": "<= 2.5", "met": shared / alone <= 2.5,
                      "alone_all": " ".join(f"{x:.2f}" for x in t["alone"]),
@@ -114,5 +121,5 @@ if __name__ == "__main__":
     notes = ["Seconds of the second training epoch (train.py's metrics.csv), median over rounds and, when shared, "
              "over both runs. shared_over_alone: a policy's shared over its lone epoch; alone_vs_fastest: its lone "
              "epoch over the fastest lone epoch of any policy."]
-    report(rows, COLUMNS, csv_path, "One training run alone and two on the same cores, per OpenMP spin policy",
+    report(rows, COLUMNS, csv_path, "One training run alone and two on the same cores, per thread policy",
            notes, header=f"{rows[0]['device_name']}  torch {rows[0]['torch']}")

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 # Only the subcommand that runs imports torch and timm (seconds), so that --help answers at once.
-from .cli import HelpFormatter, configure_openmp
+from .cli import HelpFormatter
 from .errors import GrayEffnetError
 
 
@@ -113,7 +113,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    configure_openmp()  # before the subcommand imports torch
     try:
         args.func(args)
     except GrayEffnetError as e:

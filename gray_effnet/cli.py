@@ -1,30 +1,8 @@
-"""What the command lines share: the --help format and the OpenMP settings made before torch loads.
-
-Imports nothing heavy, so --help answers at once.
-"""
+"""What the command lines share: the --help format. Imports nothing heavy, so --help answers at once."""
 
 import argparse
-import os
-from collections.abc import MutableMapping
 
-__all__ = ["OPENMP_ENV", "HelpFormatter", "configure_openmp"]
-
-# libgomp's spin before an idle thread sleeps. Its default, 300,000, starves a second process on the same cores;
-# 0 (OMP_WAIT_POLICY=PASSIVE) makes a lone run much slower. benchmarks/threads.py measures the choice.
-OPENMP_ENV = {"GOMP_SPINCOUNT": "3000"}
-
-
-def configure_openmp(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set ``OPENMP_ENV`` where the user set neither it nor ``OMP_WAIT_POLICY``; return what was set.
-
-    Call it before torch is imported: libgomp reads these once, when it loads (``gray_effnet.tuning``).
-    """
-    environ = os.environ if environ is None else environ
-    if "OMP_WAIT_POLICY" in environ:  # the user chose the policy; a spin count would override it
-        return {}
-    chosen = {k: v for k, v in OPENMP_ENV.items() if k not in environ}
-    environ.update(chosen)
-    return chosen
+__all__ = ["HelpFormatter"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

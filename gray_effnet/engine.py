@@ -77,10 +77,12 @@ def train_one_epoch(
     log_every: int = 20,
     progress: bool = True,
     augment: Callable[[Tensor], Tensor] | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Train for one epoch; returns loss, accuracy, images/s, seconds, skipped files and steps.
 
     ``augment``, when given, transforms each batch once it is on the device (``gray_effnet.pack.BatchAugment``).
+    ``on_step`` is called after every optimizer step (``gray_effnet.tuning.ThreadGovernor.step``).
 
     ``.item()`` waits for the device, so losses are checked for NaN/inf only every ``log_every`` steps
     and at the end; the error names the first bad step of that window. Raises ``NonFiniteLossError``.
@@ -135,6 +137,8 @@ def train_one_epoch(
         seen += n
         if (step + 1) % log_every == 0:
             check(step)
+        if on_step is not None:
+            on_step()
     if window:
         check(steps_per_epoch - 1)
     if device.type == "cuda":

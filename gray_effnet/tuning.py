@@ -3,18 +3,18 @@
 Two things decide much of a CPU run's speed and neither has one right value everywhere:
 
 * **Threads.** PyTorch's CPU kernels run on OpenMP threads (libgomp in the pip wheels). Between parallel
-  regions an idle thread spins, waiting for the next one, for ``GOMP_SPINCOUNT`` turns (300,000 by default)
-  before it sleeps. Alone on its cores that is what makes small kernels fast; with a second process on the
-  same cores the spinning threads take the time slices the other process' threads need, and both slow down
-  several-fold. ``gray_effnet.cli.OPENMP_ENV`` lowers the spin, which libgomp reads when it loads: the entry
-  points (``train.py``, ``python -m gray_effnet``) call ``configure_openmp()`` before they import torch. The
-  intra-op thread count is this process' share of the cores (``plan_threads``).
+  regions an idle thread spins for a while, waiting for the next one, before it sleeps. Alone on its cores
+  that is what makes small kernels fast; with another job on the same cores the spinning threads take the
+  time slices their partners need at every barrier, and a step can take tens of times longer. The run starts
+  with its share of the cores (``plan_threads``), and ``ThreadGovernor`` drops it to 1 thread, where nothing
+  spins against anything, as soon as the CPU time it gets shows that the cores are shared.
 * **Memory format.** ``channels_last`` (NHWC) can double a CPU training step where oneDNN has fast NHWC
   kernels (AVX-512 Xeons) and do nothing elsewhere; on CUDA it is what tensor cores want. ``auto`` measures it:
   a few steps of a copy of the model in each format (``choose_channels_last``).
 
 The numbers behind these choices are in ``benchmarks/results/`` (``threads``, ``adapters``), each with the
-CPU it ran on.
+CPU it ran on. A lower ``GOMP_SPINCOUNT`` (set before torch loads) was measured too: 3,000 kept two runs on
+2 cores within 2.4x of a lone one, but made the lone run 7-10% slower, which the governor does not.
 """
 
 import copy
@@ -31,7 +31,8 @@ from torch import nn
 
 from .errors import InputError
 
-__all__ = ["CHANNELS_LAST_MODES", "ThreadPlan", "available_cores", "choose_channels_last", "plan_threads"]
+__all__ = ["CHANNELS_LAST_MODES", "ThreadGovernor", "ThreadPlan", "available_cores", "choose_channels_last",
+           "plan_threads"]
 
 CHANNELS_LAST_MODES = ("auto", "on", "off")
 
@@ -63,11 +64,9 @@ class ThreadPlan:
     chosen_by: str  # "auto" or "--threads"
 
     def describe(self) -> str:
-        spin = os.environ.get("OMP_WAIT_POLICY") and f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" or (
-            f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in os.environ else "OpenMP defaults")
         share = f"{self.cores} cores / {self.local_processes} process{'es' if self.local_processes > 1 else ''}"
-        return (f"threads: {self.threads} intra-op ({self.chosen_by}: {share}; "
-                f"{self.workers} loader worker{'s' if self.workers != 1 else ''} at 1 thread each; {spin})")
+        workers = f"{self.workers} loader worker{'s' if self.workers != 1 else ''} at 1 thread each"
+        return f"threads: {self.threads} intra-op ({self.chosen_by}: {share}; {workers})"
 
 
 def plan_threads(*, workers: int, local_processes: int = 1, requested: int | None = None,
@@ -90,6 +89,48 @@ def plan_threads(*, workers: int, local_processes: int = 1, requested: int | Non
             raise InputError(f"--threads must be at least 1; got {requested}")
         return ThreadPlan(requested, cores, local_processes, workers, "--threads")
     return ThreadPlan(max(1, cores // max(1, local_processes)), cores, local_processes, workers, "auto")
+
+
+class ThreadGovernor:
+    """Drop to 1 intra-op thread, once, when this process turns out to share its cores with other work.
+
+    Alone on its cores, a process running ``threads`` OpenMP threads gets about ``threads`` seconds of CPU time
+    per second (idle threads spin, and spinning counts). When another job runs on the same cores, the OS shares
+    them out and the spinning threads wait on each other at every barrier: steps slow down many-fold while the
+    process gets only about one core's time. ``step()``, called after each training step, measures the CPU time
+    per wall second over windows of at least ``window_s``; below ``min_share * threads`` it sets 1 thread for
+    the rest of the run, where one thread cannot spin against another, and logs why.
+
+    Args:
+        threads: the intra-op threads the run started with; with fewer than 2 there is nothing to do.
+        min_share: the fraction of ``threads`` cores below which the cores count as shared.
+        window_s: the shortest measuring window, in seconds.
+        log: where the one line saying so goes.
+    """
+
+    def __init__(self, threads: int, *, min_share: float = 0.6, window_s: float = 1.0,
+                 log: Callable[[str], None] = print) -> None:
+        self.threads, self.min_share, self.window_s, self.log = threads, min_share, window_s, log
+        self.dropped = False
+        self._start: tuple[float, float] | None = None
+
+    def step(self) -> None:
+        if self.dropped or self.threads < 2:
+            return
+        now, cpu = time.perf_counter(), time.process_time()
+        if self._start is None:  # the first step (allocations, oneDNN's kernel choice) is not measured
+            self._start = (now, cpu)
+            return
+        wall = now - self._start[0]
+        if wall < self.window_s:
+            return
+        share = (cpu - self._start[1]) / wall
+        self._start = (now, cpu)
+        if share < self.min_share * self.threads:
+            torch.set_num_threads(1)
+            self.dropped = True
+            self.log(f"threads: this process got {share:.2f} cores' time of its {self.threads} threads over "
+                     f"{wall:.1f}s: another job shares these cores, so 1 thread from now on (--threads N sets it)")
 
 
 def _time_steps(model: nn.Module, x: torch.Tensor, *, train: bool, autocast: Callable, steps: int,

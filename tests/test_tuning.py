@@ -1,27 +1,55 @@
-"""Threads and memory format chosen for the machine (gray_effnet.tuning, gray_effnet.cli.configure_openmp)."""
+"""Threads and memory format chosen for the machine (gray_effnet.tuning)."""
 
 import copy
 
 import pytest
 import torch
 
-from gray_effnet.cli import OPENMP_ENV, configure_openmp
+from gray_effnet import tuning
 from gray_effnet.errors import InputError
 from gray_effnet.tuning import available_cores, choose_channels_last, plan_threads
 
 from .helpers import make_model
 
 
-class TestConfigureOpenmp:
-    def test_sets_the_spin_where_unset(self):
-        env = {}
-        assert configure_openmp(env) == OPENMP_ENV and env == OPENMP_ENV
+class TestThreadGovernor:
+    def clock(self, monkeypatch, wall_and_cpu):
+        ticks = iter(wall_and_cpu)
+        now = {}
 
-    def test_the_users_settings_win(self):
-        env = {"GOMP_SPINCOUNT": "0"}
-        assert configure_openmp(env) == {} and env == {"GOMP_SPINCOUNT": "0"}
-        env = {"OMP_WAIT_POLICY": "ACTIVE"}
-        assert configure_openmp(env) == {} and env == {"OMP_WAIT_POLICY": "ACTIVE"}
+        def advance():
+            now["wall"], now["cpu"] = next(ticks)
+
+        monkeypatch.setattr(tuning.time, "perf_counter", lambda: now["wall"])
+        monkeypatch.setattr(tuning.time, "process_time", lambda: now["cpu"])
+        return advance
+
+    def test_drops_to_one_thread_when_the_cores_are_shared(self, monkeypatch):
+        lines, threads = [], []
+        monkeypatch.setattr(tuning.torch, "set_num_threads", threads.append)
+        # (wall, cpu) after each step: the first is not measured, then 2 s of wall give 1 s of CPU on 2 threads.
+        advance = self.clock(monkeypatch, [(0.0, 0.0), (1.0, 1.9), (3.0, 2.9), (4.0, 3.9)])
+        governor = tuning.ThreadGovernor(2, log=lines.append)
+        for _ in range(3):
+            advance()
+            governor.step()
+        assert threads == [1] and governor.dropped
+        assert lines == ["threads: this process got 0.50 cores' time of its 2 threads over 2.0s: another job shares "
+                         "these cores, so 1 thread from now on (--threads N sets it)"]
+
+    def test_alone_keeps_its_threads(self, monkeypatch):
+        threads = []
+        monkeypatch.setattr(tuning.torch, "set_num_threads", threads.append)
+        advance = self.clock(monkeypatch, [(0.0, 0.0), (0.5, 1.0), (1.5, 2.9), (3.0, 5.8)])
+        governor = tuning.ThreadGovernor(2, log=lambda line: None)
+        for _ in range(4):
+            advance()
+            governor.step()
+        assert threads == [] and not governor.dropped
+
+    def test_one_thread_is_left_alone(self, monkeypatch):
+        monkeypatch.setattr(tuning.time, "perf_counter", lambda: pytest.fail("a 1-thread run measures nothing"))
+        tuning.ThreadGovernor(1).step()
 
 
 class TestPlanThreads:
@@ -38,12 +66,9 @@ class TestPlanThreads:
         with pytest.raises(InputError, match="--threads must be at least 1; got 0"):
             plan_threads(workers=0, requested=0)
 
-    def test_describe_says_what_and_why(self, monkeypatch):
-        monkeypatch.setenv("GOMP_SPINCOUNT", "3000")
-        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    def test_describe_says_what_and_why(self):
         line = plan_threads(workers=1, local_processes=2, cores=4).describe()
-        assert line == ("threads: 2 intra-op (auto: 4 cores / 2 processes; 1 loader worker at 1 thread each; "
-                        "GOMP_SPINCOUNT=3000)")
+        assert line == "threads: 2 intra-op (auto: 4 cores / 2 processes; 1 loader worker at 1 thread each)"
 
     def test_available_cores(self):
         assert 1 <= available_cores() <= (torch.get_num_threads() + 1024)
@@ -82,8 +107,6 @@ class TestChooseChannelsLast:
 
     def test_probe_decides_by_the_clock(self, monkeypatch):
         """NHWC is taken only when it is at least min_gain times faster."""
-        import gray_effnet.tuning as tuning
-
         model = make_model("tf_efficientnet_lite0", "repeat")
         for nchw, nhwc, want in [(2.0, 1.0, True), (1.0, 1.0, False), (1.04, 1.0, False)]:
             times = iter([nchw, nhwc])
