@@ -112,11 +112,13 @@ def peer() -> str:
     rows = _rows("peer_timm/runs.csv")
     first = rows[0]
     configs = list(dict.fromkeys(r["config"] for r in rows))
+    report = (RESULTS / "peer_timm" / "results.md").read_text()
+    data = re.search(r"^Data: (\d+ generated \d+x\d+ 8-bit gray digits)", report, flags=re.M).group(1)
+    goals = {c: float(g) for c, g in re.findall(r"^- `(\w+)`: .*goal <= ([\d.]+)x$", report, flags=re.M)}
     lines = [
-        f"{first['n_images']} gray {first['image_size']}x{first['image_size']} images (digits, split 80/20), "
-        f"{first['epochs']} epochs, batch {first['batch_size']}, input {first['img_size']}, the same Lite0 ImageNet "
-        f"weights, each run a fresh process timed from start to exit, alternating over {first['rounds']} rounds "
-        f"({_machine(rows)}; `{_command('peer_timm/results.md')}`; "
+        f"{data} (split 80/20), {first['epochs']} epochs, batch {first['batch_size']}, input {first['img_size']}, "
+        f"the same Lite0 ImageNet weights, each run a fresh process timed from start to exit, alternating over "
+        f"{max(int(r['round']) for r in rows)} rounds ({_machine(rows)}; `{_command('peer_timm/results.md')}`; "
         "[runs and logs](benchmarks/results/peer_timm/results.md)):",
         "",
         "| config | timm (s) | ours (s) | ours / timm | goal | timm best acc | ours best acc |",
@@ -126,7 +128,7 @@ def peer() -> str:
         by = {tool: [r for r in rows if r["config"] == config and r["tool"] == tool] for tool in ("timm", "ours")}
         secs = {tool: statistics.median(float(r["seconds"]) for r in rs) for tool, rs in by.items()}
         accs = {tool: statistics.median(float(r["best_acc"]) for r in rs) for tool, rs in by.items()}
-        goal = float(by["ours"][0]["goal"])
+        goal = goals[config]
         ratio = secs["ours"] / secs["timm"]
         lines.append(f"| {config} | {secs['timm']:.0f} | {secs['ours']:.0f} | **{ratio:.2f}x** | "
                      f"<= {goal:.1f}x {'(met)' if ratio <= goal else '(NOT met)'} | {accs['timm']:.3f} | "
@@ -142,7 +144,8 @@ def pack() -> str:
         first = next(iter(rows.values()))
         epoch, loader, model = rows["pack_epoch"], rows["pack_loader"], rows["model_train"]
         tables.append(
-            f"{first['n_images']} synthetic 16-bit {first['source_size']}x{first['source_size']} PNGs trained at "
+            f"{first['n_images']} synthetic {first['source']}s ({first['train_images']} for training, packed as "
+            f"{first['pack_dtype']} in {float(first['pack_seconds']):.1f} s) trained at "
             f"{first['img_size']} on {first['device']} ({_machine(list(rows.values()))}; "
             f"`{_command(name[:-4] + '.md')}`): an epoch from the pack is **{float(epoch['ratio']):.1f}x** faster "
             f"than from the files (goal {float(epoch['goal']):.0f}x: {'met' if epoch['met'] == 'yes' else 'NOT met'}"
