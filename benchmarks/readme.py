@@ -91,7 +91,7 @@ def _pixels(name: str) -> int:
 
 
 def threads() -> str:
-    """A training run alone and two on the same cores, per OpenMP spin policy, from benchmarks/threads.py."""
+    """A training run alone and two on the same cores, per thread policy, from benchmarks/threads.py."""
     rows = _rows("threads.csv")
     first = rows[0]
     lines = [

@@ -33,8 +33,10 @@ import torch
 from _common import HelpFormatter, default_output, environment, report
 from tqdm import tqdm
 
+from gray_effnet.tuning import available_cores
+
 ROOT = Path(__file__).resolve().parent.parent
-CORES = str(len(os.sched_getaffinity(0)))
+CORES = str(available_cores())
 POLICIES: dict[str, tuple[dict[str, str], list[str]]] = {  # name: (environment, train.py arguments)
     "train.py": ({}, []),
     "fixed": ({}, ["--threads", CORES]),
@@ -100,7 +102,7 @@ def main(args) -> list[dict]:
     fastest = min(statistics.median(t["alone"]) for t in times.values())
     env = environment(torch.device("cpu"), "float32", img_size=f"{args.img_size[0]}x{args.img_size[1]}",
                       batch_size=args.batch_size, workers=args.workers, rounds=args.rounds,
-                      cores=len(os.sched_getaffinity(0)), data=args.data or "demo digits")
+                      cores=available_cores(), data=args.data or "demo digits")
     rows = []
     for policy, t in times.items():
         alone, shared = statistics.median(t["alone"]), statistics.median(t["shared"])

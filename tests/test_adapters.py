@@ -181,6 +181,14 @@ class TestFoldBorders:
         assert missing[:, 47].sum().item() == 5.0  # the corner: last row and last column
 
     @pytest.mark.parametrize("name", MODELS)
+    def test_channels_last_model_keeps_an_nhwc_stem_output(self, name):
+        """The folded 1-channel weight must carry NHWC strides, or the conv hands every later layer NCHW."""
+        model = make_model(name, "fold").train().to(memory_format=torch.channels_last)
+        x = gray_batch(2, 48, 40).contiguous(memory_format=torch.channels_last)
+        out = model.stem(x)
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+
+    @pytest.mark.parametrize("name", MODELS)
     def test_gradient_to_the_offset_without_batch_statistics(self, name):
         """With bn1 frozen (eval) the offset constant's gradient is not zero: fold must keep it, as repeat has it."""
         grads = {}

@@ -99,6 +99,17 @@ class TestTrainOneEpoch:
                         criterion=nn.CrossEntropyLoss(), device=CPU, epoch=2, progress=False)
         assert calls == [7, 8, 9]  # epoch 2 of 3 steps each: updates 7, 8 and 9
 
+    def test_on_step_after_every_optimizer_step(self):
+        """The thread governor's hook: called once per step, after the optimizer has stepped."""
+        model = GrayEfficientNet("tf_efficientnet_lite0", adapter="fold", num_classes=2).train()
+        events = []
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        optimizer.register_step_post_hook(lambda *_: events.append("step"))
+        train_one_epoch(model, dark_or_bright(3, 4), optimizer=optimizer, scheduler=None,
+                        criterion=nn.CrossEntropyLoss(), device=CPU, epoch=0, progress=False,
+                        on_step=lambda: events.append("hook"))
+        assert events == ["step", "hook"] * 3
+
     @pytest.mark.parametrize("scaled", [False, True], ids=["no-scaler", "grad-scaler"])
     def test_clip_grad_bounds_the_norm_the_optimizer_sees(self, scaled, monkeypatch):
         """The optimizer steps on true gradients of norm clip_grad (unscaled first when a GradScaler scales)."""
