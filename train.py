@@ -41,9 +41,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import gray_effnet
 from gray_effnet import DataError, GrayEfficientNet, GrayEffnetError, InputError, WeightsError, list_adapters
+from gray_effnet.augment import BatchAugment, build_transforms
 from gray_effnet.checkpoint import (
     EpochRow,
-    cleanup_temporaries,
     load_model,
     load_state,
     resolve_resume,
@@ -52,23 +52,16 @@ from gray_effnet.checkpoint import (
     write_metrics,
 )
 from gray_effnet.cli import HelpFormatter
-from gray_effnet.data import (
-    INTENSITY_HELP,
-    GrayImageFolder,
-    build_transforms,
-    load_folder,
-    make_loader,
-    prepare_digits,
-    set_loader_epoch,
-)
+from gray_effnet.data import GrayImageFolder, make_loader, set_loader_epoch
 from gray_effnet.engine import amp_setup, evaluate, process_peak_mem_mb, train_one_epoch
-from gray_effnet.intensity import WINDOWS_HELP, parse_intensity, parse_intensity_args, parse_windows
+from gray_effnet.evaluation import format_eval, write_predictions
+from gray_effnet.files import atomic_write, cleanup_temporaries
+from gray_effnet.folders import load_folder, prepare_digits
+from gray_effnet.intensity import INTENSITY_HELP, WINDOWS_HELP, parse_intensity, parse_intensity_args, parse_windows
 from gray_effnet.model import min_input_size
-from gray_effnet.pack import BatchAugment, Pack, PackedDataset, is_pack, open_pack
-from gray_effnet.report import format_eval, write_predictions
+from gray_effnet.pack import Pack, PackedDataset, is_pack, open_pack
 from gray_effnet.runinfo import device_name, git_commit
-from gray_effnet.tuning import CHANNELS_LAST_MODES, ThreadGovernor, choose_channels_last, plan_threads
-from gray_effnet.weights import atomic_write
+from gray_effnet.speed import CHANNELS_LAST_MODES, ThreadGovernor, choose_channels_last, plan_threads
 
 
 def get_args_parser() -> argparse.ArgumentParser:

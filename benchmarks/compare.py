@@ -50,8 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import HelpFormatter, command_line, environment, fmt, resolve_device  # noqa: E402
 
 from gray_effnet import ADAPTERS, GrayEfficientNet, list_adapters  # noqa: E402
-from gray_effnet.data import Batch, GrayImageFolder, build_transforms, collate, load_folder, prepare_digits  # noqa: E402
+from gray_effnet.augment import build_transforms
+from gray_effnet.data import Batch, GrayImageFolder, collate
 from gray_effnet.engine import amp_setup, evaluate, train_one_epoch  # noqa: E402
+from gray_effnet.folders import load_folder, prepare_digits
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = "repeat"  # every arm's paired difference is taken to this one

@@ -40,9 +40,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from gray_effnet import GrayEfficientNet
-from gray_effnet.data import GrayImageFolder, build_transforms, default_cache_dir, load_folder, make_loader
+from gray_effnet.augment import BatchAugment, build_transforms
+from gray_effnet.data import GrayImageFolder, make_loader
 from gray_effnet.engine import train_one_epoch
-from gray_effnet.pack import BatchAugment, PackedDataset, write_pack
+from gray_effnet.folders import default_cache_dir, load_folder
+from gray_effnet.pack import PackedDataset, write_pack
 
 EPOCH_GOAL = 3.0  # files epoch seconds over pack epoch seconds
 LOADER_GOAL = 10.0  # packed loader images/s over the model's training images/s

@@ -73,7 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, HelpFormatter, command_line, environment, fmt, format_table, write_csv  # noqa: E402
 
 from gray_effnet import GrayEfficientNet  # noqa: E402
-from gray_effnet.data import default_cache_dir  # noqa: E402
+from gray_effnet.folders import default_cache_dir
 from gray_effnet.weights import (  # noqa: E402
     classifier_keys,
     first_conv_name,

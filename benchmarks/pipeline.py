@@ -53,15 +53,10 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from gray_effnet import GrayEfficientNet
-from gray_effnet.data import (
-    GrayImageFolder,
-    build_transforms,
-    collate,
-    default_cache_dir,
-    find_images,
-    make_loader,
-    scan_images,
-)
+from gray_effnet.augment import build_transforms
+from gray_effnet.data import GrayImageFolder, collate, make_loader
+from gray_effnet.folders import default_cache_dir, find_images
+from gray_effnet.images import scan_images
 
 SPEED_TARGET = 2.0  # gray_effnet images/s over torchvision's
 BYTES_TARGET = 10.0  # torchvision bytes per image over gray_effnet's

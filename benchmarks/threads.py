@@ -5,7 +5,7 @@ small kernels fast; beside another process it takes the time slices the other on
 ``train.py`` (the demo digits, or ``--data``) under each policy, first alone and then two at once with the
 same command, and reports the second epoch's seconds (the first includes start-up and the memory-format probe):
 
-* ``train.py``: as it comes: its share of the cores, and ``gray_effnet.tuning.ThreadGovernor``, which drops to
+* ``train.py``: as it comes: its share of the cores, and ``gray_effnet.speed.ThreadGovernor``, which drops to
   1 thread once the CPU time the run gets shows the cores are shared;
 * ``fixed``: ``--threads <cores>``, which turns the governor off: PyTorch's own behaviour;
 * ``fixed, spin 3000``: the same with ``GOMP_SPINCOUNT=3000`` (libgomp's default is 300,000);
@@ -33,7 +33,7 @@ import torch
 from _common import HelpFormatter, default_output, environment, report
 from tqdm import tqdm
 
-from gray_effnet.tuning import available_cores
+from gray_effnet.speed import available_cores
 
 ROOT = Path(__file__).resolve().parent.parent
 CORES = str(available_cores())

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, environment, format_table, resolve_device, write_csv, write_markdown  # noqa: E402
 
 from gray_effnet import load_model  # noqa: E402
-from gray_effnet.data import default_cache_dir  # noqa: E402
+from gray_effnet.folders import default_cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOWS = ["40:80", "80:200", "600:2800"]  # CT brain, subdural, bone (center:width, HU)

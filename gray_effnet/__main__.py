@@ -27,7 +27,7 @@ def _pack(args: argparse.Namespace) -> None:
     import shlex
     import warnings
 
-    from .data import UnreadableImageWarning
+    from .images import UnreadableImageWarning
     from .intensity import parse_intensity_args
     from .pack import write_pack
 

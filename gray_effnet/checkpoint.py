@@ -34,16 +34,16 @@ from torch import Tensor
 
 from .adapters import get_adapter_class, list_adapters
 from .errors import GrayEffnetError, InputError, WeightsError
+from .files import atomic_write
 from .intensity import parse_intensity
 from .model import GrayEfficientNet
-from .weights import atomic_write, read_weights_file, safe_torch_load
+from .weights import read_weights_file, safe_torch_load
 
 __all__ = [
     "FORMAT_VERSION",
     "META_KEY",
     "STATE_NAME",
     "EpochRow",
-    "cleanup_temporaries",
     "load_model",
     "load_state",
     "read_checkpoint",
@@ -442,12 +442,3 @@ def load_state(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
             "Resume with the same settings, or start a new run in another --output folder"
         )
     return state
-
-
-def cleanup_temporaries(output: Path) -> list[str]:
-    """Remove temporary files that a killed run left behind; returns their names."""
-    removed = []
-    for p in output.glob(".*.tmp"):
-        removed.append(p.name)
-        os.unlink(p)
-    return removed

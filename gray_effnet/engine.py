@@ -81,8 +81,8 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train for one epoch; returns loss, accuracy, images/s, seconds, skipped files and steps.
 
-    ``augment``, when given, transforms each batch once it is on the device (``gray_effnet.pack.BatchAugment``).
-    ``on_step`` is called after every optimizer step (``gray_effnet.tuning.ThreadGovernor.step``).
+    ``augment``, when given, transforms each batch once it is on the device (``gray_effnet.augment.BatchAugment``).
+    ``on_step`` is called after every optimizer step (``gray_effnet.speed.ThreadGovernor.step``).
 
     ``.item()`` waits for the device, so losses are checked for NaN/inf only every ``log_every`` steps
     and at the end; the error names the first bad step of that window. Raises ``NonFiniteLossError``.

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .adapters import WsoStem, get_adapter_class, list_adapters
-from .data import read_gray
 from .errors import InputError
+from .images import read_gray
 from .model import GrayEfficientNet
 
 __all__ = ["Stage", "equivalence", "explain", "format_report", "trace"]

@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from .adapters import StemAdapter, conv_with_weight
 from .checkpoint import load_model
 from .errors import InputError, WeightsError
+from .files import atomic_write
 from .model import GrayEfficientNet
-from .weights import atomic_write
 
 __all__ = ["ATOL", "FORMATS", "RTOL", "ExportResult", "FrozenFoldStem", "export", "exportable"]
 

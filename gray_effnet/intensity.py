@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from .errors import DataError, InputError
 
-__all__ = ["INTENSITY_HELP", "KINDS", "WINDOWS_HELP", "Intensity", "parse_intensity", "parse_intensity_args",
-           "parse_windows"]
+__all__ = ["INTENSITY_HELP", "KINDS", "WINDOWS_HELP", "Intensity", "minmax", "parse_intensity", "parse_intensity_args",
+           "parse_windows", "to_unit_array"]
 
 KINDS = ("full", "minmax", "bits", "window", "range")
 INTENSITY_HELP = (
@@ -164,3 +164,18 @@ def parse_windows(words: Sequence[str]) -> list[list[float]]:
             raise InputError(f"window {word!r}: the width must be positive")
         out.append([center, width])
     return out
+
+
+def minmax(a: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def to_unit_array(a: np.ndarray, full_scale: float, intensity: Intensity) -> np.ndarray:
+    if intensity.dicom_only:
+        raise DataError(f"intensity {intensity} needs DICOM files (physical units or a window); this is not one")
+    if intensity.kind == "minmax":
+        return minmax(a)
+    scale = float(2**intensity.bits - 1) if intensity.kind == "bits" else full_scale
+    return np.clip(a.astype(np.float32) / scale, 0.0, 1.0)

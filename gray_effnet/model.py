@@ -208,7 +208,7 @@ class GrayEfficientNet(nn.Module):
         if c != 1:
             raise InputError(
                 f"expected 1 channel, (B, 1, H, W); got {c} channels {tuple(x.shape)}. "
-                "Convert colour images to gray first (gray_effnet.data.read_gray does)"
+                "Convert colour images to gray first (gray_effnet.images.read_gray does)"
             )
         if b == 0:
             raise InputError(f"got an empty batch {tuple(x.shape)}; expected at least 1 image")

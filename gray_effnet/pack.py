@@ -26,18 +26,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import kornia.augmentation as K
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .data import Batch, ScanResult, UnreadableImageWarning, build_transforms, find_images, load_folder, read_gray
+from .augment import build_transforms
+from .data import Batch
 from .errors import DataError, InputError
+from .files import pid_alive
+from .folders import find_images, load_folder
+from .images import ScanResult, UnreadableImageWarning, read_gray
 from .intensity import Intensity, parse_intensity
 
-__all__ = ["DTYPES", "BatchAugment", "Pack", "PackedDataset", "is_pack", "open_pack", "write_pack"]
+__all__ = ["DTYPES", "Pack", "PackedDataset", "is_pack", "open_pack", "write_pack"]
 
 FORMAT_VERSION = 1
 META = "pack.json"
@@ -199,16 +202,6 @@ def open_pack(path: str | os.PathLike, check_stale: bool = True) -> Pack:
 
 
 # -- writing ----------------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 def clean_leftovers(output: str | os.PathLike) -> list[str]:
     """Remove ``P.partial-<pid>`` and ``P.old-<pid>`` folders of packing processes that are gone; return them."""
     output = Path(output)
@@ -216,7 +209,7 @@ def clean_leftovers(output: str | os.PathLike) -> list[str]:
     for tag in (_PARTIAL, _OLD):
         for p in output.parent.glob(f"{output.name}{tag}*"):
             pid = p.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and (pid == str(os.getpid()) or not _pid_alive(int(pid))):
+            if pid.isdigit() and (pid == str(os.getpid()) or not pid_alive(int(pid))):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
     return removed
@@ -429,55 +422,3 @@ class PackedDataset(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> Batch:
         return Batch(self._read(indices), self.labels[list(indices)], [self.paths[i] for i in indices], 0)
-
-
-# -- augmentation on the device ---------------------------------------------------------------------
-class BatchAugment(nn.Module):
-    """``build_transforms(train=True)``'s random crop, flip and rotation, on a whole batch on its device.
-
-    kornia.augmentation does the work: ``RandomResizedCrop(size, scale=(crop_scale, 1))`` with torchvision's
-    default aspect ratios (3/4, 4/3), ``RandomHorizontalFlip(hflip)``, and ``RandomRotation(rotate)`` on every
-    image, as torchvision's ``RandomRotation`` does (bilinear, where torchvision's default is nearest). Each image
-    gets its own parameters.
-
-    The parameters are drawn from a generator seeded by (seed, epoch, step), under ``torch.random.fork_rng``: the
-    global RNG (which dropout draws from) is left as it was, and a resumed run augments as an uninterrupted one.
-    Call ``set_epoch`` at the start of every epoch.
-
-    Args:
-        size: (H, W) of the output.
-        crop_scale: the smallest crop area, as a fraction of the image.
-        hflip: flip probability.
-        rotate: rotation range in degrees.
-        seed: seed of the parameters (add the rank under DDP, so that ranks differ).
-
-    Shape:
-        - Input: (B, 1, H', W'), uint8 in [0, 255] or float in [0, 1].
-        - Output: (B, 1, H, W), float32 in [0, 1].
-    """
-
-    def __init__(self, size: Sequence[int], *, crop_scale: float = 0.8, hflip: float = 0.0, rotate: float = 0.0,
-                 seed: int = 0) -> None:
-        super().__init__()
-        steps: list[nn.Module] = [K.RandomResizedCrop(tuple(int(s) for s in size), scale=(crop_scale, 1.0))]
-        if hflip > 0:
-            steps.append(K.RandomHorizontalFlip(p=hflip))
-        if rotate > 0:
-            steps.append(K.RandomRotation(rotate, p=1.0))
-        self.augment = K.ImageSequential(*steps)
-        self.seed, self.epoch, self.step = seed, 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.step = epoch, 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255)
-        elif x.dtype != torch.float32:
-            x = x.float()
-        seed = int(np.random.SeedSequence([self.seed, self.epoch, self.step]).generate_state(1)[0])
-        self.step += 1
-        # kornia draws its parameters from the global CPU generator: fork it, seed the fork, and restore it after.
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            return self.augment(x)

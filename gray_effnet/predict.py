@@ -12,14 +12,17 @@ from pathlib import Path
 
 import torch
 
+from .augment import build_transforms
 from .checkpoint import load_model
-from .data import GrayImageFolder, build_transforms, drop_unreadable, find_images, is_image_file, make_loader
+from .data import GrayImageFolder, make_loader
 from .engine import evaluate
 from .errors import DataError
+from .evaluation import format_eval, write_predictions
+from .folders import find_images
+from .images import drop_unreadable, is_image_file
 from .intensity import parse_intensity, parse_intensity_args
 from .pack import PackedDataset, is_pack, open_pack
-from .report import format_eval, write_predictions
-from .tuning import choose_channels_last
+from .speed import choose_channels_last
 
 __all__ = ["labelled_samples", "predict"]
 

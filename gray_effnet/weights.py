@@ -22,9 +22,8 @@ import logging
 import os
 import pickle
 import socket
-import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -42,7 +41,6 @@ from .errors import InputError, WeightsError
 
 __all__ = [
     "BUNDLED_WEIGHTS",
-    "atomic_write",
     "bundled_weights_path",
     "classifier_keys",
     "first_conv_name",
@@ -63,37 +61,6 @@ BUNDLED_WEIGHTS: dict[str, tuple[str, str]] = {
 }
 # Keys under which training scripts nest a state dict.
 _NESTED_KEYS = ("model", "state_dict", "model_state_dict", "state_dict_ema", "model_ema")
-
-
-# -- writing ------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
-
-    A crash (or ``kill -9``) at any moment leaves either the old file or the new one, never half of one.
-    A stray temporary file may remain; its name starts with ``.`` and ends with ``.tmp``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions of a new file
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows it
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- timm's names -----------------------------------------------------------------------------------------

@@ -10,19 +10,10 @@ import torch
 from PIL import Image
 
 from gray_effnet import DataError
-from gray_effnet.data import (
-    GrayImageFolder,
-    UnreadableImageWarning,
-    build_transforms,
-    collate,
-    find_images,
-    load_folder,
-    make_loader,
-    prepare_digits,
-    read_gray,
-    set_loader_epoch,
-    split_samples,
-)
+from gray_effnet.augment import build_transforms
+from gray_effnet.data import GrayImageFolder, collate, make_loader, set_loader_epoch
+from gray_effnet.folders import find_images, load_folder, prepare_digits, split_samples
+from gray_effnet.images import UnreadableImageWarning, read_gray
 
 
 def gradient(h=20, w=30, hi=255, dtype=np.uint8) -> np.ndarray:

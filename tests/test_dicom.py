@@ -14,18 +14,13 @@ import torch
 from PIL import Image
 
 import gray_effnet.data as data_mod
+import gray_effnet.dicom as dicom_mod
 from gray_effnet import DataError, GrayEfficientNet, load_model, save_weights
 from gray_effnet.__main__ import main as cli
-from gray_effnet.data import (
-    GrayImageFolder,
-    MultiFrameWarning,
-    UnreadableImageWarning,
-    drop_unreadable,
-    is_image_file,
-    load_folder,
-    read_gray,
-    scan_images,
-)
+from gray_effnet.data import GrayImageFolder
+from gray_effnet.dicom import MultiFrameWarning
+from gray_effnet.folders import load_folder
+from gray_effnet.images import UnreadableImageWarning, drop_unreadable, is_image_file, read_gray, scan_images
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402
@@ -192,7 +187,7 @@ class TestBadFiles:
             is_available = False
             missing_dependencies = ["pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1"]
 
-        monkeypatch.setattr(data_mod, "get_decoder", lambda uid: NoDecoder())
+        monkeypatch.setattr(dicom_mod, "get_decoder", lambda uid: NoDecoder())
         with pytest.raises(DataError, match=r"no installed pixel data handler decodes JPEG-LS Lossless Image "
                                             r"Compression \(pylibjpeg - requires pylibjpeg>=2.0 and "
                                             r"pylibjpeg-libjpeg>=2.1\): pip install 'gray_effnet\[dicom-codecs\]'"):
@@ -208,7 +203,7 @@ class TestBadFiles:
         assert "JPEG-LS" in why and "gray_effnet[dicom-codecs]" in why
 
     def test_without_pydicom(self, monkeypatch):
-        monkeypatch.setattr(data_mod, "pydicom", None)
+        monkeypatch.setattr(dicom_mod, "pydicom", None)
         with pytest.raises(DataError, match=r"reading DICOM needs pydicom: pip install 'gray_effnet\[dicom\]'"):
             read_gray(pydicom_file("CT_small.dcm"))
 

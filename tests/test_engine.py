@@ -15,7 +15,7 @@ from torch import nn
 from gray_effnet import GrayEfficientNet
 from gray_effnet.data import Batch
 from gray_effnet.engine import EvalResult, amp_setup, evaluate, train_one_epoch
-from gray_effnet.report import format_eval, write_predictions
+from gray_effnet.evaluation import format_eval, write_predictions
 
 CPU = torch.device("cpu")
 

@@ -17,17 +17,12 @@ from PIL import Image
 import train
 from gray_effnet import DataError, GrayEfficientNet, InputError, save_weights
 from gray_effnet.__main__ import main as gray_main
+from gray_effnet.augment import BatchAugment, build_transforms
 from gray_effnet.checkpoint import read_checkpoint
-from gray_effnet.data import (
-    GrayImageFolder,
-    UnreadableImageWarning,
-    build_transforms,
-    collate,
-    load_folder,
-    make_loader,
-    set_loader_epoch,
-)
-from gray_effnet.pack import BatchAugment, PackedDataset, is_pack, open_pack, write_pack
+from gray_effnet.data import GrayImageFolder, collate, make_loader, set_loader_epoch
+from gray_effnet.folders import load_folder
+from gray_effnet.images import UnreadableImageWarning
+from gray_effnet.pack import PackedDataset, is_pack, open_pack, write_pack
 
 from .test_train import FAST, assert_same_run, metrics
 

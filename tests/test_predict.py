@@ -10,7 +10,8 @@ from PIL import Image
 
 from gray_effnet import GrayEfficientNet, load_model, save_weights
 from gray_effnet.__main__ import main
-from gray_effnet.data import UnreadableImageWarning, build_transforms, read_gray
+from gray_effnet.augment import build_transforms
+from gray_effnet.images import UnreadableImageWarning, read_gray
 
 
 @pytest.fixture

@@ -23,8 +23,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import train
 from gray_effnet import GrayEffnetError, NonFiniteLossError, WeightsError, load_model
+from gray_effnet.augment import build_transforms
 from gray_effnet.checkpoint import STATE_NAME, read_checkpoint
-from gray_effnet.data import UnreadableImageWarning, build_transforms, prepare_digits, read_gray
+from gray_effnet.folders import prepare_digits
+from gray_effnet.images import UnreadableImageWarning, read_gray
 
 from .helpers import PicklePayload
 

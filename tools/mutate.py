@@ -53,13 +53,13 @@ MUTATIONS = [
     Mutation("confusion-transposed", "precision and recall swap", "gray_effnet/engine.py",
              "targets[labelled] * num_classes + pred[labelled]", "pred[labelled] * num_classes + targets[labelled]",
              (f"{TE}::TestEvaluate",)),
-    Mutation("correct-column-inverted", "predictions.csv marks right as wrong", "gray_effnet/report.py",
+    Mutation("correct-column-inverted", "predictions.csv marks right as wrong", "gray_effnet/evaluation.py",
              "int(target == pred)", "int(target != pred)",
              (f"{TE}::TestEvaluate", "tests/test_predict.py")),
     Mutation("softmax-over-batch", "probabilities normalised over the batch, not the classes",
              "gray_effnet/engine.py", "logits.softmax(-1).gather", "logits.softmax(0).gather",
              (f"{TE}::TestEvaluate", "tests/test_predict.py")),
-    Mutation("exif-wrong-way", "EXIF-rotated photos turned the wrong way (same shape)", "gray_effnet/data.py",
+    Mutation("exif-wrong-way", "EXIF-rotated photos turned the wrong way (same shape)", "gray_effnet/images.py",
              "img = ImageOps.exif_transpose(img)",
              "img = ImageOps.exif_transpose(img).transpose(Image.Transpose.ROTATE_180)",
              ("tests/test_data.py::TestReadGray",)),
@@ -128,7 +128,7 @@ MUTATIONS = [
     # -- controls: bugs the suite caught before issue 13, to show the harness sees a failing test ------------
     Mutation("control: fold-top-border-dropped", "fold's top border rows are wrong", "gray_effnet/adapters.py",
              "        if top:\n", "        if False:\n", ("tests/test_adapters.py::TestFold",)),
-    Mutation("control: split-leaks", "validation images are trained on", "gray_effnet/data.py",
+    Mutation("control: split-leaks", "validation images are trained on", "gray_effnet/folders.py",
              "        train += items[n_val:]", "        train += items", ("tests/test_data.py::TestSplit",)),
 ]
 

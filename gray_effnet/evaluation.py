@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .engine import EvalResult
-from .weights import atomic_write
+from .files import atomic_write
 
 __all__ = ["format_eval", "write_predictions"]
 

@@ -1,13 +1,13 @@
-"""Threads and memory format chosen for the machine (gray_effnet.tuning)."""
+"""Threads and memory format chosen for the machine (gray_effnet.speed)."""
 
 import copy
 
 import pytest
 import torch
 
-from gray_effnet import tuning
+from gray_effnet import speed
 from gray_effnet.errors import InputError
-from gray_effnet.tuning import available_cores, choose_channels_last, plan_threads
+from gray_effnet.speed import available_cores, choose_channels_last, plan_threads
 
 from .helpers import make_model
 
@@ -20,16 +20,16 @@ class TestThreadGovernor:
         def advance():
             now["wall"], now["cpu"] = next(ticks)
 
-        monkeypatch.setattr(tuning.time, "perf_counter", lambda: now["wall"])
-        monkeypatch.setattr(tuning.time, "process_time", lambda: now["cpu"])
+        monkeypatch.setattr(speed.time, "perf_counter", lambda: now["wall"])
+        monkeypatch.setattr(speed.time, "process_time", lambda: now["cpu"])
         return advance
 
     def test_drops_to_one_thread_when_the_cores_are_shared(self, monkeypatch):
         lines, threads = [], []
-        monkeypatch.setattr(tuning.torch, "set_num_threads", threads.append)
+        monkeypatch.setattr(speed.torch, "set_num_threads", threads.append)
         # (wall, cpu) after each step: the first is not measured, then 2 s of wall give 1 s of CPU on 2 threads.
         advance = self.clock(monkeypatch, [(0.0, 0.0), (1.0, 1.9), (3.0, 2.9), (4.0, 3.9)])
-        governor = tuning.ThreadGovernor(2, log=lines.append)
+        governor = speed.ThreadGovernor(2, log=lines.append)
         for _ in range(3):
             advance()
             governor.step()
@@ -39,17 +39,17 @@ class TestThreadGovernor:
 
     def test_alone_keeps_its_threads(self, monkeypatch):
         threads = []
-        monkeypatch.setattr(tuning.torch, "set_num_threads", threads.append)
+        monkeypatch.setattr(speed.torch, "set_num_threads", threads.append)
         advance = self.clock(monkeypatch, [(0.0, 0.0), (0.5, 1.0), (1.5, 2.9), (3.0, 5.8)])
-        governor = tuning.ThreadGovernor(2, log=lambda line: None)
+        governor = speed.ThreadGovernor(2, log=lambda line: None)
         for _ in range(4):
             advance()
             governor.step()
         assert threads == [] and not governor.dropped
 
     def test_one_thread_is_left_alone(self, monkeypatch):
-        monkeypatch.setattr(tuning.time, "perf_counter", lambda: pytest.fail("a 1-thread run measures nothing"))
-        tuning.ThreadGovernor(1).step()
+        monkeypatch.setattr(speed.time, "perf_counter", lambda: pytest.fail("a 1-thread run measures nothing"))
+        speed.ThreadGovernor(1).step()
 
 
 class TestPlanThreads:
@@ -110,5 +110,5 @@ class TestChooseChannelsLast:
         model = make_model("tf_efficientnet_lite0", "repeat")
         for nchw, nhwc, want in [(2.0, 1.0, True), (1.0, 1.0, False), (1.04, 1.0, False)]:
             times = iter([nchw, nhwc])
-            monkeypatch.setattr(tuning, "_time_steps", lambda *a, _t=times, **k: next(_t))
+            monkeypatch.setattr(speed, "_time_steps", lambda *a, _t=times, **k: next(_t))
             assert choose_channels_last("auto", model, torch.device("cpu"), (2, 1, 32, 32), train=True)[0] is want
