@@ -40,28 +40,26 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import gray_effnet
-from gray_effnet import DataError, GrayEfficientNet, GrayEffnetError, InputError, WeightsError, list_adapters
-from gray_effnet.augment import BatchAugment, build_transforms
+from gray_effnet import GrayEfficientNet, InputError, WeightsError, list_adapters
 from gray_effnet.checkpoint import (
     EpochRow,
-    load_model,
     load_state,
     resolve_resume,
     save_checkpoint,
     set_rng_state,
     write_metrics,
 )
-from gray_effnet.cli import HelpFormatter
-from gray_effnet.data import GrayImageFolder, make_loader, set_loader_epoch
+from gray_effnet.cli import HelpFormatter, add_data_options, add_speed_options, resolve_device, run_cli
+from gray_effnet.data import make_loader, set_loader_epoch
 from gray_effnet.engine import amp_setup, evaluate, process_peak_mem_mb, train_one_epoch
-from gray_effnet.evaluation import format_eval, write_predictions
+from gray_effnet.evaluation import evaluate_checkpoint, report_predictions
 from gray_effnet.files import atomic_write, cleanup_temporaries
-from gray_effnet.folders import load_folder, prepare_digits
-from gray_effnet.intensity import INTENSITY_HELP, WINDOWS_HELP, parse_intensity, parse_intensity_args, parse_windows
+from gray_effnet.folders import prepare_digits
+from gray_effnet.intensity import WINDOWS_HELP, parse_intensity, parse_intensity_args, parse_windows
 from gray_effnet.model import min_input_size
-from gray_effnet.pack import Pack, PackedDataset, is_pack, open_pack
 from gray_effnet.runinfo import device_name, git_commit
-from gray_effnet.speed import CHANNELS_LAST_MODES, ThreadGovernor, choose_channels_last, plan_threads
+from gray_effnet.sources import Augmentation, DataSource, open_source
+from gray_effnet.speed import ThreadGovernor, choose_channels_last, plan_threads
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -75,17 +73,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", default=None, help="a local weights file (.safetensors/.pth); overrides --pretrained")
     g.add_argument("--drop-rate", type=float, default=0.2, help="dropout before the classifier")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None,
-                   help="ImageFolder tree (or one with train/ and val/), or a pack (python -m gray_effnet pack); "
-                   "default: the digits demo")
+    add_data_options(g, data_help="ImageFolder tree (or one with train/ and val/), or a pack (python -m gray_effnet "
+                     "pack); default: the digits demo",
+                     img_size_help="input size, H != W is fine (default: 64 64; with --evaluate, the checkpoint's)",
+                     workers_help="data loader processes per training process")
     g.add_argument("--val-split", type=float, default=0.2, help="validation fraction when DIR has no train/val")
-    g.add_argument("--img-size", nargs=2, type=int, default=None, metavar=("H", "W"),
-                   help="input size, H != W is fine (default: 64 64; with --evaluate, the checkpoint's)")
     g.add_argument("--batch-size", type=int, default=64, help="per process")
-    g.add_argument("--workers", type=int, default=2, help="data loader processes per training process")
-    g.add_argument("--intensity", nargs="+", default=None, metavar="MAPPING", help=INTENSITY_HELP)
     g.add_argument("--windows", nargs="+", default=None, metavar="C:W", help=WINDOWS_HELP)
-    g.add_argument("--strict-data", action="store_true", help="decode every file first; refuse to start if any is bad")
     g.add_argument("--crop-scale", type=float, default=0.8, help="smallest area of the random crop (1 = no crop)")
     g.add_argument("--hflip", type=float, default=0.0, help="horizontal flip probability")
     g.add_argument("--rotate", type=float, default=0.0, help="random rotation range in degrees")
@@ -97,14 +91,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=float, default=0.1)
     g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this")
     g = p.add_argument_group("speed")
-    g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast dtype")
-    g.add_argument("--channels-last", default="auto", choices=CHANNELS_LAST_MODES,
-                   help="NHWC memory format; auto: on with CUDA, on the CPU where a short probe finds it faster")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of each process (default: its share of the cores; the first lines say)")
+    add_speed_options(g)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (DDP on CUDA)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--output", default=None, help="output folder (default: runs/<model>-<adapter>)")
@@ -152,33 +141,19 @@ def check_args(args) -> None:
         if args.img_size is not None and min(args.img_size) < smallest:
             raise InputError(f"--img-size {args.img_size[0]} {args.img_size[1]} is smaller than {args.model}'s "
                              f"total stride; use at least {smallest} {smallest}")
-    if args.sync_bn and not str(args.device).startswith("cuda"):  # torch's SyncBatchNorm raises on CPU modules
-        raise InputError(f"--sync-bn needs CUDA devices; this run is on {args.device}")
+    device = resolve_device(args.device)
+    if args.sync_bn and not device.startswith("cuda"):  # torch's SyncBatchNorm raises on CPU modules
+        raise InputError(f"--sync-bn needs CUDA devices; this run is on {device}")
 
 
-def resolve_data(args, primary: bool):
-    """The data folder (writing the demo digits once), checked and split before anything trains."""
-    root = args.data
-    if is_pack(root):  # decoded once by `python -m gray_effnet pack`; open_pack refuses a stale one
-        return root, open_pack(root)
-    if root is None:
+def resolve_data(args, primary: bool) -> DataSource:
+    """The data source (writing the demo digits once), checked and split before anything trains."""
+    if args.data is None:
         if primary:
-            root = prepare_digits()
+            prepare_digits()
         if dist.is_initialized():
             dist.barrier()  # the other ranks wait for rank 0 to write the PNGs
-        root = prepare_digits()
-    return root, load_folder(root, val_split=args.val_split, seed=args.seed, strict=args.strict_data)
-
-
-def data_line(args, root, folder, wide: bool) -> str:
-    packed = isinstance(folder, Pack)
-    val_split = folder.meta["val_split"] if packed else args.val_split
-    split = " (given split)" if folder.presplit else f" (seeded stratified split, {val_split:.0%} val)"
-    classes = plural(len(folder.classes), "class", "classes")
-    what = f"pack of {folder.source}, {folder.dtype}, {folder.note}; " if packed else ""
-    return (f"data: {root}: {what}{classes}, {len(folder.train)} train / {len(folder.val)} val images{split}; "
-            f"{folder.scan.converted} converted from colour, {len(folder.scan.bad)} unreadable skipped, "
-            f"{len(folder.ignored)} non-image files ignored; {'float32' if wide else 'uint8'} batches")
+    return open_source(args.data, val_split=args.val_split, seed=args.seed, strict=args.strict_data)
 
 
 def adapter_options(args) -> tuple[str, dict]:
@@ -201,76 +176,29 @@ def adapter_options(args) -> tuple[str, dict]:
     return str(intensity), {"windows": windows, "range": [intensity.low, intensity.high]}
 
 
-def pack_settings(args, pack: Pack, intensity) -> tuple[tuple[int, int], str]:
-    """A pack fixes the image size and the intensity mapping: refuse others rather than train on a mismatch."""
-    if args.img_size and tuple(args.img_size) != pack.img_size:
-        raise InputError(f"--img-size {args.img_size[0]} {args.img_size[1]}: the pack {pack.root} holds "
-                         f"{pack.img_size[0]}x{pack.img_size[1]} images; leave out --img-size, or pack again at "
-                         "that size (python -m gray_effnet pack --img-size H W)")
-    named = None if intensity is None else str(parse_intensity(intensity))
-    if named is not None and named != pack.intensity:
-        raise InputError(f"intensity mapping {named!r}, but the pack {pack.root} was read with {pack.intensity!r}; "
-                         f"pack again with --intensity {named}")
-    return pack.img_size, pack.intensity
-
-
-def build_datasets(args, folder, size: tuple[int, int], intensity: str, rank: int = 0):
-    """Train and val datasets, the batch augmentation on the device (packs only), and loader workers.
-
-    A pack's loader reads a whole batch with one index into a memory map: worker processes would only add
-    their start-up, so it reads in the training process."""
-    if isinstance(folder, Pack):
-        augment = BatchAugment(size, crop_scale=args.crop_scale, hflip=args.hflip, rotate=args.rotate,
-                               seed=args.seed + 1_000_003 * rank)  # ranks augment differently
-        return PackedDataset(folder, "train"), PackedDataset(folder, "val"), augment, 0
-    augment = build_transforms(size, train=True, crop_scale=args.crop_scale, hflip=args.hflip, rotate=args.rotate)
-    train_ds = GrayImageFolder(folder.train, augment, wide=folder.scan.wide, intensity=intensity)
-    val_ds = GrayImageFolder(folder.val, build_transforms(size, train=False), wide=folder.scan.wide,
-                             intensity=intensity)
-    return train_ds, val_ds, None, args.workers
-
-
-def run_evaluate(args, device: torch.device, autocast) -> None:
-    model = load_model(args.weights).to(device)
-    root, folder = resolve_data(args, primary=True)
-    if model.class_names and model.class_names != folder.classes:
-        raise DataError(f"the checkpoint's classes {model.class_names} differ from {root}'s {folder.classes}")
-    img_size = args.img_size or model.img_size or (64, 64)
-    intensity = parse_intensity_args(args.intensity) or model.intensity  # the checkpoint's, unless named
-    if isinstance(folder, Pack):
-        img_size, intensity = pack_settings(args, folder, intensity)
-    if min(img_size) < model.min_size:
-        raise InputError(f"--img-size {img_size[0]} {img_size[1]} is smaller than the model's total stride "
-                         f"{model.min_size}")
-    _, ds, _, workers = build_datasets(args, folder, img_size, str(intensity))
-    loader = make_loader(ds, args.batch_size, train=False, workers=workers, pin_memory=device.type == "cuda")
-    log(data_line(args, root, folder, ds.wide) + f"; evaluating the {len(folder.val)} validation images")
-    torch.set_num_threads(plan_threads(workers=workers, requested=args.threads).threads)
-    channels_last, why = choose_channels_last(args.channels_last, model, device, (args.batch_size, 1, *img_size),
-                                              train=False, autocast=autocast)
-    log(why)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    result = evaluate(model, loader, device=device, num_classes=model.num_classes, autocast=autocast,
-                      channels_last=channels_last, keep_predictions=True, progress=not args.no_progress)
-    print(format_eval(result, folder.classes))
+def run_evaluate(args, device: torch.device) -> None:
+    """--evaluate: the validation split through the one evaluation path that predict uses too."""
+    source = resolve_data(args, primary=True)
+    result, names = evaluate_checkpoint(args.weights, source, split="val", batch_size=args.batch_size,
+                                        workers=args.workers, device=device, img_size=args.img_size,
+                                        intensity=parse_intensity_args(args.intensity), amp=args.amp,
+                                        channels_last=args.channels_last, threads=args.threads,
+                                        progress=not args.no_progress, log=log)
     out = Path(args.output) if args.output else Path(args.weights).parent
-    path = out / "eval_predictions.csv"
-    replaced = path.exists()
-    print(f"predictions: {write_predictions(path, result, folder.classes)}{' (replaced)' if replaced else ''}")
+    report_predictions(result, names, out / "eval_predictions.csv", labelled=True, log=log)
 
 
 def main(args) -> None:
     check_args(args)
     # -- devices and processes --------------------------------------------------------------------------
-    d = init_distributed_device_so(device=args.device)  # reads torchrun's env; gloo on CPU, nccl on CUDA
+    d = init_distributed_device_so(device=resolve_device(args.device))  # reads torchrun's env; gloo on CPU, nccl on CUDA
     device, rank, world = torch.device(d["device"]), d["global_rank"], d["world_size"]
     primary = rank == 0
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
-    autocast, scaler = amp_setup(device, args.amp)
     if args.evaluate:
-        return run_evaluate(args, device, autocast)
+        return run_evaluate(args, device)
+    autocast, scaler = amp_setup(device, args.amp)
     intensity, adapter_kwargs = adapter_options(args)
     output = Path(args.output or f"runs/{args.model}-{args.adapter}")
 
@@ -278,22 +206,24 @@ def main(args) -> None:
     state_path = resolve_resume(args.resume, output) if args.resume else None
     if args.resume == "auto" and state_path is None:
         log(f"--resume: nothing to resume in {output}, starting fresh")
-    root, folder = resolve_data(args, primary)
-    h, w = args.img_size or (64, 64)
-    if isinstance(folder, Pack):
-        (h, w), intensity = pack_settings(args, folder, parse_intensity_args(args.intensity))
-        if min(h, w) < min_input_size(args.model):
-            raise InputError(f"the pack's {h}x{w} images are smaller than {args.model}'s total stride")
+    source = resolve_data(args, primary)
+    (h, w), intensity = source.settings(args.img_size, parse_intensity_args(args.intensity))
+    if min(h, w) < min_input_size(args.model):
+        raise InputError(f"{h}x{w} images are smaller than {args.model}'s total stride")
     state = None
     if state_path is not None:
         state = load_state(state_path, {"model_name": args.model, "adapter": args.adapter,
-                                        "num_classes": len(folder.classes), "intensity": intensity})
-    train_ds, val_ds, batch_augment, workers = build_datasets(args, folder, (h, w), intensity, rank)
+                                        "num_classes": len(source.classes), "intensity": intensity})
+    augmentation = Augmentation(crop_scale=args.crop_scale, hflip=args.hflip, rotate=args.rotate)
+    train_ds = source.dataset("train", (h, w), intensity, augment=augmentation)
+    val_ds = source.dataset("val", (h, w), intensity)
+    batch_augment = source.batch_augment((h, w), augmentation, seed=args.seed + 1_000_003 * rank)  # ranks differ
+    workers = source.loader_workers(args.workers)
     loader_kw = {"workers": workers, "pin_memory": device.type == "cuda", "seed": args.seed,
                  "world_size": world, "rank": rank}
     train_loader = make_loader(train_ds, args.batch_size, train=True, **loader_kw)
     val_loader = make_loader(val_ds, args.batch_size, train=False, **loader_kw)
-    log(data_line(args, root, folder, train_ds.wide))
+    log(source.describe(train_ds.wide))
     threads = plan_threads(workers=workers, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
                            requested=args.threads)
     torch.set_num_threads(threads.threads)
@@ -303,9 +233,9 @@ def main(args) -> None:
 
     # -- model. Order: to(device) -> channels_last -> optimizer -> compile -> DDP, because the optimizer
     # must hold the parameters that live on the device, and DDP must wrap the module that will run. ---------
-    model = GrayEfficientNet(args.model, adapter=args.adapter, num_classes=len(folder.classes),
+    model = GrayEfficientNet(args.model, adapter=args.adapter, num_classes=len(source.classes),
                              pretrained=args.pretrained and not args.weights, weights=args.weights,
-                             class_names=folder.classes, img_size=(h, w), drop_rate=args.drop_rate,
+                             class_names=source.classes, img_size=(h, w), drop_rate=args.drop_rate,
                              intensity=intensity, adapter_kwargs=adapter_kwargs)
     if args.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -355,8 +285,8 @@ def main(args) -> None:
         if state is not None:
             write_metrics(output / "metrics.csv", history)  # drop rows of an epoch that did not finish
         config = {"args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-                  "resolved": {"data": str(root), "output": str(output), "lr": lr, "world_size": world,
-                               "classes": folder.classes, "device": str(device), "threads": threads.threads,
+                  "resolved": {"data": str(source.root), "output": str(output), "lr": lr, "world_size": world,
+                               "classes": source.classes, "device": str(device), "threads": threads.threads,
                                "channels_last": channels_last,
                                "device_name": device_name(device), "command": command_line(args),
                                "commit": git_commit(Path(__file__))},
@@ -380,7 +310,7 @@ def main(args) -> None:
                                 clip_grad=args.clip_grad, channels_last=channels_last,
                                 log_every=args.log_every, progress=progress, augment=batch_augment,
                                 on_step=governor.step)
-        result = evaluate(eval_model, val_loader, device=device, num_classes=len(folder.classes), autocast=autocast,
+        result = evaluate(eval_model, val_loader, device=device, num_classes=len(source.classes), autocast=autocast,
                           channels_last=channels_last, progress=progress, desc=f"epoch {epoch} val")
         row = EpochRow(epoch=epoch, lr=optimizer.param_groups[0]["lr"], **stats,  # lr: where the epoch ended
                        val_loss=result.loss, val_acc=result.acc,
@@ -400,7 +330,7 @@ def main(args) -> None:
     log(f"\ndone in {time.perf_counter() - run_start:.0f}s: best val acc {best_acc:.4f} "
         f"(epoch {max(history, key=lambda r: r['val_acc'])['epoch'] if history else '-'})\n"
         f"  outputs in {output}/: best.safetensors, last.safetensors, last.state.pt, metrics.csv, config.json\n"
-        f"  {folder.scan.converted} images converted from colour to gray; {len(folder.scan.bad)} unreadable at the "
+        f"  {source.scan.converted} images converted from colour to gray; {len(source.scan.bad)} unreadable at the "
         f"start and {skipped} unreadable while training were skipped\n"
         f"  evaluate: python train.py --evaluate --weights {output}/best.safetensors"
         + (f" --data {args.data}" if args.data else ""))
@@ -422,21 +352,10 @@ def command_line(args) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Parse ``argv``, run, and turn this project's errors into one ``error:`` line and exit code 2."""
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except GrayEffnetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished epochs are saved; continue with the same command plus --resume",
-              file=sys.stderr)
-        return 130
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    """Parse ``argv`` and run; this project's errors become one ``error:`` line and exit code 2."""
+    return run_cli(main, get_args_parser().parse_args(argv),
+                   interrupted="interrupted: finished epochs are saved; continue with the same command plus --resume",
+                   finally_=lambda: dist.is_initialized() and dist.destroy_process_group())
 
 
 if __name__ == "__main__":

@@ -5,8 +5,7 @@ import sys
 from pathlib import Path
 
 # Only the subcommand that runs imports torch and timm (seconds), so that --help answers at once.
-from .cli import HelpFormatter
-from .errors import GrayEffnetError
+from .cli import HelpFormatter, add_data_options, add_speed_options, resolve_device, run_cli
 
 
 def _explain(args: argparse.Namespace) -> None:
@@ -45,9 +44,13 @@ def _pack(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    from .intensity import parse_intensity_args
     from .predict import predict
 
-    predict(args)
+    predict(args.weights, args.data, output=args.output, batch_size=args.batch_size, workers=args.workers,
+            device=resolve_device(args.device), channels_last=args.channels_last,
+            intensity=parse_intensity_args(args.intensity), img_size=args.img_size, amp=args.amp,
+            threads=args.threads, strict=args.strict_data, progress=not args.no_progress)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -79,46 +82,35 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pack", formatter_class=HelpFormatter,
                        help="decode and resize an image folder once into a memory-mapped pack that train.py reads")
-    p.add_argument("--data", required=True, help="ImageFolder tree (or one with train/ and val/)")
-    p.add_argument("--img-size", nargs=2, type=int, required=True, metavar=("H", "W"),
-                   help="size to store, the size train.py will train at")
+    add_data_options(p, data_help="ImageFolder tree (or one with train/ and val/)", data_required=True,
+                     img_size_help="size to store, the size train.py will train at", img_size_required=True,
+                     intensity_default=["full"], workers_help="decoding threads (default: the CPU count)",
+                     workers_default=None)
     p.add_argument("--output", required=True, help="the pack folder (an older pack there is replaced when done)")
     p.add_argument("--val-split", type=float, default=0.2, help="validation fraction when DIR has no train/val")
     p.add_argument("--seed", type=int, default=0, help="seed of the split")
-    p.add_argument("--intensity", nargs="+", default=["full"], metavar="MAPPING",
-                   help="how pixels map to [0, 1] (see train.py --help)")
     p.add_argument("--dtype", default="auto", choices=("auto", "uint8", "uint16", "float16"),
                    help="stored dtype; auto: uint8 for 8-bit data, else uint16")
-    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: the CPU count)")
-    p.add_argument("--strict-data", action="store_true", help="refuse to pack if any file is unreadable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_pack)
 
     p = sub.add_parser("predict", formatter_class=HelpFormatter,
                        help="classify a folder of images with a checkpoint, write a CSV")
     p.add_argument("--weights", required=True)
-    p.add_argument("--data", required=True,
-                   help="a folder of images, with or without class subfolders, or a pack (all its images)")
+    add_data_options(p, data_required=True,
+                     data_help="a folder of images, with or without class subfolders, or a pack (all its images)",
+                     img_size_help="input size (default: the checkpoint's)")
     p.add_argument("--output", default=None, help="CSV path (default: predictions_<folder>.csv beside the weights)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    p.add_argument("--workers", type=int, default=2, help="data loader processes")
-    p.add_argument("--device", default=None)
-    p.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
-                   help="NHWC memory format; auto: on with CUDA, on the CPU where a short probe finds it faster")
-    p.add_argument("--intensity", nargs="+", default=None, metavar="MAPPING",
-                   help="how pixels map to [0, 1] (see train.py --help); default: the checkpoint's")
+    add_speed_options(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except GrayEffnetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(args.func, args)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,26 @@
-"""Results a person reads: evaluation tables, confusion matrices and prediction CSVs."""
+"""The one evaluation path: a checkpoint on a data source, then the tables and CSVs a person reads.
+
+``train.py --evaluate`` (the validation split) and ``python -m gray_effnet predict`` (every image) both call
+``evaluate_checkpoint`` and ``report_predictions``; they differ only in the split and the CSV's default name.
+"""
 
 import csv
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .engine import EvalResult
-from .files import atomic_write
+import torch
 
-__all__ = ["format_eval", "write_predictions"]
+from .checkpoint import load_model
+from .data import make_loader
+from .engine import EvalResult, amp_setup, evaluate
+from .errors import InputError
+from .files import atomic_write
+from .sources import DataSource
+from .speed import choose_channels_last, plan_threads
+
+__all__ = ["evaluate_checkpoint", "format_eval", "report_predictions", "write_predictions"]
 
 
 def format_eval(result: EvalResult, class_names: Sequence[str]) -> str:
@@ -51,3 +63,79 @@ def write_predictions(path: str | Path, result: EvalResult, class_names: Sequenc
                     true = class_names[target] if class_names else target
                     writer.writerow([file, true, name, f"{prob:.6f}", int(target == pred)])
     return path
+
+
+def evaluate_checkpoint(
+    weights: str | Path,
+    source: DataSource,
+    *,
+    split: str,
+    batch_size: int = 64,
+    workers: int = 2,
+    device: torch.device | str = "cpu",
+    img_size: Sequence[int] | None = None,
+    intensity: str | None = None,
+    amp: str = "none",
+    channels_last: str = "auto",
+    threads: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[EvalResult, list[str]]:
+    """Predict every image of ``split`` of ``source`` with the checkpoint ``weights``; return the result and class names.
+
+    The images are read as the model was trained: at its ``img_size`` and with its intensity mapping, unless
+    others are named (a pack has its own and refuses others). Labels are counted in the checkpoint's classes.
+
+    Args:
+        weights: a checkpoint of this project.
+        source: the data (``gray_effnet.sources.open_source``).
+        split: ``val`` (``train.py --evaluate``) or ``all`` (``predict``).
+        batch_size: images per batch.
+        workers: loader processes (a pack uses none).
+        device: where to run.
+        img_size: (H, W) instead of the checkpoint's.
+        intensity: a mapping instead of the checkpoint's.
+        amp: ``none``, ``bf16`` or ``fp16`` autocast.
+        channels_last: ``auto``, ``on`` or ``off`` (``gray_effnet.speed.choose_channels_last``).
+        threads: CPU threads (default: this process' share of the cores).
+        progress: show a progress bar.
+        log: where the data line and the memory-format choice go.
+    """
+    device = torch.device(device)
+    model = load_model(weights).to(device).eval()
+    source.check_model(model)
+    names = model.class_names or [str(i) for i in range(model.num_classes)]
+    size, intensity = source.settings(img_size or model.img_size or model.model.pretrained_cfg["input_size"][1:],
+                                      intensity or model.intensity)
+    if min(size) < model.min_size:
+        raise InputError(f"--img-size {size[0]} {size[1]} is smaller than the model's total stride {model.min_size}")
+    dataset = source.dataset(split, size, intensity, class_names=names)
+    workers = source.loader_workers(workers)
+    loader = make_loader(dataset, batch_size, train=False, workers=workers, pin_memory=device.type == "cuda")
+    log(f"{source.describe(dataset.wide)}; evaluating the {len(dataset)} images of the {split} split, {size[0]}x"
+        f"{size[1]}, intensity {intensity}")
+    torch.set_num_threads(plan_threads(workers=workers, requested=threads).threads)
+    autocast, _ = amp_setup(device, amp)
+    use_nhwc, why = choose_channels_last(channels_last, model, device, (batch_size, 1, *size), train=False,
+                                         autocast=autocast)
+    log(why)
+    if use_nhwc:
+        model.to(memory_format=torch.channels_last)
+    result = evaluate(model, loader, device=device, num_classes=model.num_classes, autocast=autocast,
+                      channels_last=use_nhwc, keep_predictions=True, progress=progress, desc=f"evaluate {split}")
+    return result, names
+
+
+def report_predictions(result: EvalResult, class_names: Sequence[str], csv_path: str | Path, *, labelled: bool,
+                       log: Callable[[str], None] = print) -> Path:
+    """Print the metrics (labelled data) or the predicted counts (unlabelled), and write the predictions CSV."""
+    if labelled:
+        log(format_eval(result, class_names))
+    else:
+        counts = Counter(class_names[pred] for _, _, pred, _ in result.predictions)
+        log(f"{len(result.predictions)} images predicted as: "
+            + ", ".join(f"{name}: {n}" for name, n in counts.most_common()))
+    csv_path = Path(csv_path)
+    replaced = csv_path.exists()
+    log(f"predictions: {write_predictions(csv_path, result, class_names)}{' (replaced)' if replaced else ''}")
+    return csv_path

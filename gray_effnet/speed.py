@@ -30,12 +30,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .cli import CHANNELS_LAST_MODES
 from .errors import InputError
 
-__all__ = ["CHANNELS_LAST_MODES", "ThreadGovernor", "ThreadPlan", "available_cores", "choose_channels_last",
+__all__ = ["ThreadGovernor", "ThreadPlan", "available_cores", "choose_channels_last",
            "plan_threads"]
 
-CHANNELS_LAST_MODES = ("auto", "on", "off")
 
 
 def available_cores() -> int:

@@ -381,4 +381,4 @@ class TestCli:
         model = GrayEfficientNet("tf_efficientnet_lite0", num_classes=2, class_names=["a", "b"], img_size=SIZE)
         weights = save_weights(model, tmp_path / "w.safetensors")
         assert gray_main(["predict", "--weights", str(weights), "--data", str(tmp_path / "p")]) == 2
-        assert "read with intensity 'minmax', this prediction needs 'full'" in capsys.readouterr().err
+        assert "read with intensity 'minmax', this run needs 'full'" in capsys.readouterr().err
