@@ -239,8 +239,20 @@ class TestResume:
         run("--data", digits, "--epochs", "1", "--output", out, *FAST)
         settings = ["--adapter", "fold", "--model", "tf_efficientnet_lite0"]
         settings[settings.index(flag) + 1] = value
-        with pytest.raises(WeightsError, match="cannot resume from .* it was made for another model"):
+        with pytest.raises(WeightsError, match="cannot resume from .*: it was made with other settings"):
             run("--data", digits, "--epochs", "2", "--output", out, "--resume", "--no-pretrained", *settings, *FAST)
+
+    def test_other_intensity_refused(self, digits, tmp_path, capsys):
+        """The images would reach the model on another scale: refused, one error line naming both mappings."""
+        out = tmp_path / "run"
+        run("--data", digits, "--epochs", "1", "--output", out, *FAST)  # the default mapping, full
+        before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        code = train.cli(["--data", str(digits), "--epochs", "2", "--output", str(out), "--resume",
+                          "--intensity", "minmax", *FAST])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("error:") == 1, err
+        assert "intensity: the checkpoint has 'full', this run has 'minmax'" in err
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing written
 
     def test_auto_resume_starts_fresh_when_empty(self, digits, tmp_path, capsys):
         run("--data", digits, "--epochs", "1", "--output", tmp_path / "new", "--resume", *FAST)
