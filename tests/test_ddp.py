@@ -9,6 +9,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -64,6 +65,7 @@ def _rank(rank: int, store: str, train: list, val: list, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs the fork start method")
 class TestTwoRanks:
     def test_train_shares_and_validation_gather(self, tmp_path):
         train = write_samples(tmp_path / "train", 10)
