@@ -423,10 +423,11 @@ def load_state(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
     """Read a training-state file (no pickled code runs), check every field, and that it fits this run.
 
     Args:
-        expect: ``model_name``, ``adapter`` and ``num_classes`` of the run that resumes.
+        expect: the metadata the run that resumes must find: ``model_name``, ``adapter``, ``num_classes`` and
+            ``intensity`` (the mapping its images are read with).
 
     Raises:
-        WeightsError: the file is not a state file, a field is wrong, or it was made for another model.
+        WeightsError: the file is not a state file, a field is wrong, or it was made with other settings.
     """
     state = safe_torch_load(path)
     if not isinstance(state, dict) or META_KEY not in state or "optimizer" not in state:
@@ -435,10 +436,11 @@ def load_state(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
     validate_metadata(state[META_KEY], model if isinstance(model, dict) else {}, path)
     _validate_state(state, path)
     meta = state[META_KEY]
-    diffs = [f"{k}: checkpoint has {meta.get(k)!r}, this run has {v!r}" for k, v in expect.items() if meta.get(k) != v]
+    diffs = [f"{k}: the checkpoint has {meta.get(k)!r}, this run has {v!r}"
+             for k, v in expect.items() if meta.get(k) != v]
     if diffs:
         raise WeightsError(
-            f"cannot resume from {path}, it was made for another model ({'; '.join(diffs)}). "
+            f"cannot resume from {path}: it was made with other settings ({'; '.join(diffs)}). "
             "Resume with the same settings, or start a new run in another --output folder"
         )
     return state

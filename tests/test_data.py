@@ -390,6 +390,46 @@ class TestLoader:
         assert sorted(paths) == sorted(p for p, _ in data.val)
 
 
+class TestSampleSeeds:
+    """Training augmentation seeded per sample from (seed, epoch, index): each image its own draw."""
+
+    @pytest.fixture
+    def same_images(self, tmp_path) -> GrayImageFolder:
+        """8 copies of one gradient: any difference between their crops comes from the seeds alone."""
+        samples = []
+        for i in range(8):
+            path = tmp_path / f"{i}.png"
+            Image.fromarray(gradient(40, 40)).save(path)
+            samples.append((str(path), i % 2))
+        return GrayImageFolder(samples, build_transforms((12, 12), train=True, crop_scale=0.2, hflip=0.5))
+
+    def test_each_image_its_own_crop(self, same_images):
+        """One epoch of identical images: other indices, other crops; 0 or 2 workers give the same ones."""
+
+        def crops(workers):
+            loader = make_loader(same_images, 4, train=True, workers=workers, seed=5)
+            set_loader_epoch(loader, 1, seed=5)
+            return {p: img for batch in loader for p, img in zip(batch.paths, batch.images)}
+
+        none, two = crops(0), crops(2)
+        assert len(none) == 8 and none.keys() == two.keys()
+        assert all(torch.equal(none[p], two[p]) for p in none)
+        distinct = {tuple(img.flatten().tolist()) for img in none.values()}
+        assert len(distinct) == 8, f"only {len(distinct)} different crops of 8 images"
+
+    def test_seeds_are_a_function_of_seed_epoch_index(self, same_images):
+        def seeds(epoch, seed=5):
+            loader = make_loader(same_images, 4, train=True, workers=0, seed=seed)
+            set_loader_epoch(loader, epoch, seed=seed)
+            return dict(loader.sampler)  # index -> seed, as the sampler hands them to the dataset
+
+        epoch1 = seeds(1)
+        assert sorted(epoch1) == list(range(8)) and len(set(epoch1.values())) == 8  # one seed per image
+        assert seeds(1) == epoch1  # a fresh loader (a resumed run) gets the same seeds
+        assert not set(seeds(2).values()) & set(epoch1.values())  # another epoch, other seeds
+        assert not set(seeds(1, seed=6).values()) & set(epoch1.values())  # another run seed likewise
+
+
 class TestDigits:
     def test_written_once_as_png_folders(self, tmp_path):
         pytest.importorskip("sklearn")

@@ -99,6 +99,18 @@ class TestPhysicalUnits:
         ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))  # 16 bits stored, signed: -32768..32767
         np.testing.assert_allclose(unit, (ds.pixel_array + 32768.0) / 65535.0, atol=1e-6)
 
+    def test_full_is_bits_stored_not_bits_allocated(self, tmp_path):
+        """12 bits stored in 16 allocated (values 0..4095): full maps them onto all of [0, 1], not [0, 1/16]."""
+        mr = pydicom_file("MR_small.dcm")
+        stored = np.linspace(0, 4095, 64 * 64).round().reshape(64, 64)
+        path = rewrite(mr, tmp_path / "12bit.dcm", BitsStored=12, HighBit=11, PixelRepresentation=0,
+                       PixelArray=stored)
+        ds = pydicom.dcmread(path)
+        assert (ds.BitsAllocated, ds.BitsStored, int(ds.pixel_array.max())) == (16, 12, 4095)
+        unit = read_gray(path, "full")[0].double().numpy()
+        np.testing.assert_allclose(unit, stored / 4095.0, atol=1e-6)
+        assert unit.min() == 0 and unit.max() == pytest.approx(1.0)
+
     def test_bit_depth_divides_stored_values(self):
         unit = read_gray(pydicom_file("MR_small.dcm"), "12")[0].double().numpy()
         np.testing.assert_allclose(unit, pydicom.dcmread(pydicom_file("MR_small.dcm")).pixel_array / 4095.0, atol=1e-6)
@@ -119,6 +131,15 @@ class TestMonochrome1:
                            PixelArray=-1 - stored)  # int16 -32768..32767 mirrored onto itself
         ref = read_gray(ct, intensity)
         torch.testing.assert_close(read_gray(inverted, intensity), ref, atol=1e-6, rtol=0)
+
+    @pytest.mark.parametrize("intensity", ["full", "minmax", "12", "window", "range:0:1500"])
+    def test_every_mapping_inverts(self, tmp_path, intensity):
+        """Only the tag changed (MR_small has a window): every mapping, window included, gives 1 - MONOCHROME2's."""
+        mr = pydicom_file("MR_small.dcm")
+        m1 = rewrite(mr, tmp_path / "m1.dcm", PhotometricInterpretation="MONOCHROME1")
+        ref = read_gray(mr, intensity)
+        assert (2 * ref - 1).abs().max() > 1e-3  # ref and 1 - ref differ: an image left as it was cannot pass
+        torch.testing.assert_close(read_gray(m1, intensity), 1 - ref, atol=1e-6, rtol=0)
 
     def test_only_the_tag_changed_inverts(self, tmp_path):
         ct = pydicom_file("CT_small.dcm")

@@ -262,6 +262,36 @@ class TestBatchAugment:
         x = torch.rand(3, 1, 16, 16)
         torch.testing.assert_close(BatchAugment((16, 16), crop_scale=1.0)(x), x, atol=1e-5, rtol=0)
 
+    def test_hflip_mirrors_left_and_right(self):
+        """A bright left half, flipped for sure with the whole image kept: it ends on the right, rows unchanged."""
+        x = torch.zeros(3, 1, 16, 16)
+        x[..., :8] = 1.0
+        y = BatchAugment((16, 16), crop_scale=1.0, hflip=1.0)(x)
+        torch.testing.assert_close(y, x.flip(-1), atol=1e-5, rtol=0)
+        assert y[..., 8:].min() > 0.99 and y[..., :8].max() < 0.01  # not a vertical flip, which would change nothing
+
+    @pytest.mark.parametrize("kw", [{"crop_scale": 0.4, "hflip": 0.3, "rotate": 12.0},
+                                    {"crop_scale": 0.8, "hflip": 0.0, "rotate": 0.0}])
+    def test_same_augmentations_as_the_files_path(self, kw):
+        """The pack path (kornia, per batch) and the files path (torchvision, per image): the same steps, each
+        with the same ranges, read from the modules themselves."""
+        size = (24, 20)
+        files = build_transforms(size, train=True, **kw).transforms
+        batch = list(BatchAugment(size, **kw).augment.children())
+        names = ["RandomResizedCrop"] + ["RandomHorizontalFlip"] * (kw["hflip"] > 0) + ["RandomRotation"] * (
+            kw["rotate"] > 0)
+        assert [type(t).__name__ for t in files] == [type(k).__name__ for k in batch] == names
+        crop_t, crop_k = files[0], batch[0]
+        assert tuple(crop_t.size) == tuple(crop_k.flags["size"]) == size and crop_k.p == 1.0
+        assert tuple(crop_t.scale) == tuple(crop_k._param_generator.scale) == (kw["crop_scale"], 1.0)
+        assert crop_k._param_generator.ratio == pytest.approx(crop_t.ratio) == (3 / 4, 4 / 3)
+        if kw["hflip"]:
+            assert files[1].p == batch[1].p == kw["hflip"]
+        if kw["rotate"]:
+            rot_t, rot_k = files[-1], batch[-1]
+            assert list(rot_t.degrees) == rot_k._param_generator.degrees.tolist() == [-kw["rotate"], kw["rotate"]]
+            assert rot_k.p == 1.0  # torchvision rotates every image
+
     def test_depends_only_on_seed_epoch_step(self):
         x = torch.rand(4, 1, 32, 32)
 
@@ -321,8 +351,9 @@ class TestTrainOnPack:
     def test_evaluate_and_predict(self, trained_on_pack, capsys):
         tmp, _ = trained_on_pack
         weights = tmp / "run" / "best.safetensors"
+        # Pinned as the training run was: a timing probe or another thread count could flip a near tie.
         printed = run("--evaluate", "--weights", weights, "--data", tmp / "pack", "--output", tmp / "ev",
-                      "--workers", "0", "--no-progress")
+                      "--workers", "0", "--no-progress", "--channels-last", "off", "--threads", "1")
         val_acc = float(metrics(tmp / "run")[0]["val_acc"])
         n_val = len(open_pack(tmp / "pack").val)
         assert f"accuracy {val_acc:.4f} on {n_val} images" in printed and n_val == 4

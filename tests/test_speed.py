@@ -47,6 +47,18 @@ class TestThreadGovernor:
             governor.step()
         assert threads == [] and not governor.dropped
 
+    @pytest.mark.parametrize("cores, drops", [(1.1, True), (1.9, False)])
+    def test_min_share_is_a_fraction_of_the_threads(self, monkeypatch, cores, drops):
+        """2 threads, min_share 0.6: below 1.2 cores' time the cores are shared, above it they are not."""
+        threads = []
+        monkeypatch.setattr(speed.torch, "set_num_threads", threads.append)
+        advance = self.clock(monkeypatch, [(0.0, 0.0), (2.0, 2 * cores)])
+        governor = speed.ThreadGovernor(2, min_share=0.6, log=lambda line: None)
+        for _ in range(2):
+            advance()
+            governor.step()
+        assert governor.dropped is drops and threads == ([1] if drops else [])
+
     def test_one_thread_is_left_alone(self, monkeypatch):
         monkeypatch.setattr(speed.time, "perf_counter", lambda: pytest.fail("a 1-thread run measures nothing"))
         speed.ThreadGovernor(1).step()

@@ -31,8 +31,10 @@ from gray_effnet.images import UnreadableImageWarning, read_gray
 from .helpers import PicklePayload
 
 ROOT = Path(__file__).resolve().parents[1]
+# No choice by the clock in runs that are compared: no channels_last timing probe, and a fixed thread count (the
+# ThreadGovernor would drop to 1 thread at a moment that depends on whatever else shares the cores).
 FAST = ["--img-size", "32", "32", "--batch-size", "16", "--workers", "0", "--no-progress", "--log-every", "2",
-        "--channels-last", "off"]  # no timing probe: runs that are compared must not pick formats by the clock
+        "--channels-last", "off", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +185,72 @@ class TestDemoPath:
         assert sum(int(r["correct"]) for r in rows) / len(rows) == pytest.approx(best)
 
 
+@pytest.fixture(scope="module")
+def twelve_bit(tmp_path_factory) -> tuple[Path, Path]:
+    """16-bit PNGs holding 12-bit values (dark 0..1500, bright 2000..4095), and a run trained on them with
+    --intensity 12: read with ``full`` instead, they would reach the model 16 times darker."""
+    tmp = tmp_path_factory.mktemp("twelve_bit")
+    rng = np.random.default_rng(0)
+    for cls, (lo, hi) in {"dark": (0, 1500), "bright": (2000, 4096)}.items():
+        (tmp / "data" / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(lo, hi, (40, 40)).astype(np.uint16)).save(tmp / "data" / cls / f"{i}.png")
+    out = tmp / "run"
+    assert train.cli(["--data", str(tmp / "data"), "--epochs", "1", "--val-split", "0.4", "--intensity", "12",
+                      "--no-pretrained", "--output", str(out), *FAST]) == 0
+    return tmp / "data", out / "best.safetensors"
+
+
+class TestEvaluateUsesTheCheckpointsMapping:
+    """--evaluate and predict read the images as the checkpoint was trained to see them (its --intensity)."""
+
+    @staticmethod
+    def expected(weights: Path, paths: list[str]) -> dict[str, tuple[str, float]]:
+        """(class, probability) of each file, computed here: read with the mapping '12', resized as evaluation does."""
+        model = load_model(weights).eval()
+        assert model.intensity == "12"
+        resize = build_transforms(model.img_size, train=False)
+
+        def probs(intensity):
+            with torch.no_grad():
+                return model(torch.stack([resize(read_gray(p, intensity)) for p in paths])).softmax(-1)
+
+        want = probs("12")
+        assert (want - probs("full")).abs().max() > 1e-3  # the other mapping would give other numbers
+        return {p: (model.class_names[int(q.argmax())], q.max().item()) for p, q in zip(paths, want)}
+
+    @staticmethod
+    def check(rows: list[dict], want: dict[str, tuple[str, float]], printed: str) -> None:
+        assert sorted(r["path"] for r in rows) == sorted(want)
+        for row in rows:
+            assert row["target"] == Path(row["path"]).parent.name
+            assert row["prediction"] == want[row["path"]][0], row
+            assert float(row["probability"]) == pytest.approx(want[row["path"]][1], abs=1e-5), row
+        correct = sum(want[r["path"]][0] == r["target"] for r in rows)
+        assert f"accuracy {correct / len(rows):.4f} on {len(rows)} images" in printed
+
+    def test_evaluate(self, twelve_bit, tmp_path, capsys):
+        data, weights = twelve_bit
+        assert train.cli(["--evaluate", "--weights", str(weights), "--data", str(data), "--val-split", "0.4",
+                          "--output", str(tmp_path), *FAST]) == 0
+        with open(tmp_path / "eval_predictions.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 8  # 40% of 20
+        self.check(rows, self.expected(weights, [r["path"] for r in rows]), capsys.readouterr().out)
+
+    def test_predict(self, twelve_bit, tmp_path, capsys):
+        from gray_effnet.__main__ import main as gray_main
+
+        data, weights = twelve_bit
+        out = tmp_path / "pred.csv"
+        assert gray_main(["predict", "--weights", str(weights), "--data", str(data), "--output", str(out),
+                          "--workers", "0", "--channels-last", "off"]) == 0
+        with open(out) as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 20
+        self.check(rows, self.expected(weights, [r["path"] for r in rows]), capsys.readouterr().out)
+
+
 class TestMessyFolder:
     def test_trains_through_bad_files_and_counts_them(self, digits, tmp_path, capsys):
         """Corrupt, empty, truncated, colour, 16-bit and non-image files in the class folders."""
@@ -237,8 +305,20 @@ class TestResume:
         run("--data", digits, "--epochs", "1", "--output", out, *FAST)
         settings = ["--adapter", "fold", "--model", "tf_efficientnet_lite0"]
         settings[settings.index(flag) + 1] = value
-        with pytest.raises(WeightsError, match="cannot resume from .* it was made for another model"):
+        with pytest.raises(WeightsError, match="cannot resume from .*: it was made with other settings"):
             run("--data", digits, "--epochs", "2", "--output", out, "--resume", "--no-pretrained", *settings, *FAST)
+
+    def test_other_intensity_refused(self, digits, tmp_path, capsys):
+        """The images would reach the model on another scale: refused, one error line naming both mappings."""
+        out = tmp_path / "run"
+        run("--data", digits, "--epochs", "1", "--output", out, *FAST)  # the default mapping, full
+        before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        code = train.cli(["--data", str(digits), "--epochs", "2", "--output", str(out), "--resume",
+                          "--intensity", "minmax", *FAST])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("error:") == 1, err
+        assert "intensity: the checkpoint has 'full', this run has 'minmax'" in err
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing written
 
     def test_auto_resume_starts_fresh_when_empty(self, digits, tmp_path, capsys):
         run("--data", digits, "--epochs", "1", "--output", tmp_path / "new", "--resume", *FAST)
