@@ -149,8 +149,8 @@ MUTATIONS = [
              '"num_classes": len(folder.classes), "intensity": intensity}', '"num_classes": len(folder.classes)}',
              (f"{TT}::TestResume::test_other_intensity_refused",)),
     Mutation("evaluate-reads-full", "--evaluate reads images with 'full', not the checkpoint's mapping",
-             "train.py", "build_datasets(args, folder, img_size, str(intensity))",
-             'build_datasets(args, folder, img_size, "full")', (f"{TT}::TestEvaluateUsesTheCheckpointsMapping",)),
+             "gray_effnet/evaluation.py", "intensity or model.intensity)",
+             'intensity or "full")', (f"{TT}::TestEvaluateUsesTheCheckpointsMapping",)),
     # -- controls: bugs the suite caught before issue 13, to show the harness sees a failing test ------------
     Mutation("control: fold-top-border-dropped", "fold's top border rows are wrong", "gray_effnet/adapters.py",
              "        if top:\n", "        if False:\n", ("tests/test_adapters.py::TestFold",)),
