@@ -59,7 +59,7 @@ from gray_effnet.intensity import WINDOWS_HELP, parse_intensity, parse_intensity
 from gray_effnet.model import min_input_size
 from gray_effnet.runinfo import device_name, git_commit
 from gray_effnet.sources import Augmentation, DataSource, open_source
-from gray_effnet.speed import ThreadGovernor, choose_channels_last, plan_threads
+from gray_effnet.speed import ThreadGovernor, channels_last_cache, choose_channels_last, plan_threads
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -241,7 +241,7 @@ def main(args) -> None:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     channels_last, why = choose_channels_last(args.channels_last, model, device, (args.batch_size, 1, h, w),
-                                              train=True, autocast=autocast)
+                                              train=True, autocast=autocast, cache=channels_last_cache())
     log(why)
     if channels_last:
         model.to(memory_format=torch.channels_last)

@@ -18,7 +18,7 @@ from .engine import EvalResult, amp_setup, evaluate
 from .errors import InputError
 from .files import atomic_write
 from .sources import DataSource
-from .speed import choose_channels_last, plan_threads
+from .speed import channels_last_cache, choose_channels_last, plan_threads
 
 __all__ = ["evaluate_checkpoint", "format_eval", "report_predictions", "write_predictions"]
 
@@ -117,7 +117,7 @@ def evaluate_checkpoint(
     torch.set_num_threads(plan_threads(workers=workers, requested=threads).threads)
     autocast, _ = amp_setup(device, amp)
     use_nhwc, why = choose_channels_last(channels_last, model, device, (batch_size, 1, *size), train=False,
-                                         autocast=autocast)
+                                         autocast=autocast, cache=channels_last_cache())
     log(why)
     if use_nhwc:
         model.to(memory_format=torch.channels_last)

@@ -6,7 +6,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "cleanup_temporaries", "pid_alive"]
+__all__ = ["atomic_write", "cleanup_temporaries", "default_cache_dir", "pid_alive"]
 
 
 @contextlib.contextmanager
@@ -56,3 +56,11 @@ def pid_alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True
     return True
+
+
+def default_cache_dir() -> Path:
+    """This project's cache folder: ``$GRAY_EFFNET_CACHE``, or ``gray_effnet`` under ``$XDG_CACHE_HOME`` (``~/.cache``)."""
+    base = os.environ.get("GRAY_EFFNET_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gray_effnet"
+    )
+    return Path(base)

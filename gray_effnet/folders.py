@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError
+from .files import default_cache_dir  # noqa: F401 - part of this module's API: where the demo digits go
 from .images import ScanResult, drop_unreadable, is_image_file
 
 __all__ = ["FolderData", "FolderSplit", "default_cache_dir", "find_images", "load_folder", "prepare_digits",
@@ -142,13 +143,6 @@ def load_folder(
     if not train or not val:
         raise DataError(f"{root}: no readable images left for {'training' if not train else 'validation'}")
     return FolderData(classes, train, val, scan, ignored, presplit)
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("GRAY_EFFNET_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gray_effnet"
-    )
-    return Path(base)
 
 
 def prepare_digits(cache_dir: str | os.PathLike | None = None, per_class: int | None = None) -> Path:

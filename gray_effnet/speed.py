@@ -19,12 +19,14 @@ at 253-266 images/s against 280-292 with libgomp's default, a cost the governor 
 """
 
 import copy
+import json
 import math
 import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,9 +34,11 @@ from torch import nn
 
 from .cli import CHANNELS_LAST_MODES
 from .errors import InputError
+from .files import atomic_write, default_cache_dir
+from .runinfo import device_name
 
-__all__ = ["ThreadGovernor", "ThreadPlan", "available_cores", "choose_channels_last",
-           "plan_threads"]
+__all__ = ["PROBE_CACHE_ENTRIES", "ThreadGovernor", "ThreadPlan", "available_cores", "channels_last_cache",
+           "choose_channels_last", "plan_threads"]
 
 
 
@@ -158,9 +162,53 @@ def _time_steps(model: nn.Module, x: torch.Tensor, *, train: bool, autocast: Cal
     return sorted(times)[len(times) // 2]
 
 
+PROBE_CACHE_ENTRIES = 256  # the cache file keeps the newest decisions only
+
+
+def channels_last_cache() -> Path:
+    """Where ``--channels-last auto`` remembers its CPU probes: ``channels_last.json`` in the user's cache folder."""
+    return default_cache_dir() / "channels_last.json"
+
+
+def _probe_key(model: nn.Module, device: torch.device, input_shape: tuple[int, ...], train: bool,
+               autocast: Callable) -> str:
+    """What a probe's answer depends on: CPU model and threads, torch, the model, the input, train/infer, AMP."""
+    params = list(model.parameters())
+    what = (f"{type(model).__name__}:{getattr(model, 'model_name', '')}:{getattr(model, 'adapter', '')}:"
+            f"{sum(p.numel() for p in params)}:{params[0].dtype if params else ''}")
+    amp = getattr(autocast, "keywords", {}).get("dtype", "none")
+    return (f"{device_name(device)} | torch {torch.__version__} | {what} | {tuple(input_shape)} | "
+            f"{'train' if train else 'infer'} | amp {amp}")
+
+
+def _read_cache(path: Path) -> dict:
+    """The cached decisions; an unreadable or malformed file (it is only a cache) counts as empty."""
+    try:
+        if path.stat().st_size > 1 << 20:
+            return {}
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(entries, dict):
+        return {}
+    return {k: v for k, v in entries.items() if isinstance(k, str) and isinstance(v, list) and len(v) == 2
+            and isinstance(v[0], bool) and isinstance(v[1], str)}
+
+
+def _write_cache(path: Path, key: str, decision: tuple[bool, str]) -> None:
+    entries = _read_cache(path)
+    entries.pop(key, None)
+    entries[key] = list(decision)
+    try:
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(dict(list(entries.items())[-PROBE_CACHE_ENTRIES:]), indent=1))
+    except OSError:
+        pass  # a read-only cache folder costs a probe next time, nothing more
+
+
 def choose_channels_last(mode: str, model: nn.Module, device: torch.device, input_shape: tuple[int, ...], *,
                          train: bool, autocast: Callable = nullcontext, steps: int = 2,
-                         min_gain: float = 1.05) -> tuple[bool, str]:
+                         min_gain: float = 1.05, cache: Path | None = None) -> tuple[bool, str]:
     """Resolve ``--channels-last auto|on|off`` to a bool, with a line saying why.
 
     ``auto`` on CUDA is on (cuDNN's NHWC kernels are what tensor cores run, as timm recommends). On the CPU it
@@ -178,6 +226,9 @@ def choose_channels_last(mode: str, model: nn.Module, device: torch.device, inpu
         autocast: the run's autocast context factory.
         steps: timed steps per format, after one untimed.
         min_gain: the speed-up NHWC must show to be chosen.
+        cache: a JSON file of earlier decisions (``channels_last_cache()``): ``auto`` on the CPU probes only when
+            it holds none for this CPU, torch version, model, input shape, train/infer and AMP, and records the
+            probe's answer there. ``None``: always probe.
     """
     if mode not in CHANNELS_LAST_MODES:
         raise InputError(f"channels_last must be one of {', '.join(CHANNELS_LAST_MODES)}; got {mode!r}")
@@ -186,7 +237,11 @@ def choose_channels_last(mode: str, model: nn.Module, device: torch.device, inpu
     if device.type == "cuda":
         return True, "channels_last: on (auto: CUDA, where NHWC is what cuDNN's tensor-core kernels use)"
     decision = [None]
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    key = _probe_key(model, device, input_shape, train, autocast) if cache is not None else ""
+    cached = _read_cache(cache).get(key) if cache is not None else None
+    if cached is not None:
+        decision[0] = (cached[0], f"{cached[1]}; cached in {cache}, delete it to probe again")
+    elif not dist.is_initialized() or dist.get_rank() == 0:
         b, *rest = input_shape
         with torch.random.fork_rng(devices=[]):  # the probe's batch and dropout leave the run's generator alone
             torch.manual_seed(0)
@@ -202,6 +257,8 @@ def choose_channels_last(mode: str, model: nn.Module, device: torch.device, inpu
         decision[0] = (on, f"channels_last: {'on' if on else 'off'} (auto: a {x.shape[0]}-image {what} step took "
                            f"{nhwc * 1e3:.0f} ms in NHWC, {nchw * 1e3:.0f} ms in NCHW; NHWC is taken from "
                            f"{min_gain:.2f}x faster)")
+        if cache is not None:
+            _write_cache(cache, key, decision[0])
     if dist.is_initialized():
         dist.broadcast_object_list(decision, src=0)
     return decision[0]

@@ -3,12 +3,27 @@
 Tests run on CPU, offline, with the bundled Lite0 weights where real weights matter.
 """
 
+import os
+
 import pytest
 import torch
 
 from gray_effnet import GrayEfficientNet
 
 _CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_folder(tmp_path_factory):
+    """The suite's own cache folder (demo digits, channels_last decisions), for it and the commands it starts:
+    tests never read or write the user's ``~/.cache/gray_effnet``."""
+    before = os.environ.get("GRAY_EFFNET_CACHE")
+    os.environ["GRAY_EFFNET_CACHE"] = str(tmp_path_factory.mktemp("gray_effnet_cache"))
+    yield
+    if before is None:
+        os.environ.pop("GRAY_EFFNET_CACHE", None)
+    else:
+        os.environ["GRAY_EFFNET_CACHE"] = before
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _CUDA, reason="no CUDA device"))])

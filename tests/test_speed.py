@@ -1,6 +1,7 @@
 """Threads and memory format chosen for the machine (gray_effnet.speed)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -124,3 +125,39 @@ class TestChooseChannelsLast:
             times = iter([nchw, nhwc])
             monkeypatch.setattr(speed, "_time_steps", lambda *a, _t=times, **k: next(_t))
             assert choose_channels_last("auto", model, torch.device("cpu"), (2, 1, 32, 32), train=True)[0] is want
+
+
+class TestChannelsLastCache:
+    """--channels-last auto re-probes only on a miss: the decision is cached per CPU, torch, model, shape, mode."""
+
+    def test_miss_probes_and_records_hit_does_not_probe(self, tmp_path, monkeypatch):
+        model = make_model("tf_efficientnet_lite0", "repeat")
+        cache = tmp_path / "cl.json"
+        times = iter([2.0, 1.0])
+        monkeypatch.setattr(speed, "_time_steps", lambda *a, **k: next(times))
+        on, why = choose_channels_last("auto", model, torch.device("cpu"), (8, 1, 32, 32), train=True, cache=cache)
+        assert on and "cached" not in why and cache.is_file()
+        monkeypatch.setattr(speed, "_time_steps", lambda *a, **k: pytest.fail("a cached decision is not probed"))
+        again, why_again = choose_channels_last("auto", model, torch.device("cpu"), (8, 1, 32, 32), train=True,
+                                                cache=cache)
+        assert again is on and why_again.startswith(why) and f"cached in {cache}" in why_again
+
+    def test_key_holds_shape_and_mode(self, tmp_path, monkeypatch):
+        model = make_model("tf_efficientnet_lite0", "repeat")
+        cache = tmp_path / "cl.json"
+        calls = []
+        monkeypatch.setattr(speed, "_time_steps", lambda *a, **k: calls.append(1) or 1.0)
+        for shape, train in [((8, 1, 32, 32), True), ((8, 1, 32, 32), False), ((8, 1, 64, 32), True)]:
+            choose_channels_last("auto", model, torch.device("cpu"), shape, train=train, cache=cache)
+        assert len(calls) == 6  # three misses, two formats each
+        assert len(json.loads(cache.read_text())) == 3
+
+    @pytest.mark.parametrize("content", ["not json", "[1, 2]", '{"k": "v"}', ""])
+    def test_a_broken_cache_is_a_miss(self, tmp_path, monkeypatch, content):
+        model = make_model("tf_efficientnet_lite0", "repeat")
+        cache = tmp_path / "cl.json"
+        cache.write_text(content)
+        times = iter([1.0, 2.0])
+        monkeypatch.setattr(speed, "_time_steps", lambda *a, **k: next(times))
+        on, _ = choose_channels_last("auto", model, torch.device("cpu"), (8, 1, 32, 32), train=True, cache=cache)
+        assert on is False and len(json.loads(cache.read_text())) == 1  # probed, and the cache rewritten whole
