@@ -59,7 +59,7 @@ from gray_effnet.files import atomic_write, cleanup_temporaries
 from gray_effnet.folders import load_folder, prepare_digits
 from gray_effnet.intensity import INTENSITY_HELP, WINDOWS_HELP, parse_intensity, parse_intensity_args, parse_windows
 from gray_effnet.model import min_input_size
-from gray_effnet.pack import Pack, PackedDataset, is_pack, open_pack
+from gray_effnet.pack import Pack, PackedDataset, has_pack_json, open_pack
 from gray_effnet.runinfo import device_name, git_commit
 from gray_effnet.speed import CHANNELS_LAST_MODES, ThreadGovernor, choose_channels_last, plan_threads
 
@@ -159,7 +159,7 @@ def check_args(args) -> None:
 def resolve_data(args, primary: bool):
     """The data folder (writing the demo digits once), checked and split before anything trains."""
     root = args.data
-    if is_pack(root):  # decoded once by `python -m gray_effnet pack`; open_pack refuses a stale one
+    if has_pack_json(root):  # decoded once by `python -m gray_effnet pack`; open_pack refuses a stale one
         return root, open_pack(root)
     if root is None:
         if primary:

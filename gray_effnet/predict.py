@@ -21,7 +21,7 @@ from .evaluation import format_eval, write_predictions
 from .folders import find_images
 from .images import drop_unreadable, is_image_file
 from .intensity import parse_intensity, parse_intensity_args
-from .pack import PackedDataset, is_pack, open_pack
+from .pack import PackedDataset, has_pack_json, open_pack
 from .speed import choose_channels_last
 
 __all__ = ["labelled_samples", "predict"]
@@ -43,7 +43,7 @@ def predict(args: argparse.Namespace) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(args.weights).to(device).eval()
     root = Path(args.data)
-    if is_pack(root):
+    if has_pack_json(root):
         return _predict_pack(args, model, root, device)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
