@@ -20,6 +20,7 @@ CT in Hounsfield units (DICOM), with three learnable intensity windows as the st
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -55,7 +56,7 @@ from gray_effnet.cli import HelpFormatter
 from gray_effnet.data import GrayImageFolder, make_loader, set_loader_epoch
 from gray_effnet.engine import amp_setup, evaluate, process_peak_mem_mb, train_one_epoch
 from gray_effnet.evaluation import format_eval, write_predictions
-from gray_effnet.files import atomic_write, cleanup_temporaries
+from gray_effnet.files import atomic_write, check_output_folder, cleanup_temporaries, output_lock
 from gray_effnet.folders import load_folder, prepare_digits
 from gray_effnet.intensity import INTENSITY_HELP, WINDOWS_HELP, parse_intensity, parse_intensity_args, parse_windows
 from gray_effnet.model import min_input_size
@@ -147,6 +148,8 @@ def check_args(args) -> None:
     for ok, message in checks:
         if not ok:
             raise InputError(message)
+    if args.output is not None:
+        check_output_folder(args.output)  # a file there is refused now, not found out after the first epoch
     if not args.evaluate:
         smallest = min_input_size(args.model)  # also checks the model name, suggesting close ones
         if args.img_size is not None and min(args.img_size) < smallest:
@@ -260,7 +263,29 @@ def run_evaluate(args, device: torch.device, autocast) -> None:
     print(f"predictions: {write_predictions(path, result, folder.classes)}{' (replaced)' if replaced else ''}")
 
 
+def lock_output(output: Path, primary: bool, held: contextlib.ExitStack) -> None:
+    """One run per output folder: rank 0 holds ``output_lock`` until the run ends. Under DDP every rank learns
+    whether it got it, so that all of them stop together instead of waiting for rank 0."""
+    refusal = None
+    if primary:
+        try:
+            held.enter_context(output_lock(output, "train.py"))
+        except GrayEffnetError as e:
+            refusal = str(e)
+    if dist.is_initialized():
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal is not None:
+        raise InputError(refusal)
+
+
 def main(args) -> None:
+    with contextlib.ExitStack() as held:  # the output lock, released however the run ends
+        run_training(args, held)
+
+
+def run_training(args, held: contextlib.ExitStack) -> None:
     check_args(args)
     # -- devices and processes --------------------------------------------------------------------------
     d = init_distributed_device_so(device=args.device)  # reads torchrun's env; gloo on CPU, nccl on CUDA
@@ -273,6 +298,7 @@ def main(args) -> None:
         return run_evaluate(args, device, autocast)
     intensity, adapter_kwargs = adapter_options(args)
     output = Path(args.output or f"runs/{args.model}-{args.adapter}")
+    lock_output(output, primary, held)  # before any work; its temporaries are cleaned only holding it
 
     # -- everything that can refuse the run, before anything is written: resume state, data, model -------------
     state_path = resolve_resume(args.resume, output) if args.resume else None

@@ -18,6 +18,7 @@ from .data import GrayImageFolder, make_loader
 from .engine import evaluate
 from .errors import DataError
 from .evaluation import format_eval, write_predictions
+from .files import check_output_file
 from .folders import find_images
 from .images import drop_unreadable, is_image_file
 from .intensity import parse_intensity, parse_intensity_args
@@ -40,11 +41,13 @@ def labelled_samples(root: Path, class_names: list[str]) -> list[tuple[str, int]
 
 
 def predict(args: argparse.Namespace) -> None:
+    root = Path(args.data)
+    out = Path(args.output) if args.output else default_output(Path(args.weights), root)
+    check_output_file(out)  # before any work: a folder there is refused now, not after predicting
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(args.weights).to(device).eval()
-    root = Path(args.data)
     if has_pack_json(root):
-        return _predict_pack(args, model, root, device)
+        return _predict_pack(args, model, root, device, out)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
     names = model.class_names or [str(i) for i in range(model.num_classes)]
@@ -62,10 +65,10 @@ def predict(args: argparse.Namespace) -> None:
     loader = make_loader(dataset, args.batch_size, train=False, workers=args.workers,
                          pin_memory=device.type == "cuda")
     result = _evaluate(args, model, loader, device, size)
-    _report(args, result, names, root, labelled)
+    _report(result, names, out, labelled)
 
 
-def _predict_pack(args: argparse.Namespace, model, root: Path, device: torch.device) -> None:
+def _predict_pack(args: argparse.Namespace, model, root: Path, device: torch.device, out: Path) -> None:
     """Every readable image of a pack, read as it was packed (its size and intensity mapping)."""
     pack = open_pack(root)
     names = model.class_names or [str(i) for i in range(model.num_classes)]
@@ -81,7 +84,7 @@ def _predict_pack(args: argparse.Namespace, model, root: Path, device: torch.dev
     loader = make_loader(dataset, args.batch_size, train=False, workers=0, pin_memory=device.type == "cuda")
     result = _evaluate(args, model, loader, device, pack.img_size)
     print(f"pack of {pack.source}, {pack.img_size[0]}x{pack.img_size[1]}: {pack.note}")
-    _report(args, result, names, root, labelled=True)
+    _report(result, names, out, labelled=True)
 
 
 def _evaluate(args: argparse.Namespace, model, loader, device: torch.device, size: tuple[int, int]):
@@ -95,14 +98,13 @@ def _evaluate(args: argparse.Namespace, model, loader, device: torch.device, siz
                     keep_predictions=True, desc="predict")
 
 
-def _report(args: argparse.Namespace, result, names: list[str], root: Path, labelled: bool) -> None:
+def _report(result, names: list[str], out: Path, labelled: bool) -> None:
     if labelled:
         print(format_eval(result, names))
     else:
         counts = Counter(names[pred] for _, _, pred, _ in result.predictions)
         print(f"{len(result.predictions)} images predicted as: "
               + ", ".join(f"{name}: {n}" for name, n in counts.most_common()))
-    out = Path(args.output) if args.output else default_output(Path(args.weights), root)
     replaced = out.exists()
     print(f"predictions: {write_predictions(out, result, names)}{' (replaced)' if replaced else ''}")
 
