@@ -138,7 +138,7 @@ def check_output_file(path: str | os.PathLike, flag: str = "--output") -> None:
     """
     path = Path(path)
     if path.is_dir():
-        raise InputError(f"{flag} {path} is a folder; name the file to write, e.g. {path / 'predictions.csv'}")
+        raise InputError(f"{flag} {path} is a folder; name the file to write (in it, or elsewhere)")
     if path.exists() and not path.is_file():
         raise InputError(f"{flag} {path} exists and is not a regular file; name a file")
     blocker = _blocking_ancestor(path)
@@ -214,8 +214,8 @@ def output_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
     The lock file holds the holder's pid, host, start time and ``what``; a second ``output_lock`` of the same
     folder, from any process (this one included), is refused with an ``InputError`` naming them. The lock is
     ``flock``-ed, so it ends with the process however it ends, and a stale lock file never blocks anyone. The
-    folder is made if needed; if it was made here and the block fails, it is removed again when nothing but the
-    lock file was put there. The lock file is removed on release.
+    lock file is removed on release. The folder is made if needed, and removed again on release if it was made
+    here and nothing was written into it (a refused run leaves no empty folder behind).
 
     Args:
         folder: the output folder.
@@ -242,15 +242,13 @@ def output_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
-    ok = False
     try:
         yield folder / LOCK_NAME
-        ok = True
     finally:
         if fd is not None:
             if _same_file(fd, folder / LOCK_NAME):  # a pack's swap may have moved our lock file away
                 os.unlink(folder / LOCK_NAME)
-            os.close(fd)  # releases the flock; unlinked first, so a waiting opener retries on a fresh file
-        if created and not ok:
+            os.close(fd)  # releases the flock; unlinked first, so a later opener locks a fresh file
+        if created:
             with contextlib.suppress(OSError):  # only if empty: what the run wrote stays
                 folder.rmdir()

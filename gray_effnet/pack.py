@@ -166,7 +166,7 @@ def _read_regular(path: Path, limit: int) -> bytes:
             raise DataError(f"{path} is not a regular file")
         if st.st_size > limit:
             raise DataError(f"{path} is {st.st_size} bytes; a pack's is at most {limit}")
-        return f.read(limit + 1)
+        return f.read(st.st_size)  # not f.read(limit): that allocates `limit` bytes before reading
 
 
 def _command(source: Path, output: Path, img_size: Sequence[int], meta: dict) -> str:
@@ -298,8 +298,9 @@ def validate_pack_meta(meta: Any, source: Any) -> dict[str, Any]:
     if not _is_int(version) or version < 1:
         raise _fail(source, "format_version", f"an integer from 1 to {FORMAT_VERSION}", version)
     if version != FORMAT_VERSION:
-        raise DataError(f"{source}: pack format {version}; this gray_effnet reads format {FORMAT_VERSION}"
-                        + (": upgrade gray_effnet" if version > FORMAT_VERSION else ": pack it again"))
+        remedy = "upgrade gray_effnet" if version > FORMAT_VERSION else "pack it again"
+        raise DataError(f"{source}: pack field 'format_version' is {version}; this gray_effnet reads format "
+                        f"{FORMAT_VERSION}: {remedy}")
     if meta["written"] != list(WRITTEN):
         raise _fail(source, "written", f"the files of a pack, {list(WRITTEN)}", meta["written"])
 
@@ -344,8 +345,8 @@ def validate_pack_meta(meta: Any, source: Any) -> dict[str, Any]:
     for i, row in enumerate(rows):
         if not (isinstance(row, list) and len(row) == 2 and _is_relpath(row[0]) and _is_int(row[1])
                 and 0 <= row[1] < n_classes):
-            raise _fail(source, "rows", f"[relative path, label] with labels in [0, {n_classes}) (the classes); "
-                        f"row {i} is not", row)
+            raise _fail(source, "rows", f"[relative path, label] with labels in [0, {n_classes}) (one per entry "
+                        f"of 'classes'); row {i} is not", row)
     train = _check_int_list(meta, "train", n, source)
     val = _check_int_list(meta, "val", n, source)
     both = set(train) & set(val)
