@@ -551,13 +551,16 @@ def _check_output(source: Path, output: Path) -> None:
         return
     if not output.is_dir():
         raise DataError(f"{output} exists and is not a folder; refusing to replace it")
-    names = set(os.listdir(output)) - {LOCK_NAME}
-    if not names:
-        return
-    if not is_pack(output):
-        why = f"its {META} has no gray_effnet signature" if META in names else f"no {META}"
-        raise DataError(f"{output} exists and is not a pack ({why}); refusing to replace it")
-    foreign = sorted(n for n in names if n not in WRITTEN or not stat.S_ISREG((output / n).lstat().st_mode))
+    try:
+        names = set(os.listdir(output)) - {LOCK_NAME}
+        if not names:
+            return
+        if not is_pack(output):
+            why = f"its {META} has no gray_effnet signature" if META in names else f"no {META}"
+            raise DataError(f"{output} exists and is not a pack ({why}); refusing to replace it")
+        foreign = sorted(n for n in names if n not in WRITTEN or not stat.S_ISREG((output / n).lstat().st_mode))
+    except OSError as e:
+        raise DataError(f"{output} cannot be listed ({e.strerror}); refusing to replace it") from None
     if foreign:
         raise DataError(f"{output} holds files that are not part of its pack ({', '.join(foreign[:5])}"
                         f"{', ...' if len(foreign) > 5 else ''}); refusing to replace it: move them out, or choose "
