@@ -20,6 +20,7 @@ CT in Hounsfield units (DICOM), with three learnable intensity windows as the st
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -40,7 +41,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import gray_effnet
-from gray_effnet import GrayEfficientNet, InputError, WeightsError, list_adapters
+from gray_effnet import GrayEfficientNet, GrayEffnetError, InputError, WeightsError, list_adapters
 from gray_effnet.checkpoint import (
     EpochRow,
     load_state,
@@ -53,7 +54,7 @@ from gray_effnet.cli import HelpFormatter, add_data_options, add_speed_options, 
 from gray_effnet.data import make_loader, set_loader_epoch
 from gray_effnet.engine import amp_setup, evaluate, process_peak_mem_mb, train_one_epoch
 from gray_effnet.evaluation import evaluate_checkpoint, report_predictions
-from gray_effnet.files import atomic_write, cleanup_temporaries
+from gray_effnet.files import atomic_write, check_output_folder, cleanup_temporaries, output_lock
 from gray_effnet.folders import prepare_digits
 from gray_effnet.intensity import WINDOWS_HELP, parse_intensity, parse_intensity_args, parse_windows
 from gray_effnet.model import min_input_size
@@ -136,6 +137,8 @@ def check_args(args) -> None:
     for ok, message in checks:
         if not ok:
             raise InputError(message)
+    if args.output is not None:
+        check_output_folder(args.output)  # a file there is refused now, not found out after the first epoch
     if not args.evaluate:
         smallest = min_input_size(args.model)  # also checks the model name, suggesting close ones
         if args.img_size is not None and min(args.img_size) < smallest:
@@ -188,10 +191,33 @@ def run_evaluate(args, device: torch.device) -> None:
     report_predictions(result, names, out / "eval_predictions.csv", labelled=True, log=log)
 
 
+def lock_output(output: Path, primary: bool, held: contextlib.ExitStack) -> None:
+    """One run per output folder: rank 0 holds ``output_lock`` until the run ends. Under DDP every rank learns
+    whether it got it, so that all of them stop together instead of waiting for rank 0."""
+    refusal = None
+    if primary:
+        try:
+            held.enter_context(output_lock(output, "train.py"))
+        except GrayEffnetError as e:
+            refusal = str(e)
+    if dist.is_initialized():
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal is not None:
+        raise InputError(refusal)
+
+
 def main(args) -> None:
+    with contextlib.ExitStack() as held:  # the output lock, released however the run ends
+        run_training(args, held)
+
+
+def run_training(args, held: contextlib.ExitStack) -> None:
     check_args(args)
     # -- devices and processes --------------------------------------------------------------------------
-    d = init_distributed_device_so(device=resolve_device(args.device))  # reads torchrun's env; gloo on CPU, nccl on CUDA
+    # torchrun's environment decides the process group: gloo on the CPU, nccl on CUDA
+    d = init_distributed_device_so(device=resolve_device(args.device))
     device, rank, world = torch.device(d["device"]), d["global_rank"], d["world_size"]
     primary = rank == 0
     torch.manual_seed(args.seed + rank)
@@ -201,6 +227,7 @@ def main(args) -> None:
     autocast, scaler = amp_setup(device, args.amp)
     intensity, adapter_kwargs = adapter_options(args)
     output = Path(args.output or f"runs/{args.model}-{args.adapter}")
+    lock_output(output, primary, held)  # before any work; its temporaries are cleaned only holding it
 
     # -- everything that can refuse the run, before anything is written: resume state, data, model -------------
     state_path = resolve_resume(args.resume, output) if args.resume else None

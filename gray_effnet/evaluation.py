@@ -81,7 +81,7 @@ def evaluate_checkpoint(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[EvalResult, list[str]]:
-    """Predict every image of ``split`` of ``source`` with the checkpoint ``weights``; return the result and class names.
+    """Predict every image of ``split`` of ``source`` with the checkpoint ``weights``; return the result, classes.
 
     The images are read as the model was trained: at its ``img_size`` and with its intensity mapping, unless
     others are named (a pack has its own and refuses others). Labels are counted in the checkpoint's classes.

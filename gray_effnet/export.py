@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .adapters import StemAdapter, conv_with_weight
 from .checkpoint import load_model
 from .errors import InputError, WeightsError
-from .files import atomic_write
+from .files import atomic_write, check_output_file, output_lock
 from .model import GrayEfficientNet
 
 __all__ = ["ATOL", "FORMATS", "RTOL", "ExportResult", "FrozenFoldStem", "export", "exportable"]
@@ -229,7 +229,8 @@ def export(
 
     The file is written atomically, and only after it has been loaded back and compared with the PyTorch
     model (as trained, whatever its adapter) on random inputs of two sizes: a failed check leaves the old
-    file, if any, in place.
+    file, if any, in place. ``output`` is checked before any work, and its folder is held with ``output_lock``
+    while exporting, so an export into a folder where another run (``train.py``, an export) is writing is refused.
 
     Args:
         weights: a checkpoint written by ``save_weights`` (``best.safetensors``).
@@ -245,7 +246,8 @@ def export(
     Raises:
         WeightsError: the checkpoint cannot be read, or the export differs from the model by more than
             ``ATOL + RTOL * max|logit|``.
-        InputError: an unknown format, an image size below the network's total stride, or ONNX without onnx.
+        InputError: an unknown format, an image size below the network's total stride, ONNX without onnx, an
+            ``output`` that is a folder, or an output folder in use by another run (``output_lock``).
 
     Shape:
         - Exported input: (B, 1, H, W) float32 in [0, 1], B, H and W dynamic.
@@ -265,29 +267,31 @@ def export(
         except ImportError:
             raise InputError("ONNX export needs the onnx package (from a checkout: pip install -e '.[onnx]'; "
                              "otherwise: pip install onnx onnxruntime)") from None
-    model = load_model(weights).eval()
-    size = img_size if img_size is not None else (model.img_size or (224, 224))
-    xs = _check_inputs(model, size)
-    net = exportable(model)
     path = Path(output)
-    diff = tol = None
-    note = "not requested"
-    with atomic_write(path) as tmp:  # renamed onto `path` only if the block finishes, so after the check
-        _write(net, format, tmp, xs[0])
-        outs = _run_exported(format, tmp, xs) if check else note
-        if isinstance(outs, str):
-            note = outs
-        else:
-            with torch.no_grad():
-                refs = [model(x) for x in xs]
-            diff = max((o.float() - r).abs().max().item() for o, r in zip(outs, refs))
-            tol = ATOL + RTOL * max(r.abs().max().item() for r in refs)
-            if not diff <= tol:  # `not <=` so that a NaN fails too
-                raise WeightsError(
-                    f"the exported {format} model differs from the PyTorch model of {weights} by {diff:.3g} "
-                    f"(tolerance {tol:.1e}), so {path} was not written. This is a bug of the export; please "
-                    "report it with the model name and adapter (--no-check writes the file anyway)"
-                )
+    check_output_file(path)  # before any work
+    with output_lock(path.parent, "export"):  # one run per output folder
+        model = load_model(weights).eval()
+        size = img_size if img_size is not None else (model.img_size or (224, 224))
+        xs = _check_inputs(model, size)
+        net = exportable(model)
+        diff = tol = None
+        note = "not requested"
+        with atomic_write(path) as tmp:  # renamed onto `path` only if the block finishes, so after the check
+            _write(net, format, tmp, xs[0])
+            outs = _run_exported(format, tmp, xs) if check else note
+            if isinstance(outs, str):
+                note = outs
+            else:
+                with torch.no_grad():
+                    refs = [model(x) for x in xs]
+                diff = max((o.float() - r).abs().max().item() for o, r in zip(outs, refs))
+                tol = ATOL + RTOL * max(r.abs().max().item() for r in refs)
+                if not diff <= tol:  # `not <=` so that a NaN fails too
+                    raise WeightsError(
+                        f"the exported {format} model differs from the PyTorch model of {weights} by {diff:.3g} "
+                        f"(tolerance {tol:.1e}), so {path} was not written. This is a bug of the export; please "
+                        "report it with the model name and adapter (--no-check writes the file anyway)"
+                    )
     return ExportResult(
         path=path, format=format, model_name=model.model_name, adapter=model.adapter, num_classes=model.num_classes,
         check_shapes=tuple(tuple(x.shape) for x in xs), max_abs_diff=diff, tolerance=tol, check_note=note,

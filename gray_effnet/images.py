@@ -48,7 +48,8 @@ def _decode(img: Image.Image, intensity: Intensity) -> Tensor:
         a = to_unit_array(a, 65535.0 if a.max(initial=0) <= 65535 else float(2**32 - 1), intensity)
     elif mode == "F":
         a = np.array(img, dtype=np.float32)
-        a = to_unit_array(a, 1.0, intensity if intensity.kind != "full" or a.max(initial=0) <= 1 else Intensity("minmax"))
+        wide_float = intensity.kind == "full" and a.max(initial=0) > 1  # floats beyond [0, 1]: stretch them
+        a = to_unit_array(a, 1.0, Intensity("minmax") if wide_float else intensity)
     else:
         if mode != "L":
             img = img.convert("L")  # RGB, RGBA, P, LA, CMYK, 1: ITU-R 601-2 luma, alpha dropped

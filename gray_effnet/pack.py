@@ -4,20 +4,30 @@
 it as the validation transform does, and writes the folder ``P``:
 
 * ``images.npy``: (N, 1, H, W), uint8 for 8-bit data, uint16 (``round(x * 65535)``) or float16 for deeper data;
-  opened with ``np.load(mmap_mode="r")``, so only the rows a batch needs are read.
+  opened as a memory map, so only the rows a batch needs are read.
 * ``labels.npy``: (N,) int64 class indices.
-* ``pack.json``: classes, size, dtype, intensity mapping, the split (row indices of train and val), the source
-  folder with each file's size and mtime, the skipped files and why, the command and time it was made.
+* ``pack.json``: the signature (``"format": "gray_effnet.pack"``, the format version, the files it wrote), classes,
+  size, dtype, intensity mapping, the split (row indices of train and val), the source folder with each file's size
+  and mtime, the skipped files and why, the command and time it was made.
 
 ``train.py --data P``, ``--evaluate`` and ``predict`` read a pack instead of the files. Training augmentation
 then runs on whole batches on the training device (``BatchAugment``, kornia.augmentation). A pack is built in a
 temporary sibling folder and renamed into place only when complete, so an interrupted pack is never read.
+
+A pack is untrusted input when read: ``pack.json`` is read up to ``MAX_META_BYTES`` and checked field by field
+(``validate_pack_meta``), and the ``.npy`` headers are checked against it and against the file sizes before
+anything is mapped. A pack is replaced only when its ``pack.json`` carries the signature and the folder holds
+nothing but the files it lists, and only those files are removed.
 """
 
+import contextlib
+import glob
 import json
+import math
 import os
+import reprlib
 import shlex
-import shutil
+import stat
 import time
 import warnings
 from collections import Counter
@@ -25,28 +35,46 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .augment import build_transforms
 from .data import Batch
-from .errors import DataError, InputError
-from .files import pid_alive
-from .folders import find_images, load_folder
+from .errors import DataError, GrayEffnetError, InputError
+from .files import LOCK_NAME, output_lock, pid_alive
+from .folders import FolderData, find_images, load_folder
 from .images import ScanResult, UnreadableImageWarning, read_gray
 from .intensity import Intensity, parse_intensity
 
-__all__ = ["DTYPES", "Pack", "PackedDataset", "is_pack", "open_pack", "write_pack"]
+__all__ = ["DTYPES", "Pack", "PackedDataset", "has_pack_json", "is_pack", "open_pack", "validate_pack_meta",
+           "write_pack"]
 
-FORMAT_VERSION = 1
+PACK_FORMAT = "gray_effnet.pack"
+FORMAT_VERSION = 2  # 2: the signature ("format", "written"); packs of version 1 have none and are packed again
 META = "pack.json"
+WRITTEN = ("images.npy", "labels.npy", META)  # every file a pack holds; the only ones replacing it removes
 DTYPES = ("auto", "uint8", "uint16", "float16")
+STORED_DTYPES = DTYPES[1:]
+MAX_META_BYTES = 1 << 30  # pack.json of a few million images; json.loads needs several times this in memory
+MAX_CLASSES = 100_000  # the bounds of a checkpoint's class list (checkpoint.py), which a pack's classes become
+MAX_NAME_CHARS = 256
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+MAX_TEXT_CHARS = 100_000  # the command line, a decoder's message
+MAX_INT = 2**63  # what numpy and the file system store: seeds, sizes, mtimes in ns
+_FINITE_CHUNK_BYTES = 64 << 20  # float16 rows checked per step
 _PARTIAL = ".partial-"  # P.partial-<pid>: a pack being written; P.old-<pid>: the pack it replaces
 _OLD = ".old-"
+
+
+def max_pixels() -> int:
+    """The largest H * W a pack may hold: PIL's decompression-bomb limit, as for a decoded image."""
+    return int(Image.MAX_IMAGE_PIXELS or 89_478_485)  # None (the limit switched off): PIL's default
 
 
 # -- the pack on disk -------------------------------------------------------------------------------
@@ -65,7 +93,9 @@ class Pack:
         train_rows: the rows of the training split.
         val_rows: the rows of the validation split.
         note: what the staleness check found (or why it could not check).
-        meta: ``pack.json`` as read.
+        meta: ``pack.json`` as read (and validated).
+        labels: ``labels.npy``, checked against ``rows``.
+        images_offset: the byte offset of the data in ``images.npy``.
     """
 
     root: Path
@@ -82,6 +112,8 @@ class Pack:
     ignored: list[str] = field(default_factory=list)
     note: str = ""
     meta: dict = field(default_factory=dict)
+    labels: np.ndarray | None = field(default=None, repr=False)  # (N,) int64, checked against pack.json
+    images_offset: int = 0  # where the data of images.npy starts, after its checked header
 
     @property
     def train(self) -> list[tuple[str, int]]:
@@ -105,9 +137,36 @@ class Pack:
         return _command(self.source, self.root, self.img_size, self.meta)
 
 
-def is_pack(path: str | os.PathLike | None) -> bool:
-    """Whether ``path`` is a complete pack (a folder with ``pack.json``; a partial one never has it)."""
+def has_pack_json(path: str | os.PathLike | None) -> bool:
+    """Whether ``path`` is a folder holding ``pack.json``: meant as a pack, so read with ``open_pack``, which says
+    what is wrong with it if anything is. (A partial pack never has it: it is written last.)"""
     return path is not None and (Path(path) / META).is_file()
+
+
+def is_pack(path: str | os.PathLike | None) -> bool:
+    """Whether ``path`` holds a pack this project wrote: ``pack.json`` carries its signature (``"format":
+    "gray_effnet.pack"``, a format version, and ``"written"``: the files of a pack). Not whether it is valid (that
+    is ``open_pack``'s to say); whether replacing it may remove those files. Never raises."""
+    if path is None:
+        return False
+    try:
+        meta = json.loads(_read_regular(Path(path) / META, MAX_META_BYTES))
+    except (OSError, ValueError, RecursionError, GrayEffnetError):
+        return False
+    return (isinstance(meta, dict) and meta.get("format") == PACK_FORMAT and _is_int(meta.get("format_version"))
+            and meta.get("written") == list(WRITTEN))
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (not a FIFO or device, which could block or not end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{path} is not a regular file")
+        if st.st_size > limit:
+            raise DataError(f"{path} is {st.st_size} bytes; a pack's is at most {limit}")
+        return f.read(st.st_size)  # not f.read(limit): that allocates `limit` bytes before reading
 
 
 def _command(source: Path, output: Path, img_size: Sequence[int], meta: dict) -> str:
@@ -160,36 +219,267 @@ def _staleness(root: Path, meta: dict) -> str:
     return f"source {source} unchanged since packing"
 
 
+# -- pack.json: written, then validated on every read ---------------------------------------------------
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlong = 60, 60, 4, 4, 40
+
+
+def _fail(source: Any, field: str, expected: str, got: Any) -> DataError:
+    return DataError(f"{source}: pack field {field!r} must be {expected}; got {_short.repr(got)}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_text(v: Any, limit: int, empty: bool = False) -> bool:
+    return isinstance(v, str) and (empty or len(v) > 0) and len(v) <= limit and "\x00" not in v
+
+
+def _is_relpath(v: Any) -> bool:
+    """A path below the source folder, as ``write_pack`` records it: relative, without ``..``."""
+    return (_is_text(v, MAX_PATH_CHARS) and not os.path.isabs(v) and v != ".."
+            and not v.startswith("../") and "/../" not in v and not v.endswith("/.."))
+
+
+def _check_int_list(meta: dict, key: str, n: int, source: Any) -> list[int]:
+    rows = meta[key]
+    if not isinstance(rows, list) or not rows:
+        raise _fail(source, key, f"a non-empty list of row indices (there are {n} rows)", rows)
+    bad = next((r for r in rows if not (_is_int(r) and 0 <= r < n)), None)
+    if bad is not None:
+        raise _fail(source, key, f"row indices in [0, {n})", bad)
+    if len(set(rows)) != len(rows):
+        raise _fail(source, key, "distinct row indices", rows)
+    return rows
+
+
+_FIELDS = ("format", "format_version", "written", "classes", "img_size", "dtype", "dtype_requested", "intensity",
+           "val_split", "seed", "presplit", "source", "rows", "train", "val", "files", "skipped", "ignored", "modes",
+           "wide_source", "command", "created", "seconds")
+
+
+def validate_pack_meta(meta: Any, source: Any) -> dict[str, Any]:
+    """Check a pack's ``pack.json`` field by field, before any array is opened.
+
+    Every field is required and typed; numbers are range-checked (``img_size`` within PIL's decompression-bomb
+    limit), lists and strings bounded. The split is checked as a split: ``train`` and ``val`` are non-empty,
+    distinct, disjoint row indices in range, and every row's label is a class index. ``source`` must be an
+    absolute path: the staleness check lists that folder.
+
+    Args:
+        meta: the parsed ``pack.json`` (anything: it comes from the file).
+        source: the file, for messages.
+
+    Returns:
+        ``meta``, checked.
+
+    Raises:
+        DataError: naming the first field that is wrong, and what was expected.
+    """
+    if not isinstance(meta, dict):
+        raise _fail(source, META, "a JSON object", meta)
+    if meta.get("format") != PACK_FORMAT:
+        old = " (a pack written before format 2 has none: pack it again)" if meta.get("format_version") == 1 else ""
+        raise DataError(f"{source} is not a gray_effnet pack's: its 'format' is {_short.repr(meta.get('format'))}, "
+                        f"not {PACK_FORMAT!r}{old}")
+    unknown = sorted(str(k) for k in meta if k not in _FIELDS)
+    if unknown:
+        raise DataError(f"{source}: unknown pack field(s) {unknown[:5]}; expected only {list(_FIELDS)}")
+    missing = [k for k in _FIELDS if k not in meta]
+    if missing:
+        raise DataError(f"{source}: pack field {missing[0]!r} is missing")
+
+    version = meta["format_version"]
+    if not _is_int(version) or version < 1:
+        raise _fail(source, "format_version", f"an integer from 1 to {FORMAT_VERSION}", version)
+    if version != FORMAT_VERSION:
+        remedy = "upgrade gray_effnet" if version > FORMAT_VERSION else "pack it again"
+        raise DataError(f"{source}: pack field 'format_version' is {version}; this gray_effnet reads format "
+                        f"{FORMAT_VERSION}: {remedy}")
+    if meta["written"] != list(WRITTEN):
+        raise _fail(source, "written", f"the files of a pack, {list(WRITTEN)}", meta["written"])
+
+    classes = meta["classes"]
+    if (not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES
+            or not all(_is_text(c, MAX_NAME_CHARS) for c in classes)):
+        raise _fail(source, "classes", f"a list of 1 to {MAX_CLASSES} names of 1 to {MAX_NAME_CHARS} characters",
+                    classes)
+    if len(set(classes)) != len(classes):
+        raise _fail(source, "classes", "a list of distinct names", classes)
+    size = meta["img_size"]
+    if (not isinstance(size, list) or len(size) != 2 or not all(_is_int(s) and s >= 1 for s in size)
+            or size[0] * size[1] > max_pixels()):
+        raise _fail(source, "img_size", f"[H, W], positive integers with H * W at most {max_pixels()}", size)
+    if meta["dtype"] not in STORED_DTYPES:
+        raise _fail(source, "dtype", f"one of {', '.join(STORED_DTYPES)}", meta["dtype"])
+    if meta["dtype_requested"] not in DTYPES:
+        raise _fail(source, "dtype_requested", f"one of {', '.join(DTYPES)}", meta["dtype_requested"])
+    intensity = meta["intensity"]
+    try:
+        ok = _is_text(intensity, MAX_NAME_CHARS) and str(parse_intensity(intensity)) == intensity
+    except InputError:
+        ok = False
+    if not ok:
+        raise _fail(source, "intensity", "an intensity mapping in its canonical form (see gray_effnet.intensity)",
+                    intensity)
+    if not (_is_number(meta["val_split"]) and 0 < meta["val_split"] < 1):
+        raise _fail(source, "val_split", "a number between 0 and 1", meta["val_split"])
+    if not (_is_int(meta["seed"]) and -MAX_INT <= meta["seed"] < MAX_INT):
+        raise _fail(source, "seed", "a 64-bit integer", meta["seed"])
+    for key in ("presplit", "wide_source"):
+        if not isinstance(meta[key], bool):
+            raise _fail(source, key, "true or false", meta[key])
+    src = meta["source"]
+    if not (_is_text(src, MAX_PATH_CHARS) and os.path.isabs(src)):
+        raise _fail(source, "source", f"an absolute path of at most {MAX_PATH_CHARS} characters", src)
+
+    rows = meta["rows"]
+    if not isinstance(rows, list) or len(rows) < 2:
+        raise _fail(source, "rows", "a list of [path, label] (at least one training and one validation image)", rows)
+    n, n_classes = len(rows), len(classes)
+    for i, row in enumerate(rows):
+        if not (isinstance(row, list) and len(row) == 2 and _is_relpath(row[0]) and _is_int(row[1])
+                and 0 <= row[1] < n_classes):
+            raise _fail(source, "rows", f"[relative path, label] with labels in [0, {n_classes}) (one per entry "
+                        f"of 'classes'); row {i} is not", row)
+    train = _check_int_list(meta, "train", n, source)
+    val = _check_int_list(meta, "val", n, source)
+    both = set(train) & set(val)
+    if both:
+        raise _fail(source, "val", f"rows disjoint from 'train'; {len(both)} are in both, e.g.", sorted(both)[:4])
+
+    files = meta["files"]
+    if not isinstance(files, dict) or not all(
+            _is_relpath(k) and isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v)
+            and 0 <= v[0] < MAX_INT and -MAX_INT <= v[1] < MAX_INT for k, v in files.items()):
+        raise _fail(source, "files", "an object of relative path: [size, mtime in ns]", files)
+    skipped = meta["skipped"]
+    if not isinstance(skipped, list) or not all(
+            isinstance(s, list) and len(s) == 2 and _is_relpath(s[0]) and _is_text(s[1], MAX_TEXT_CHARS, empty=True)
+            for s in skipped):
+        raise _fail(source, "skipped", "a list of [relative path, reason]", skipped)
+    if not isinstance(meta["ignored"], list) or not all(_is_relpath(p) for p in meta["ignored"]):
+        raise _fail(source, "ignored", "a list of relative paths", meta["ignored"])
+    modes = meta["modes"]
+    if not isinstance(modes, dict) or not all(_is_text(k, MAX_NAME_CHARS) and _is_int(v) and 0 <= v < MAX_INT
+                                              for k, v in modes.items()):
+        raise _fail(source, "modes", "an object of image mode: count", modes)
+    for key, limit in (("command", MAX_TEXT_CHARS), ("created", MAX_NAME_CHARS)):
+        if not _is_text(meta[key], limit, empty=True):
+            raise _fail(source, key, f"a string of at most {limit} characters", meta[key])
+    if not (_is_number(meta["seconds"]) and meta["seconds"] >= 0):
+        raise _fail(source, "seconds", "a number of seconds, 0 or more", meta["seconds"])
+    return meta
+
+
+def _read_meta(root: Path) -> dict[str, Any]:
+    path = root / META
+    try:
+        text = _read_regular(path, MAX_META_BYTES)
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e.strerror})") from None
+    try:
+        meta = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path} is not a pack's: its JSON is nested too deeply") from None
+    except ValueError as e:
+        raise DataError(f"{path} is not a pack's: it is not JSON ({str(e)[:200]})") from None
+    return validate_pack_meta(meta, path)
+
+
+# -- the arrays: headers checked before anything is mapped ------------------------------------------------
+def _npy_offset(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> int:
+    """The data offset of ``path``, once its header is ``shape`` and ``dtype`` (C order) and its size fits them.
+
+    Only the header is read (``np.lib.format``'s own parser, which evaluates literals only), so a header that
+    claims 2**40 rows costs nothing: it is refused before any array exists.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{path} is not a regular file")
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                got_shape, fortran, got_dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                got_shape, fortran, got_dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"npy format version {version}")
+        except (ValueError, OSError, SyntaxError, TypeError) as e:
+            raise DataError(f"{path} is not an array file of a pack ({str(e)[:200]})") from None
+        offset = f.tell()
+    if got_dtype != dtype or fortran or tuple(got_shape) != shape:
+        raise DataError(f"{path} holds {_short.repr(str(got_dtype))} {_short.repr(tuple(got_shape))}"
+                        f"{' in Fortran order' if fortran else ''}; {path.parent / META} says {dtype} {shape}")
+    expected = offset + math.prod(shape) * dtype.itemsize
+    if st.st_size != expected:
+        raise DataError(f"{path} is {st.st_size} bytes; its header and {META} make it {expected}")
+    return offset
+
+
+def _check_arrays(root: Path, meta: dict[str, Any]) -> tuple[np.ndarray, int]:
+    """``labels.npy`` (checked against the rows of ``pack.json``) and the data offset of ``images.npy`` (checked:
+    header, size, and for float16 every value finite)."""
+    n = len(meta["rows"])
+    h, w = meta["img_size"]
+    dtype = np.dtype(meta["dtype"])
+    offset = _npy_offset(root / "images.npy", (n, 1, h, w), dtype)
+    labels_offset = _npy_offset(root / "labels.npy", (n,), np.dtype(np.int64))
+    labels = np.array(np.memmap(root / "labels.npy", dtype=np.int64, mode="r", offset=labels_offset, shape=(n,)))
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= len(meta["classes"]):
+        raise DataError(f"{root / 'labels.npy'} holds labels from {low} to {high}; the pack has "
+                        f"{len(meta['classes'])} classes, so labels in [0, {len(meta['classes'])})")
+    if not np.array_equal(labels, np.fromiter((label for _, label in meta["rows"]), np.int64, n)):
+        raise DataError(f"{root / 'labels.npy'} differs from the labels of the rows of {root / META}")
+    if dtype == np.float16:  # NaN would pass through training as NaN losses; refuse the pack instead
+        images = np.memmap(root / "images.npy", dtype=dtype, mode="r", offset=offset, shape=(n, 1, h, w))
+        step = max(1, _FINITE_CHUNK_BYTES // (h * w * dtype.itemsize))
+        for start in range(0, n, step):
+            block = images[start:start + step]
+            finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+            if not finite.all():
+                row = start + int(np.argmin(finite))
+                raise DataError(f"{root / 'images.npy'}: row {row} ({meta['rows'][row][0]}) holds NaN or infinite "
+                                "values; pack it again")
+        del images
+    return labels, offset
+
+
 def open_pack(path: str | os.PathLike, check_stale: bool = True) -> Pack:
     """Open a pack written by ``write_pack``.
+
+    Nothing of it is trusted: ``pack.json`` is checked field by field (``validate_pack_meta``), the ``.npy``
+    headers against it and the file sizes before any array is mapped, the labels against the rows and the
+    classes, and a float16 pack for NaN and infinity.
 
     Args:
         path: the pack folder.
         check_stale: compare the source folder's image files (paths, sizes, mtimes) with those recorded.
 
     Raises:
-        DataError: not a pack, a format this version does not read, arrays that do not match ``pack.json``, or
+        DataError: not a pack, a format this version does not read, a field or an array that does not match, or
             (``check_stale``) a source folder whose files were added, removed or modified since packing; the
             message counts and names them and gives the command that refreshes the pack. A source folder that
             is gone is not an error: ``Pack.note`` says that staleness could not be checked.
     """
     root = Path(path)
-    if not is_pack(root):
+    if not has_pack_json(root):
         raise DataError(f"{root} is not a pack (no {META}); make one with: python -m gray_effnet pack --data DIR "
                         f"--img-size H W --output {root}")
-    meta = json.loads((root / META).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{root}: pack format {meta.get('format_version')!r}; this version reads {FORMAT_VERSION}")
+    meta = _read_meta(root)
+    labels, offset = _check_arrays(root, meta)
     h, w = meta["img_size"]
-    try:
-        images = np.load(root / "images.npy", mmap_mode="r")
-        labels = np.load(root / "labels.npy")
-    except (OSError, ValueError) as e:
-        raise DataError(f"{root}: cannot read the pack's arrays ({e})") from None
-    n = len(meta["rows"])
-    if images.shape != (n, 1, h, w) or str(images.dtype) != meta["dtype"] or labels.shape != (n,):
-        raise DataError(f"{root}: images.npy is {images.dtype} {images.shape} and labels.npy {labels.shape}; "
-                        f"{META} says {meta['dtype']} ({n}, 1, {h}, {w})")
     note = _staleness(root, meta) if check_stale else "staleness not checked"
     source = Path(meta["source"])
     bad = [(str(source / p), why) for p, why in meta["skipped"]]
@@ -198,21 +488,83 @@ def open_pack(path: str | os.PathLike, check_stale: bool = True) -> Pack:
                 intensity=meta["intensity"], presplit=meta["presplit"],
                 rows=[(str(source / p), int(label)) for p, label in meta["rows"]], train_rows=meta["train"],
                 val_rows=meta["val"], scan=scan, ignored=[str(source / p) for p in meta["ignored"]], note=note,
-                meta=meta)
+                meta=meta, labels=labels, images_offset=offset)
 
 
 # -- writing ----------------------------------------------------------------------------------------
+def _remove_ours(folder: Path, names: Sequence[str]) -> list[str]:
+    """Remove the files ``names`` from ``folder``, then the folder if that empties it; return what is left.
+
+    Nothing but those names is removed: a file someone else put there keeps the folder, and is returned."""
+    for name in names:
+        p = folder / name
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISDIR(p.lstat().st_mode):  # a file, or a link (removing it leaves its target)
+                p.unlink()
+    try:
+        folder.rmdir()
+    except FileNotFoundError:
+        return []
+    except OSError:
+        with contextlib.suppress(OSError):
+            return sorted(os.listdir(folder))
+    return []
+
+
 def clean_leftovers(output: str | os.PathLike) -> list[str]:
-    """Remove ``P.partial-<pid>`` and ``P.old-<pid>`` folders of packing processes that are gone; return them."""
+    """Remove ``P.partial-<pid>`` and ``P.old-<pid>`` folders of packing processes that are gone; return them.
+
+    Only the files a pack holds are removed from them, then the folder if that empties it; a leftover holding
+    anything else stays, with a warning. Call it holding ``output_lock(P)``.
+    """
     output = Path(output)
     removed = []
     for tag in (_PARTIAL, _OLD):
-        for p in output.parent.glob(f"{output.name}{tag}*"):
-            pid = p.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and (pid == str(os.getpid()) or not pid_alive(int(pid))):
-                shutil.rmtree(p, ignore_errors=True)
+        for p in sorted(output.parent.glob(f"{glob.escape(output.name)}{tag}*")):
+            pid = p.name[len(output.name) + len(tag):]
+            if not pid.isdigit() or p.is_symlink() or not p.is_dir():
+                continue
+            if pid != str(os.getpid()) and pid_alive(int(pid)):
+                continue
+            left = _remove_ours(p, (*WRITTEN, LOCK_NAME))
+            if left:
+                warnings.warn(f"kept {p}: it holds files that packing did not write ({', '.join(left[:5])})",
+                              RuntimeWarning, stacklevel=2)
+            else:
                 removed.append(p.name)
     return removed
+
+
+def _check_output(source: Path, output: Path) -> None:
+    """Refuse an ``output`` that is not ours to replace, and a source that replacing it would delete."""
+    if output.is_symlink():
+        raise DataError(f"{output} is a symbolic link; name the pack folder itself")
+    src = source.resolve()
+    if output.exists():
+        out = output.resolve()
+        if src == out or src.is_relative_to(out):
+            raise DataError(f"the source folder {source} is inside {output}, which packing would replace; "
+                            "move it out, or choose another --output")
+    if output.resolve().is_relative_to(src):
+        raise DataError(f"the pack {output} must not be inside its source folder {source}")
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise DataError(f"{output} exists and is not a folder; refusing to replace it")
+    try:
+        names = set(os.listdir(output)) - {LOCK_NAME}
+        if not names:
+            return
+        if not is_pack(output):
+            why = f"its {META} has no gray_effnet signature" if META in names else f"no {META}"
+            raise DataError(f"{output} exists and is not a pack ({why}); refusing to replace it")
+        foreign = sorted(n for n in names if n not in WRITTEN or not stat.S_ISREG((output / n).lstat().st_mode))
+    except OSError as e:
+        raise DataError(f"{output} cannot be listed ({e.strerror}); refusing to replace it") from None
+    if foreign:
+        raise DataError(f"{output} holds files that are not part of its pack ({', '.join(foreign[:5])}"
+                        f"{', ...' if len(foreign) > 5 else ''}); refusing to replace it: move them out, or choose "
+                        "another --output")
 
 
 def _store(img: Tensor, dtype: str) -> np.ndarray:
@@ -256,12 +608,15 @@ def write_pack(
     what ``GrayImageFolder`` gives for them: equal for 8-bit data, within uint16 rounding for deeper data.
     Files that fail to decode are skipped and named (``UnreadableImageWarning``, and ``pack.json``).
 
-    Everything is written to ``output.partial-<pid>`` and renamed to ``output`` when complete; an older pack at
-    ``output`` is replaced only then. Leftovers of an interrupted run are removed the next time.
+    ``output`` is checked before any work, and locked (``output_lock``) for the whole run. It may be absent, an
+    empty folder, or a pack this project wrote (``is_pack``) that holds nothing but its files; anything else is
+    refused, as is a source folder inside it. Everything is written to ``output.partial-<pid>``, checked as
+    ``open_pack`` would check it, and renamed to ``output`` when complete; an older pack there is moved aside
+    only then, and its files (``WRITTEN``) removed. Leftovers of an interrupted run are removed the next time.
 
     Args:
         data: an ImageFolder tree, or one with ``train/`` and ``val/``.
-        output: the pack folder to write (an existing pack there is replaced; any other folder is refused).
+        output: the pack folder to write.
         img_size: (H, W) to resize to.
         val_split: the validation fraction when ``data`` is not split already.
         seed: seed of the split.
@@ -271,102 +626,134 @@ def write_pack(
         workers: decoding threads (default: the CPU count).
         progress: show a progress bar.
         command: the command line, recorded in ``pack.json``.
+
+    Raises:
+        DataError: an output that is not ours to replace, a source inside it (or it inside the source), a
+            folder that cannot be packed.
+        InputError: a size, dtype, split or seed that cannot be used; ``output`` in use by another run.
     """
     start = time.perf_counter()
     source, output = Path(data), Path(output)
     intensity = parse_intensity(intensity)
     h, w = (int(s) for s in img_size)
-    if h < 1 or w < 1:
-        raise InputError(f"--img-size must be positive; got {h} {w}")
+    if h < 1 or w < 1 or h * w > max_pixels():
+        raise InputError(f"--img-size must be positive, with H * W at most {max_pixels()}; got {h} {w}")
     if dtype not in DTYPES:
         raise InputError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    if output.exists() and not is_pack(output) and (not output.is_dir() or any(output.iterdir())):
-        raise DataError(f"{output} exists and is not a pack; refusing to replace it")
-    if source.resolve() == output.resolve() or output.resolve().is_relative_to(source.resolve()):
-        raise DataError(f"the pack {output} must not be inside its source folder {source}")
-    clean_leftovers(output)
-    folder = load_folder(source, val_split=val_split, seed=seed, strict=strict)
-    wide = folder.scan.wide or intensity.kind != "full"
-    stored = ("uint16" if wide else "uint8") if dtype == "auto" else dtype
-    if stored == "uint8" and wide:
-        raise InputError(f"{source} has images deeper than 8 bit (or intensity {intensity} makes them float); "
-                         "uint8 would drop their precision: use --dtype uint16 or float16")
-    rows = folder.train + folder.val
-    # Stat before decoding, so that a file changed while packing makes the pack stale, not silently mixed.
-    files = {os.path.relpath(p, source): _stat(p) for p in sorted([p for p, _ in rows] + [p for p, _ in
-                                                                                           folder.scan.bad])}
-    partial = output.parent / f"{output.name}{_PARTIAL}{os.getpid()}"
-    partial.mkdir(parents=True)
-    try:
-        images = np.lib.format.open_memmap(partial / "images.npy", mode="w+", dtype=stored, shape=(len(rows), 1, h, w))
-        resize = build_transforms((h, w), train=False)
-
-        def one(i: int) -> str:
-            try:
-                img = read_gray(rows[i][0], intensity, warn_frames=False)  # the scan reported multi-frame files
-            except Exception as e:  # noqa: BLE001 - any decoder error skips the file, as in training
-                return f"{type(e).__name__}: {e}"
-            if stored != "uint8" and img.dtype == torch.uint8:
-                img = img.float().div_(255)  # as GrayImageFolder does for a folder with any deep file
-            images[i] = _store(resize(img), stored)
-            return ""
-
-        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-            errors = list(tqdm(pool.map(one, range(len(rows))), total=len(rows), desc=f"packing {source}",
-                               disable=not progress, leave=False, dynamic_ncols=True))
-        images.flush()
-        failed = [(rows[i][0], why) for i, why in enumerate(errors) if why]
-        if failed and strict:
-            listing = "\n".join(f"  {p}: {why}" for p, why in failed)
-            raise DataError(f"--strict-data: {len(failed)} file(s) failed to decode:\n{listing}")
-        for path, why in failed:
-            warnings.warn(f"skipping unreadable image {path} ({why})", UnreadableImageWarning, stacklevel=2)
-        n_train = len(folder.train)
-        train_rows = [i for i in range(n_train) if not errors[i]]
-        val_rows = [i for i in range(n_train, len(rows)) if not errors[i]]
-        if not train_rows or not val_rows:
-            raise DataError(f"{source}: no readable images left for {'training' if not train_rows else 'validation'}")
-        np.save(partial / "labels.npy", np.array([label for _, label in rows], dtype=np.int64))
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "classes": folder.classes,
-            "img_size": [h, w],
-            "dtype": stored,
-            "dtype_requested": dtype,
-            "intensity": str(intensity),
-            "val_split": val_split,
-            "seed": seed,
-            "presplit": folder.presplit,
-            "source": str(source.resolve()),
-            "rows": [[os.path.relpath(p, source), label] for p, label in rows],
-            "train": train_rows,
-            "val": val_rows,
-            "files": files,
-            "skipped": [[os.path.relpath(p, source), why] for p, why in folder.scan.bad + failed],
-            "ignored": [os.path.relpath(p, source) for p in folder.ignored],
-            "modes": dict(folder.scan.modes),
-            "wide_source": folder.scan.wide,
-            "command": command,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        (partial / META).write_text(json.dumps(meta, indent=1))
-        for name in ("images.npy", "labels.npy", META):
-            _fsync(partial / name)
-        _swap_in(partial, output)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    if not (_is_number(val_split) and 0 < val_split < 1):
+        raise InputError(f"--val-split must be between 0 and 1; got {val_split}")
+    if not (_is_int(seed) and -MAX_INT <= seed < MAX_INT):
+        raise InputError(f"--seed must be a 64-bit integer; got {seed}")
+    _check_output(source, output)  # before any work, and again below once no other run can change it
+    with output_lock(output, "pack"):
+        _check_output(source, output)
+        clean_leftovers(output)
+        folder = load_folder(source, val_split=val_split, seed=seed, strict=strict)
+        wide = folder.scan.wide or intensity.kind != "full"
+        stored = ("uint16" if wide else "uint8") if dtype == "auto" else dtype
+        if stored == "uint8" and wide:
+            raise InputError(f"{source} has images deeper than 8 bit (or intensity {intensity} makes them float); "
+                             "uint8 would drop their precision: use --dtype uint16 or float16")
+        rows = folder.train + folder.val
+        # Stat before decoding, so that a file changed while packing makes the pack stale, not silently mixed.
+        files = {os.path.relpath(p, source): _stat(p) for p in sorted([p for p, _ in rows] + [p for p, _ in
+                                                                                               folder.scan.bad])}
+        partial = output.parent / f"{output.name}{_PARTIAL}{os.getpid()}"
+        try:
+            partial.mkdir(parents=True)
+        except FileExistsError:
+            raise DataError(f"{partial} is in the way: it holds files that packing did not write; move it") from None
+        try:
+            meta = _write_partial(partial, source, folder, rows, (h, w), stored=stored, intensity=intensity,
+                                  strict=strict, workers=workers, progress=progress)
+            meta.update(dtype_requested=dtype, val_split=val_split, seed=seed, files=files,
+                        command=command[:MAX_TEXT_CHARS], created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        seconds=round(time.perf_counter() - start, 3))
+            validate_pack_meta(meta, partial / META)  # what we write is what open_pack accepts
+            (partial / META).write_text(json.dumps(meta, indent=1))
+            _check_arrays(partial, meta)
+            for name in WRITTEN:
+                _fsync(partial / name)
+            _swap_in(partial, output)
+        except BaseException:
+            _remove_ours(partial, WRITTEN)
+            raise
     return open_pack(output, check_stale=False)
 
 
+def _write_partial(partial: Path, source: Path, folder: FolderData, rows: list[tuple[str, int]],
+                   size: tuple[int, int], *, stored: str, intensity: Intensity, strict: bool, workers: int | None,
+                   progress: bool) -> dict[str, Any]:
+    """Decode ``rows`` into ``partial/images.npy``, write ``labels.npy``; return ``pack.json``'s fields so far."""
+    h, w = size
+    images = np.lib.format.open_memmap(partial / "images.npy", mode="w+", dtype=stored, shape=(len(rows), 1, h, w))
+    resize = build_transforms((h, w), train=False)
+
+    def one(i: int) -> str:
+        try:
+            img = read_gray(rows[i][0], intensity, warn_frames=False)  # the scan reported multi-frame files
+        except Exception as e:  # noqa: BLE001 - any decoder error skips the file, as in training
+            return f"{type(e).__name__}: {e}"
+        if stored != "uint8" and img.dtype == torch.uint8:
+            img = img.float().div_(255)  # as GrayImageFolder does for a folder with any deep file
+        images[i] = _store(resize(img), stored)
+        return ""
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        errors = list(tqdm(pool.map(one, range(len(rows))), total=len(rows), desc=f"packing {source}",
+                           disable=not progress, leave=False, dynamic_ncols=True))
+    images.flush()
+    failed = [(rows[i][0], why) for i, why in enumerate(errors) if why]
+    if failed and strict:
+        listing = "\n".join(f"  {p}: {why}" for p, why in failed)
+        raise DataError(f"--strict-data: {len(failed)} file(s) failed to decode:\n{listing}")
+    for path, why in failed:
+        warnings.warn(f"skipping unreadable image {path} ({why})", UnreadableImageWarning, stacklevel=3)
+    n_train = len(folder.train)
+    train_rows = [i for i in range(n_train) if not errors[i]]
+    val_rows = [i for i in range(n_train, len(rows)) if not errors[i]]
+    if not train_rows or not val_rows:
+        raise DataError(f"{source}: no readable images left for {'training' if not train_rows else 'validation'}")
+    np.save(partial / "labels.npy", np.array([label for _, label in rows], dtype=np.int64))
+    return {
+        "format": PACK_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "written": list(WRITTEN),
+        "classes": folder.classes,
+        "img_size": [h, w],
+        "dtype": stored,
+        "intensity": str(intensity),
+        "presplit": folder.presplit,
+        "source": str(source.resolve()),
+        "rows": [[os.path.relpath(p, source), label] for p, label in rows],
+        "train": train_rows,
+        "val": val_rows,
+        "skipped": [[os.path.relpath(p, source), why[:MAX_TEXT_CHARS]] for p, why in folder.scan.bad + failed],
+        "ignored": [os.path.relpath(p, source) for p in folder.ignored],
+        "modes": dict(folder.scan.modes),
+        "wide_source": folder.scan.wide,
+    }
+
+
 def _swap_in(partial: Path, output: Path) -> None:
-    """Rename the complete ``partial`` to ``output``; an older pack there is moved aside first, then removed."""
+    """Rename the complete ``partial`` to ``output``; what was there is moved aside first, then its files removed.
+
+    ``output`` exists (``output_lock`` made it if needed) and holds a pack of ours or nothing but the lock file:
+    ``_check_output`` said so, holding the lock."""
     old = output.parent / f"{output.name}{_OLD}{os.getpid()}"
-    if output.exists():
+    try:
         os.replace(output, old)
-    os.replace(partial, output)
-    shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise DataError(f"cannot move {output} aside to {old} ({e.strerror}); nothing was replaced") from None
+    try:
+        os.replace(partial, output)
+    except BaseException:
+        os.replace(old, output)
+        raise
+    left = _remove_ours(old, (*WRITTEN, LOCK_NAME))
+    if left:
+        warnings.warn(f"kept {old}: files were added to the old pack while packing ({', '.join(left[:5])})",
+                      RuntimeWarning, stacklevel=3)
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -389,11 +776,12 @@ class PackedDataset(Dataset):
         if split not in splits:
             raise InputError(f"split must be one of {', '.join(splits)}; got {split!r}")
         self.rows = np.asarray(splits[split], dtype=np.int64)
-        labels = np.load(pack.root / "labels.npy")[self.rows]
+        labels = pack.labels[self.rows]  # checked by open_pack against pack.json
         self.labels = torch.from_numpy(np.asarray(label_map, dtype=np.int64)[labels] if label_map is not None
                                        else labels)
         self.paths = [pack.rows[i][0] for i in self.rows]
         self.file = pack.root / "images.npy"
+        self.offset, self.shape = pack.images_offset, (len(pack.rows), 1, *pack.img_size)  # its checked header
         self.dtype = pack.dtype
         self.wide = pack.wide
         self._images: np.ndarray | None = None  # opened in each process that reads, never pickled
@@ -407,7 +795,7 @@ class PackedDataset(Dataset):
     def _read(self, positions: Sequence[int]) -> Tensor:
         """(B, 1, H, W) of the given positions, in their order."""
         if self._images is None:
-            self._images = np.load(self.file, mmap_mode="r")
+            self._images = np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
         rows = self.rows[np.asarray(positions, dtype=np.int64)]
         order = np.argsort(rows, kind="stable")
         block = np.empty((len(rows), *self._images.shape[1:]), dtype=self._images.dtype)

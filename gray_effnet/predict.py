@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .evaluation import evaluate_checkpoint, report_predictions
+from .files import check_output_file
 from .sources import open_source
 
 __all__ = ["default_output", "predict"]
@@ -37,11 +38,12 @@ def predict(weights: str | Path, data: str | Path, *, output: str | Path | None 
         strict: refuse when any file is unreadable.
         progress: show a progress bar.
     """
+    out = Path(output) if output else default_output(Path(weights), Path(data))
+    check_output_file(out)  # before any work: a folder there is refused now, not after predicting
     source = open_source(data, labelled=False, strict=strict)
     result, names = evaluate_checkpoint(weights, source, split="all", batch_size=batch_size, workers=workers,
                                         device=device, img_size=img_size, intensity=intensity, amp=amp,
                                         channels_last=channels_last, threads=threads, progress=progress)
-    out = Path(output) if output else default_output(Path(weights), Path(data))
     return report_predictions(result, names, out, labelled=source.labelled)
 
 

@@ -32,7 +32,7 @@ from .errors import DataError, InputError
 from .folders import FolderData, find_images, load_folder, prepare_digits
 from .images import ScanResult, drop_unreadable, is_image_file
 from .intensity import Intensity, parse_intensity
-from .pack import Pack, PackedDataset, is_pack, open_pack
+from .pack import Pack, PackedDataset, has_pack_json, open_pack
 
 __all__ = ["Augmentation", "DataSource", "FolderSource", "PackSource", "open_source"]
 
@@ -227,7 +227,7 @@ def open_source(data: str | os.PathLike | None, *, val_split: float = 0.2, seed:
     if data is None:
         data = prepare_digits()
     root = Path(data)
-    if is_pack(root):  # decoded once by `python -m gray_effnet pack`; open_pack refuses a stale one
+    if has_pack_json(root):  # decoded once by `python -m gray_effnet pack`; open_pack refuses a stale or broken one
         return PackSource(open_pack(root))
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")

@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import hashlib
 import os
 from pathlib import Path
 
@@ -79,3 +80,25 @@ class PicklePayload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.target}",))
+
+
+def tree_digest(root: Path, skip: Path | None = None) -> dict[str, str]:
+    """Every entry below ``root`` (but ``skip`` and what is below it): a file's sha256, a link's target, "dir".
+
+    Two equal digests mean that nothing below ``root`` was added, removed, replaced or changed by a byte."""
+    digest = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if skip is not None and (p == skip or skip in p.parents):
+                continue
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                digest[rel] = f"link:{os.readlink(p)}"
+            elif p.is_dir():
+                digest[rel] = "dir"
+            elif not p.is_file():
+                digest[rel] = "special"  # a FIFO or a device: reading it could block
+            else:
+                digest[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return digest

@@ -4,6 +4,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -22,8 +23,9 @@ from gray_effnet.checkpoint import read_checkpoint
 from gray_effnet.data import GrayImageFolder, collate, make_loader, set_loader_epoch
 from gray_effnet.folders import load_folder
 from gray_effnet.images import UnreadableImageWarning
-from gray_effnet.pack import PackedDataset, is_pack, open_pack, write_pack
+from gray_effnet.pack import WRITTEN, PackedDataset, has_pack_json, is_pack, open_pack, validate_pack_meta, write_pack
 
+from .helpers import tree_digest
 from .test_train import FAST, assert_same_run, metrics
 
 # Two classes that differ: a bright and a dark blob, so that a model can tell them apart.
@@ -413,3 +415,107 @@ class TestCli:
         weights = save_weights(model, tmp_path / "w.safetensors")
         assert gray_main(["predict", "--weights", str(weights), "--data", str(tmp_path / "p")]) == 2
         assert "read with intensity 'minmax', this run needs 'full'" in capsys.readouterr().err
+
+
+# -- pack.json is untrusted input: every field fuzzed, through the validator and through train.py ---------------
+def _relabel(label):
+    return lambda meta: [[meta["rows"][0][0], label], *meta["rows"][1:]]
+
+
+def _repath(path):
+    return lambda meta: [[path, meta["rows"][0][1]], *meta["rows"][1:]]
+
+
+# field -> bad values: (label, value, or a function of the written pack.json). A missing field is added below.
+PACK_BAD_FIELDS: dict[str, list[tuple[str, object]]] = {
+    "format": [("type", 1), ("other", "npz"), ("null", None)],
+    "format_version": [("type", "2"), ("older", 1), ("newer", 3), ("zero", 0), ("bool", True)],
+    "written": [("type", "images.npy"), ("extra", [*WRITTEN, "../../home"]), ("fewer", ["pack.json"])],
+    "classes": [("type", "ab"), ("empty", []), ("duplicate", ["a", "a"]), ("items", [1, 2]), ("long", ["x" * 300, "b"]),
+                ("shorter", ["a"]), ("huge", [str(i) for i in range(100_001)])],
+    "img_size": [("type", "32x32"), ("zero", [0, 32]), ("length", [32]), ("huge", [2**70, 1]),
+                 ("bomb", [100_000, 100_000]), ("float", [32.0, 32]), ("negative", [-32, -32])],
+    "dtype": [("type", 8), ("float64", "float64"), ("object", "object")],
+    "dtype_requested": [("type", None), ("unknown", "int8")],
+    "intensity": [("type", 12), ("unknown", "gamma"), ("long", "range:" + "1" * 1000 + ":2"), ("spaces", " full")],
+    "val_split": [("type", "0.2"), ("range", 1.5), ("zero", 0), ("nan", math.nan)],
+    "seed": [("type", "0"), ("huge", 2**70), ("float", 0.5)],
+    "presplit": [("type", "no"), ("int", 0)],
+    "source": [("type", 5), ("relative", "data/src"), ("nul", "/tmp/a\x00b"), ("long", "/" + "a" * 5000)],
+    "rows": [("type", {}), ("few", lambda meta: meta["rows"][:1]), ("label-negative", _relabel(-1)),
+             ("label-range", _relabel(2)), ("label-huge", _relabel(2**70)), ("label-float", _relabel(0.0)),
+             ("path-absolute", _repath("/etc/passwd")), ("path-dotdot", _repath("../x.png")),
+             ("item", lambda meta: ["a/000.png", *meta["rows"][1:]])],
+    "train": [("type", "0"), ("empty", []), ("range", lambda meta: [len(meta["rows"])]), ("negative", [-1]),
+              ("duplicate", [0, 0]), ("bool", [True])],
+    "val": [("type", 0), ("range", lambda meta: [10**30]), ("negative", [-1]), ("same-as-train", lambda m: m["train"])],
+    "files": [("type", []), ("value", {"a/0.png": "big"}), ("negative", {"a/0.png": [-1, 0]}),
+              ("path", {"/abs.png": [1, 1]})],
+    "skipped": [("type", "x"), ("item", [["a.png"]]), ("path", [["../a.png", "why"]])],
+    "ignored": [("type", "x"), ("item", [1])],
+    "modes": [("type", []), ("count", {"L": -1}), ("key", {"x" * 300: 1})],
+    "wide_source": [("type", "yes")],
+    "command": [("type", 1), ("long", "x" * 200_000)],
+    "created": [("type", 1), ("long", "x" * 300)],
+    "seconds": [("type", "1"), ("negative", -1), ("inf", math.inf)],
+}
+
+
+def _pack_cases(meta: dict) -> list[tuple[str, object]]:
+    """(name, pack.json): a dict, or a str for the raw text."""
+    assert set(meta) == set(PACK_BAD_FIELDS), (
+        f"fields written but not fuzzed: {sorted(set(meta) - set(PACK_BAD_FIELDS))}; "
+        f"fuzzed but not written: {sorted(set(PACK_BAD_FIELDS) - set(meta))}")
+    cases = []
+    for name, bad in PACK_BAD_FIELDS.items():
+        cases += [(f"{name}-{label}", {**meta, name: value(meta) if callable(value) else value})
+                  for label, value in bad]
+    cases += [(f"{name}-missing", {k: v for k, v in meta.items() if k != name}) for name in meta]
+    cases += [("unknown-field", {**meta, "evil": 1}), ("not-json", "{not json"), ("not-object", "[1, 2]"),
+              ("empty-object", "{}"), ("deep", "[" * 100_000 + "]" * 100_000), ("huge-int", "1" * 5000),
+              ("not-utf8", b'{"x": "\xff"}'.decode("latin-1"))]
+    return cases
+
+
+@pytest.fixture(scope="module")
+def small_pack(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("fuzzpack")
+    src = write_images(tmp / "src", {"a": 4, "b": 4})
+    return pack_of(src, tmp / "pack").root
+
+
+class TestValidatePackMeta:
+    def test_written_meta_validates(self, small_pack):
+        meta = json.loads((small_pack / "pack.json").read_text())
+        assert validate_pack_meta(meta, "p") is meta
+        assert meta["format"] == "gray_effnet.pack" and meta["written"] == list(WRITTEN) and is_pack(small_pack)
+
+    def test_every_case_names_its_field(self, small_pack):
+        meta = json.loads((small_pack / "pack.json").read_text())
+        for case, bad in _pack_cases(meta):
+            if isinstance(bad, str):
+                continue
+            field = case.split("-")[0]
+            with pytest.raises(DataError) as info:
+                validate_pack_meta(bad, "p")
+            message = str(info.value)
+            assert f"'{field}'" in message or case == "unknown-field" and "evil" in message, (case, message)
+            assert len(message) < 2000, (case, len(message))  # a bad value is shown shortened
+
+    @pytest.mark.slow
+    def test_every_case_through_train_cli(self, small_pack, tmp_path, capsys):
+        """Each case: exit 2, one ``error:`` line, no traceback, and nothing written anywhere."""
+        meta = json.loads((small_pack / "pack.json").read_text())
+        pack = tmp_path / "pack"
+        shutil.copytree(small_pack, pack)
+        for case, bad in _pack_cases(meta):
+            text = bad if isinstance(bad, str) else json.dumps(bad)
+            (pack / "pack.json").write_text(text, encoding="latin-1" if case == "not-utf8" else "utf-8")
+            before = tree_digest(tmp_path)
+            code = train.cli(["--data", str(pack), "--output", str(tmp_path / "run"), *FAST])
+            err = capsys.readouterr().err
+            lines = [line for line in err.splitlines() if line.strip()]
+            assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (case, err[-1000:])
+            assert "Traceback" not in err and str(pack) in lines[0], (case, lines[0][:300])
+            assert tree_digest(tmp_path) == before, f"{case}: files changed"
+            assert has_pack_json(pack) and not (tmp_path / "run").exists()
