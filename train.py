@@ -337,20 +337,24 @@ def run_training(args, held: contextlib.ExitStack) -> None:
                                 clip_grad=args.clip_grad, channels_last=channels_last,
                                 log_every=args.log_every, progress=progress, augment=batch_augment,
                                 on_step=governor.step)
+        val_start = time.perf_counter()
         result = evaluate(eval_model, val_loader, device=device, num_classes=len(source.classes), autocast=autocast,
                           channels_last=channels_last, progress=progress, desc=f"epoch {epoch} val")
         row = EpochRow(epoch=epoch, lr=optimizer.param_groups[0]["lr"], **stats,  # lr: where the epoch ended
-                       val_loss=result.loss, val_acc=result.acc,
+                       val_loss=result.loss, val_acc=result.acc, val_seconds=time.perf_counter() - val_start,
                        process_peak_mem_mb=process_peak_mem_mb(device), val_skipped=result.skipped)
         history.append(dataclasses.asdict(row))
         is_best = result.acc > best_acc
         best_acc = max(best_acc, result.acc)
+        save_start = time.perf_counter()
         if primary:
             save_checkpoint(output, unwrapped, optimizer=optimizer, scaler=scaler, history=history,
                             best_val_acc=best_acc, is_best=is_best, args=vars(args))
+        # Where the time went: the steps, the loader they waited for, and what runs between epochs.
         log(f"epoch {epoch}: train loss {row.train_loss:.4f} acc {row.train_acc:.4f} | "
             f"val loss {row.val_loss:.4f} acc {row.val_acc:.4f}{' (best)' if is_best else ''} | "
-            f"{row.img_per_s:.0f} img/s, {row.seconds:.1f}s")
+            f"{row.img_per_s:.0f} img/s, {row.seconds:.1f}s (waiting for data {row.data_wait_s:.1f}s), "
+            f"val {row.val_seconds:.1f}s, save {time.perf_counter() - save_start:.1f}s")
 
     # -- summary ----------------------------------------------------------------------------------------------
     skipped = sum(r["train_skipped"] + r["val_skipped"] for r in history)

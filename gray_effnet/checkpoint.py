@@ -83,6 +83,8 @@ class EpochRow:
     val_acc: float  # a fraction
     img_per_s: float  # training images per second
     seconds: float  # training time of the epoch
+    data_wait_s: float  # of which the training loop waited for the loader's next batch
+    val_seconds: float  # evaluation time after the epoch
     process_peak_mem_mb: float  # since the process started: max RSS on CPU, max allocated on CUDA
     train_skipped: int
     val_skipped: int

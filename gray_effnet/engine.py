@@ -2,7 +2,7 @@
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -61,6 +61,19 @@ def _to_device(images: Tensor, targets: Tensor, device: torch.device, channels_l
     return images, targets.to(device, non_blocking=True)
 
 
+def _waited(loader: Iterable, clock: list[float]) -> Iterator:
+    """Yield ``loader``'s batches, adding to ``clock[0]`` the seconds spent waiting for each."""
+    batches = iter(loader)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        clock[0] += time.perf_counter() - start
+        yield batch
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -79,7 +92,7 @@ def train_one_epoch(
     augment: Callable[[Tensor], Tensor] | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Train for one epoch; returns loss, accuracy, images/s, seconds, skipped files and steps.
+    """Train for one epoch; returns loss, accuracy, images/s, seconds (of which waiting for data), skipped files.
 
     ``augment``, when given, transforms each batch once it is on the device (``gray_effnet.augment.BatchAugment``).
     ``on_step`` is called after every optimizer step (``gray_effnet.speed.ThreadGovernor.step``).
@@ -96,7 +109,9 @@ def train_one_epoch(
     window: list[Tensor] = []
     skipped = 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
+    data_wait = [0.0]  # where the time goes: a loader that cannot keep up shows here, not in the steps
+    bar = tqdm(_waited(loader, data_wait), total=steps_per_epoch, desc=f"epoch {epoch} train", leave=False,
+               disable=not progress, dynamic_ncols=True)
 
     def check(step: int) -> None:
         losses = torch.stack(window).float()
@@ -151,6 +166,7 @@ def train_one_epoch(
         "train_acc": totals[1].item() / max(images, 1),
         "img_per_s": images / seconds if seconds > 0 else float("nan"),
         "seconds": seconds,
+        "data_wait_s": data_wait[0],
         "train_skipped": int(_all_reduce(torch.tensor(skipped, device=device)).item()),
     }
 

@@ -6,6 +6,7 @@ Every call passes what follows ``loader`` by keyword, as train.py does.
 import copy
 import csv
 import math
+import time
 
 import pytest
 import torch
@@ -85,6 +86,27 @@ class TestTrainOneEpoch:
                 assert not unchanged
         assert history[-1]["train_loss"] < 0.4 * history[0]["train_loss"]
         assert history[-1]["train_acc"] >= 0.9
+
+    def test_data_wait_is_the_time_spent_in_the_loader(self):
+        """The epoch reports how long it waited for batches: a loader that sleeps shows up there, not in the steps."""
+        model = GrayEfficientNet("tf_efficientnet_lite0", adapter="fold", num_classes=2)
+        batches = dark_or_bright(3, 4)
+
+        class SlowLoader:
+            def __len__(self):
+                return len(batches)
+
+            def __iter__(self):
+                for batch in batches:
+                    time.sleep(0.2)
+                    yield batch
+
+        common = dict(optimizer=torch.optim.SGD(model.parameters(), lr=0.0), scheduler=None,
+                      criterion=nn.CrossEntropyLoss(), device=CPU, epoch=0, progress=False)
+        slow = train_one_epoch(model, SlowLoader(), **common)
+        fast = train_one_epoch(model, batches, **common)
+        assert 0.6 <= slow["data_wait_s"] < slow["seconds"]
+        assert fast["data_wait_s"] < 0.1 and fast["data_wait_s"] < fast["seconds"]
 
     def test_scheduler_gets_the_global_step(self):
         model = GrayEfficientNet("tf_efficientnet_lite0", adapter="fold", num_classes=2).train()

@@ -54,7 +54,7 @@ def metrics(out: Path) -> list[dict]:
 
 def comparable(rows: list[dict]) -> list[dict]:
     """Metric rows without the wall-clock columns."""
-    clock = ("img_per_s", "seconds", "process_peak_mem_mb")
+    clock = ("img_per_s", "seconds", "data_wait_s", "val_seconds", "process_peak_mem_mb")
     return [{k: float(v) for k, v in r.items() if k not in clock} for r in rows]
 
 
