@@ -56,8 +56,9 @@ from gray_effnet.data import GrayImageFolder, make_loader, set_loader_epoch
 from gray_effnet.engine import amp_setup, evaluate, process_peak_mem_mb, train_one_epoch
 from gray_effnet.evaluation import format_eval, write_predictions
 from gray_effnet.files import atomic_write, cleanup_temporaries
-from gray_effnet.folders import load_folder, prepare_digits
+from gray_effnet.folders import describe_skipped, load_folder, prepare_digits
 from gray_effnet.intensity import INTENSITY_HELP, WINDOWS_HELP, parse_intensity, parse_intensity_args, parse_windows
+from gray_effnet.limits import MAX_PIXELS_HELP, input_size_limit, pixel_limit, set_max_pixels
 from gray_effnet.model import min_input_size
 from gray_effnet.pack import Pack, PackedDataset, is_pack, open_pack
 from gray_effnet.runinfo import device_name, git_commit
@@ -86,6 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--intensity", nargs="+", default=None, metavar="MAPPING", help=INTENSITY_HELP)
     g.add_argument("--windows", nargs="+", default=None, metavar="C:W", help=WINDOWS_HELP)
     g.add_argument("--strict-data", action="store_true", help="decode every file first; refuse to start if any is bad")
+    g.add_argument("--max-pixels", type=int, default=None, metavar="N", help=MAX_PIXELS_HELP)
     g.add_argument("--crop-scale", type=float, default=0.8, help="smallest area of the random crop (1 = no crop)")
     g.add_argument("--hflip", type=float, default=0.0, help="horizontal flip probability")
     g.add_argument("--rotate", type=float, default=0.0, help="random rotation range in degrees")
@@ -142,11 +144,16 @@ def check_args(args) -> None:
         (args.clip_grad is None or args.clip_grad > 0, f"--clip-grad must be positive; got {args.clip_grad}"),
         (args.log_every >= 1, f"--log-every must be at least 1; got {args.log_every}"),
         (args.threads is None or args.threads >= 1, f"--threads must be at least 1; got {args.threads}"),
+        (args.max_pixels is None or args.max_pixels >= 1, f"--max-pixels must be at least 1; got {args.max_pixels}"),
         (not args.evaluate or args.weights, "--evaluate needs --weights PATH (a checkpoint of this project)"),
     ]
     for ok, message in checks:
         if not ok:
             raise InputError(message)
+    limit = max(pixel_limit(args.max_pixels), input_size_limit())  # the checkpoint's img_size is held to it
+    if args.img_size is not None and args.img_size[0] * args.img_size[1] > limit:
+        raise InputError(f"--img-size {args.img_size[0]} {args.img_size[1]} is more than the pixel limit {limit} "
+                         "(--max-pixels)")
     if not args.evaluate:
         smallest = min_input_size(args.model)  # also checks the model name, suggesting close ones
         if args.img_size is not None and min(args.img_size) < smallest:
@@ -176,9 +183,11 @@ def data_line(args, root, folder, wide: bool) -> str:
     split = " (given split)" if folder.presplit else f" (seeded stratified split, {val_split:.0%} val)"
     classes = plural(len(folder.classes), "class", "classes")
     what = f"pack of {folder.source}, {folder.dtype}, {folder.note}; " if packed else ""
+    skipped = getattr(folder, "skipped", [])  # by the folder scan; a Pack does not record them
     return (f"data: {root}: {what}{classes}, {len(folder.train)} train / {len(folder.val)} val images{split}; "
             f"{folder.scan.converted} converted from colour, {len(folder.scan.bad)} unreadable skipped, "
-            f"{len(folder.ignored)} non-image files ignored; {'float32' if wide else 'uint8'} batches")
+            + (f"{describe_skipped(skipped)} by the folder scan, " if skipped else "")
+            + f"{len(folder.ignored)} non-image files ignored; {'float32' if wide else 'uint8'} batches")
 
 
 def adapter_options(args) -> tuple[str, dict]:
@@ -262,6 +271,7 @@ def run_evaluate(args, device: torch.device, autocast) -> None:
 
 def main(args) -> None:
     check_args(args)
+    set_max_pixels(args.max_pixels)  # one limit for every decoder, here and in the loader workers
     # -- devices and processes --------------------------------------------------------------------------
     d = init_distributed_device_so(device=args.device)  # reads torchrun's env; gloo on CPU, nccl on CUDA
     device, rank, world = torch.device(d["device"]), d["global_rank"], d["world_size"]

@@ -7,6 +7,7 @@ from pathlib import Path
 # Only the subcommand that runs imports torch and timm (seconds), so that --help answers at once.
 from .cli import HelpFormatter
 from .errors import GrayEffnetError
+from .limits import MAX_PIXELS_HELP
 
 
 def _explain(args: argparse.Namespace) -> None:
@@ -29,8 +30,10 @@ def _pack(args: argparse.Namespace) -> None:
 
     from .images import UnreadableImageWarning
     from .intensity import parse_intensity_args
+    from .limits import set_max_pixels
     from .pack import write_pack
 
+    set_max_pixels(args.max_pixels)
     with warnings.catch_warnings():  # the bad files are listed once below, with their reasons
         warnings.simplefilter("ignore", UnreadableImageWarning)
         pack = write_pack(args.data, args.output, args.img_size, val_split=args.val_split, seed=args.seed,
@@ -91,6 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="stored dtype; auto: uint8 for 8-bit data, else uint16")
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: the CPU count)")
     p.add_argument("--strict-data", action="store_true", help="refuse to pack if any file is unreadable")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N", help=MAX_PIXELS_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_pack)
 
@@ -107,6 +111,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="NHWC memory format; auto: on with CUDA, on the CPU where a short probe finds it faster")
     p.add_argument("--intensity", nargs="+", default=None, metavar="MAPPING",
                    help="how pixels map to [0, 1] (see train.py --help); default: the checkpoint's")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N", help=MAX_PIXELS_HELP)
     p.set_defaults(func=_predict)
     return parser
 

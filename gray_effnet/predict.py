@@ -18,28 +18,32 @@ from .data import GrayImageFolder, make_loader
 from .engine import evaluate
 from .errors import DataError
 from .evaluation import format_eval, write_predictions
-from .folders import find_images
-from .images import drop_unreadable, is_image_file
+from .folders import FolderSplit, class_folders, describe_skipped, find_images, walk_images, warn_skipped
+from .images import drop_unreadable
 from .intensity import parse_intensity, parse_intensity_args
+from .limits import set_max_pixels
 from .pack import PackedDataset, is_pack, open_pack
 from .speed import choose_channels_last
 
 __all__ = ["labelled_samples", "predict"]
 
 
-def labelled_samples(root: Path, class_names: list[str]) -> list[tuple[str, int]] | None:
-    """(path, class index in the checkpoint) for a folder of class subfolders; None for a flat folder."""
-    if not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
+def labelled_samples(root: Path, class_names: list[str]) -> FolderSplit | None:
+    """The class-folder tree ``root`` (``find_images``), labelled with the checkpoint's class indices; None for a
+    flat folder (no subfolders)."""
+    if not class_folders(root):
         return None
     found = find_images(root, min_classes=1)
     unknown = sorted(set(found.classes) - set(class_names))
     if unknown:
         raise DataError(f"subfolders of {root} that are not classes of the checkpoint: {unknown}; "
                         f"its classes are {class_names}")
-    return [(path, class_names.index(found.classes[label])) for path, label in found.samples]
+    found.samples = [(path, class_names.index(found.classes[label])) for path, label in found.samples]
+    return found
 
 
 def predict(args: argparse.Namespace) -> None:
+    set_max_pixels(args.max_pixels)  # before the checkpoint: its img_size is held to the same limit
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(args.weights).to(device).eval()
     root = Path(args.data)
@@ -48,13 +52,23 @@ def predict(args: argparse.Namespace) -> None:
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
     names = model.class_names or [str(i) for i in range(model.num_classes)]
-    samples = labelled_samples(root, names)
-    labelled = samples is not None
-    if not labelled:
-        samples = [(str(p), -1) for p in sorted(root.iterdir()) if p.is_file() and is_image_file(p)]
+    found = labelled_samples(root, names)
+    labelled = found is not None
+    if labelled:
+        samples, skipped = found.samples, found.skipped
+    else:  # the same scan, one level: regular files only, each once, and the rest named
+        listing = walk_images(root, recursive=False)
+        samples, skipped = [(p, -1) for p in listing.files], listing.skipped
+    warn_skipped(skipped)
+    if skipped:
+        print(f"{root}: {describe_skipped(skipped)} by the folder scan (named in the warnings above)")
     if not samples:
-        raise DataError(f"no images in {root}")
+        raise DataError(f"no images in {root}" + (f" ({describe_skipped(skipped)})" if skipped else ""))
+    found_n = len(samples)
     samples, scan = drop_unreadable(samples)
+    if not samples:
+        raise DataError(f"none of the {found_n} image file(s) in {root} can be read (first: {scan.bad[0][0]}: "
+                        f"{scan.bad[0][1]})")
     size = model.img_size or tuple(model.model.pretrained_cfg["input_size"][1:])
     # The mapping the model was trained with, unless the user names another.
     intensity = parse_intensity_args(args.intensity) or model.intensity
@@ -62,6 +76,9 @@ def predict(args: argparse.Namespace) -> None:
     loader = make_loader(dataset, args.batch_size, train=False, workers=args.workers,
                          pin_memory=device.type == "cuda")
     result = _evaluate(args, model, loader, device, size)
+    if not result.predictions:  # every file passed the header scan and failed to decode: no CSV to write
+        raise DataError(f"none of the {found_n} image file(s) in {root} could be decoded (named in the warnings "
+                        "above); no predictions written")
     _report(args, result, names, root, labelled)
 
 
