@@ -57,6 +57,7 @@ from gray_effnet.evaluation import evaluate_checkpoint, report_predictions
 from gray_effnet.files import atomic_write, check_output_folder, cleanup_temporaries, output_lock
 from gray_effnet.folders import prepare_digits
 from gray_effnet.intensity import WINDOWS_HELP, parse_intensity, parse_intensity_args, parse_windows
+from gray_effnet.limits import input_size_limit, pixel_limit, set_max_pixels
 from gray_effnet.model import min_input_size
 from gray_effnet.runinfo import device_name, git_commit
 from gray_effnet.sources import Augmentation, DataSource, open_source
@@ -132,6 +133,7 @@ def check_args(args) -> None:
         (args.clip_grad is None or args.clip_grad > 0, f"--clip-grad must be positive; got {args.clip_grad}"),
         (args.log_every >= 1, f"--log-every must be at least 1; got {args.log_every}"),
         (args.threads is None or args.threads >= 1, f"--threads must be at least 1; got {args.threads}"),
+        (args.max_pixels is None or args.max_pixels >= 1, f"--max-pixels must be at least 1; got {args.max_pixels}"),
         (not args.evaluate or args.weights, "--evaluate needs --weights PATH (a checkpoint of this project)"),
     ]
     for ok, message in checks:
@@ -139,6 +141,10 @@ def check_args(args) -> None:
             raise InputError(message)
     if args.output is not None:
         check_output_folder(args.output)  # a file there is refused now, not found out after the first epoch
+    limit = max(pixel_limit(args.max_pixels), input_size_limit())  # the checkpoint's img_size is held to it
+    if args.img_size is not None and args.img_size[0] * args.img_size[1] > limit:
+        raise InputError(f"--img-size {args.img_size[0]} {args.img_size[1]} is more than the pixel limit {limit} "
+                         "(--max-pixels)")
     if not args.evaluate:
         smallest = min_input_size(args.model)  # also checks the model name, suggesting close ones
         if args.img_size is not None and min(args.img_size) < smallest:
@@ -215,6 +221,7 @@ def main(args) -> None:
 
 def run_training(args, held: contextlib.ExitStack) -> None:
     check_args(args)
+    set_max_pixels(args.max_pixels)  # one limit for every decoder, here and in the loader workers
     # -- devices and processes --------------------------------------------------------------------------
     # torchrun's environment decides the process group: gloo on the CPU, nccl on CUDA
     d = init_distributed_device_so(device=resolve_device(args.device))

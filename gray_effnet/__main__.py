@@ -28,8 +28,10 @@ def _pack(args: argparse.Namespace) -> None:
 
     from .images import UnreadableImageWarning
     from .intensity import parse_intensity_args
+    from .limits import set_max_pixels
     from .pack import write_pack
 
+    set_max_pixels(args.max_pixels)
     with warnings.catch_warnings():  # the bad files are listed once below, with their reasons
         warnings.simplefilter("ignore", UnreadableImageWarning)
         pack = write_pack(args.data, args.output, args.img_size, val_split=args.val_split, seed=args.seed,
@@ -50,7 +52,7 @@ def _predict(args: argparse.Namespace) -> None:
     predict(args.weights, args.data, output=args.output, batch_size=args.batch_size, workers=args.workers,
             device=resolve_device(args.device), channels_last=args.channels_last,
             intensity=parse_intensity_args(args.intensity), img_size=args.img_size, amp=args.amp,
-            threads=args.threads, strict=args.strict_data, progress=not args.no_progress)
+            threads=args.threads, strict=args.strict_data, max_pixels=args.max_pixels, progress=not args.no_progress)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import reprlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from .adapters import get_adapter_class, list_adapters
 from .errors import GrayEffnetError, InputError, WeightsError
 from .files import atomic_write
 from .intensity import parse_intensity
+from .limits import MAX_NESTING, input_size_limit, nesting_depth, unprintable
 from .model import GrayEfficientNet
 from .weights import read_weights_file, safe_torch_load
 
@@ -94,8 +96,12 @@ METRIC_COLUMNS = [f.name for f in dataclasses.fields(EpochRow)]
 
 
 # -- metadata: written, then validated on every read ---------------------------------------------------
+_SHOW = reprlib.Repr()  # a bounded repr: a few levels and items, so a hostile value cannot flood or recurse
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxstring, _SHOW.maxother = 3, 6, 6, 60, 60
+
+
 def _fail(source: Any, field: str, expected: str, got: Any) -> WeightsError:
-    shown = repr(got)
+    shown = _SHOW.repr(got)
     shown = shown if len(shown) <= 80 else shown[:77] + "..."
     return WeightsError(f"{source}: checkpoint field {field!r} must be {expected}; got {shown}")
 
@@ -149,6 +155,9 @@ def validate_metadata(meta: Any, state_dict: Mapping[str, Tensor], source: Any) 
         )
     if not isinstance(meta, dict):
         raise _fail(source, META_KEY, "a JSON object", meta)
+    if nesting_depth(meta) > MAX_NESTING:  # before anything walks it: deeper values would end in a RecursionError
+        raise WeightsError(f"{source}: checkpoint metadata nested more than {MAX_NESTING} levels deep; this project "
+                           "writes 3")
     known = {"format_version", "model_name", "adapter", "num_classes", "class_names", "img_size", "mean", "std",
              "timm_kwargs", "intensity", "adapter_kwargs", "epoch", "val_acc", "val_loss"}
     unknown = sorted(str(k) for k in meta if k not in known)
@@ -193,12 +202,18 @@ def validate_metadata(meta: Any, state_dict: Mapping[str, Tensor], source: Any) 
         if (not isinstance(names, list) or len(names) != n
                 or not all(isinstance(c, str) and 0 < len(c) <= MAX_NAME_CHARS for c in names)):
             raise _fail(source, "class_names", f"null or a list of {n} non-empty strings (num_classes)", names)
+        shady = [c for c in names if unprintable(c)]
+        if shady:  # they are printed in tables and written to CSVs
+            raise _fail(source, "class_names", "names without control characters", shady[0])
         if len(set(names)) != len(names):
             raise _fail(source, "class_names", "a list of distinct names", names)
     size = meta.get("img_size")
     if size is not None and (not isinstance(size, list) or len(size) != 2
                              or not all(_is_int(s) and 1 <= s <= MAX_IMG_SIDE for s in size)):
         raise _fail(source, "img_size", f"null or [H, W] with integers from 1 to {MAX_IMG_SIDE}", size)
+    if size is not None and size[0] * size[1] > input_size_limit():
+        raise _fail(source, "img_size", f"[H, W] with H x W at most the pixel limit {input_size_limit()} "
+                    "(--max-pixels)", size)
     for key in ("mean", "std"):
         v = meta[key]
         if not isinstance(v, list) or len(v) != 3 or not all(_is_number(x) and abs(x) <= 1e3 for x in v):

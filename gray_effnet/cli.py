@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from .errors import GrayEffnetError
 from .intensity import INTENSITY_HELP
+from .limits import MAX_PIXELS_HELP
 
 __all__ = ["CHANNELS_LAST_MODES", "HelpFormatter", "add_data_options", "add_speed_options", "resolve_device",
            "run_cli"]
@@ -30,13 +31,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def add_data_options(group, *, data_help: str, img_size_help: str, data_required: bool = False,
                      img_size_required: bool = False, intensity_default: list[str] | None = None,
                      workers_help: str = "data loader processes", workers_default: int | None = 2) -> None:
-    """--data, --img-size, --intensity, --strict-data and --workers."""
+    """--data, --img-size, --intensity, --strict-data, --max-pixels and --workers."""
     group.add_argument("--data", required=data_required, default=None, help=data_help)
     group.add_argument("--img-size", nargs=2, type=int, required=img_size_required, default=None,
                        metavar=("H", "W"), help=img_size_help)
     group.add_argument("--intensity", nargs="+", default=intensity_default, metavar="MAPPING", help=INTENSITY_HELP)
     group.add_argument("--strict-data", action="store_true",
                        help="decode every file first; refuse to start if any is bad")
+    group.add_argument("--max-pixels", type=int, default=None, metavar="N", help=MAX_PIXELS_HELP)
     group.add_argument("--workers", type=int, default=workers_default, help=workers_help)
 
 

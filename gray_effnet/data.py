@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .images import UnreadableImageWarning, read_gray
 from .intensity import Intensity, parse_intensity
+from .limits import pixel_limit, set_max_pixels
 
 __all__ = ["Batch", "GrayImageFolder", "SampleSeeds", "collate", "make_loader", "set_loader_epoch"]
 
@@ -24,14 +25,22 @@ class GrayImageFolder(Dataset):
         wide: return float32 in [0, 1] for every image (set when any file is deeper than 8 bit, so that a
             batch has one dtype); otherwise 8-bit files stay uint8.
         intensity: see ``gray_effnet.intensity``.
+        max_pixels: the most pixels a file may decode to (default: the process's limit when the dataset is made).
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform=None, *, wide: bool = False,
-                 intensity: str | Intensity = "full") -> None:
+                 intensity: str | Intensity = "full", max_pixels: int | None = None) -> None:
         self.intensity = parse_intensity(intensity)
         self.samples = list(samples)
         self.transform = transform
         self.wide = wide or self.intensity.kind != "full"
+        self.max_pixels = pixel_limit(max_pixels)
+
+    def __setstate__(self, state: dict) -> None:
+        # Unpickled in a loader worker that was spawned, not forked: it has Pillow's default limit, not the
+        # one --max-pixels gave the parent, so the dataset sets it there.
+        self.__dict__.update(state)
+        set_max_pixels(self.max_pixels)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -44,7 +53,8 @@ class GrayImageFolder(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
         try:
-            img = read_gray(path, self.intensity, warn_frames=False)  # the scan reported multi-frame files once
+            # The scan reported multi-frame files once.
+            img = read_gray(path, self.intensity, warn_frames=False, max_pixels=self.max_pixels)
         except Exception as e:  # noqa: BLE001 - any decoder error must skip the file, not end the run
             warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e})", UnreadableImageWarning,
                           stacklevel=2)

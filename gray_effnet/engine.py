@@ -121,8 +121,9 @@ def train_one_epoch(
             where = f"step {step - len(window) + 2 + int(bad[0])}" if len(bad) else "a step on another rank"
             raise NonFiniteLossError(
                 f"the loss became non-finite at epoch {epoch}, {where} (of {steps_per_epoch}); training "
-                "stopped. Lower --lr, use --amp bf16 rather than fp16, or set --clip-grad. "
-                "The last good checkpoint is kept."
+                "stopped. The data can cause it (extreme or non-finite pixel values: --strict-data decodes and "
+                "checks every file first), or the optimisation diverged: lower --lr, use --amp bf16 rather than "
+                "fp16, or set --clip-grad. The last good checkpoint is kept."
             )
         losses = losses.cpu()
         bar.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")

@@ -20,7 +20,24 @@ from .files import atomic_write
 from .sources import DataSource
 from .speed import channels_last_cache, choose_channels_last, plan_threads
 
-__all__ = ["evaluate_checkpoint", "format_eval", "report_predictions", "write_predictions"]
+__all__ = ["csv_safe", "evaluate_checkpoint", "format_eval", "report_predictions", "write_predictions"]
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(cell: object) -> object:
+    """A text cell that a spreadsheet would run as a formula, with a ``'`` in front (OWASP's CSV injection advice).
+
+    Class names are folder names and paths are the user's; ``=HYPERLINK(...)`` or ``@SUM(...)`` as a folder name must
+    reach a spreadsheet as text. Numbers pass unchanged.
+
+    Example:
+        >>> csv_safe("=1+1"), csv_safe("cat"), csv_safe(-1)
+        ("'=1+1", 'cat', -1)
+    """
+    if isinstance(cell, str) and cell.startswith(_FORMULA_START):
+        return "'" + cell
+    return cell
 
 
 def format_eval(result: EvalResult, class_names: Sequence[str]) -> str:
@@ -49,7 +66,9 @@ def format_eval(result: EvalResult, class_names: Sequence[str]) -> str:
 
 
 def write_predictions(path: str | Path, result: EvalResult, class_names: Sequence[str] | None) -> Path:
-    """One row per image: path, true label (when known), predicted label, its probability, correct."""
+    """One row per image: path, true label (when known), predicted label, its probability, correct.
+
+    Text cells go through ``csv_safe``: a class or file name that starts like a formula is written as text."""
     path = Path(path)
     with atomic_write(path) as tmp:
         with open(tmp, "w", newline="") as f:
@@ -58,10 +77,11 @@ def write_predictions(path: str | Path, result: EvalResult, class_names: Sequenc
             for file, target, pred, prob in result.predictions:
                 name = class_names[pred] if class_names else pred
                 if target < 0:  # an unlabelled folder
-                    writer.writerow([file, "", name, f"{prob:.6f}", ""])
+                    row = [file, "", name, f"{prob:.6f}", ""]
                 else:
                     true = class_names[target] if class_names else target
-                    writer.writerow([file, true, name, f"{prob:.6f}", int(target == pred)])
+                    row = [file, true, name, f"{prob:.6f}", int(target == pred)]
+                writer.writerow([csv_safe(cell) for cell in row])
     return path
 
 

@@ -4,8 +4,11 @@ The layout is torchvision's ``ImageFolder`` (Keras ``flow_from_directory``): one
 ``DIR/train`` and ``DIR/val`` exist they are used as they are; otherwise a seeded, stratified split is made.
 """
 
+import errno
 import os
 import random
+import stat
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,10 +19,20 @@ from PIL import Image
 
 from .errors import DataError
 from .files import default_cache_dir  # noqa: F401 - part of this module's API: where the demo digits go
-from .images import ScanResult, drop_unreadable, is_image_file
+from .images import ScanResult, drop_unreadable, file_kind, is_image_file
+from .limits import unprintable
 
-__all__ = ["FolderData", "FolderSplit", "default_cache_dir", "find_images", "load_folder", "prepare_digits",
-           "split_samples"]
+__all__ = ["SKIP_KINDS", "FolderData", "FolderSplit", "Listing", "SkippedFileWarning", "class_folders",
+           "default_cache_dir", "describe_skipped", "find_images", "load_folder", "prepare_digits", "split_samples",
+           "walk_images", "warn_skipped"]
+
+
+SKIP_KINDS = ("not a regular file", "symlink loop", "permission denied", "already seen", "broken symlink",
+              "cannot be listed")
+
+
+class SkippedFileWarning(UserWarning):
+    """The folder scan left out a path that is not a file to read: a FIFO, a symlink loop, an unreadable folder."""
 
 
 @dataclass
@@ -29,48 +42,212 @@ class FolderSplit:
     classes: list[str]
     samples: list[tuple[str, int]]
     ignored: list[str] = field(default_factory=list)  # hidden files and non-image extensions
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): see ``walk_images``
+
+
+@dataclass
+class Listing:
+    """What ``walk_images`` found under a folder."""
+
+    files: list[str] = field(default_factory=list)  # image files, each real file once
+    ignored: list[str] = field(default_factory=list)  # hidden files and files that are not images
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), reason starting with a SKIP_KIND
+
+
+def _key(st: os.stat_result, path: str) -> tuple:
+    """What makes a file or folder the same one under two names. Some file systems report inode 0 for every file."""
+    return (st.st_dev, st.st_ino) if st.st_ino else ("path", os.path.realpath(path))
+
+
+class _Walk:
+    """The state of one scan: the folders and files already seen, by (device, inode), with the path first seen."""
+
+    def __init__(self) -> None:
+        self.folders: dict[tuple, str] = {}
+        self.files: dict[tuple, str] = {}
+
+    def enter(self, path: str, st: os.stat_result, listing: Listing) -> bool:
+        """Whether to list the folder ``path``: no when it was listed already (then it is skipped and named)."""
+        key = _key(st, path)
+        first = self.folders.get(key)
+        if first is None:
+            self.folders[key] = path
+            return True
+        here = os.path.realpath(os.path.dirname(path))
+        target = os.path.realpath(first)
+        if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+            listing.skipped.append((path, f"symlink loop: leads back to {first}"))
+        else:
+            listing.skipped.append((path, f"already seen as {first}"))
+        return False
+
+    def scan(self, top: str, listing: Listing, recursive: bool = True) -> None:
+        """Add the files under the folder ``top`` to ``listing``: depth first, each folder's files in name order
+        before its subfolders (``os.walk``'s order), symlinked folders followed once."""
+        stack = [top]
+        while stack:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except PermissionError:
+                listing.skipped.append((folder, "permission denied: the folder cannot be listed"))
+                continue
+            except OSError as e:
+                listing.skipped.append((folder, f"cannot be listed ({e.strerror or e})"))
+                continue
+            subfolders = []
+            for entry in entries:
+                if entry.name.startswith("."):  # .DS_Store, .ipynb_checkpoints, .git: hidden files are ignored
+                    if not _is_dir(entry):
+                        listing.ignored.append(entry.path)
+                    continue
+                st = self._stat(entry, listing)
+                if st is None:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    if recursive and self.enter(entry.path, st, listing):
+                        subfolders.append(entry.path)
+                elif not stat.S_ISREG(st.st_mode):  # never opened: reading a FIFO would wait forever
+                    listing.skipped.append((entry.path, f"not a regular file ({file_kind(st.st_mode)})"))
+                else:
+                    key = _key(st, entry.path)
+                    first = self.files.setdefault(key, entry.path)
+                    if first != entry.path:
+                        listing.skipped.append((entry.path, f"already seen as {first}"))
+                    elif is_image_file(entry.path):
+                        listing.files.append(entry.path)
+                    else:
+                        listing.ignored.append(entry.path)
+            stack.extend(reversed(subfolders))
+
+    @staticmethod
+    def _stat(entry: os.DirEntry, listing: Listing) -> os.stat_result | None:
+        """The entry's stat, its link followed; None (and the entry named in ``skipped``) when there is none."""
+        try:
+            return entry.stat()
+        except PermissionError:
+            listing.skipped.append((entry.path, "permission denied"))
+        except FileNotFoundError:
+            listing.skipped.append((entry.path, "broken symlink" if entry.is_symlink() else "cannot be listed "
+                                    "(it vanished during the scan)"))
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                listing.skipped.append((entry.path, "symlink loop: the link never reaches a file"))
+            else:
+                listing.skipped.append((entry.path, f"cannot be listed ({e.strerror or e})"))
+        return None
+
+
+def walk_images(top: str | os.PathLike, recursive: bool = True) -> Listing:
+    """The image files under the folder ``top``; every other path is ignored or skipped, and named.
+
+    Regular files only: FIFOs, sockets and devices are skipped without being opened. Each real file counts once
+    (by device and inode): a second name for it, through a symlink or a hard link, is skipped as ``already seen``.
+    A symlinked folder is followed the first time it is met; a link back to a folder above it is a ``symlink
+    loop``. A folder that cannot be listed is skipped (``permission denied``). The walk lists each folder once,
+    stats each entry once and always ends.
+
+    Args:
+        top: the folder.
+        recursive: list subfolders too.
+    """
+    top = os.fspath(top)
+    walk, listing = _Walk(), Listing()
+    try:
+        walk.enter(top, os.stat(top), listing)
+    except OSError as e:
+        raise DataError(f"cannot read the folder {top}: {e.strerror or e}") from None
+    walk.scan(top, listing, recursive)
+    return listing
+
+
+def class_folders(root: str | os.PathLike) -> list[str]:
+    """The names of ``root``'s subfolders that are not hidden, sorted: its classes, in an ImageFolder tree.
+
+    Raises:
+        DataError: ``root`` cannot be listed, or a name holds characters that a terminal or a spreadsheet would act
+            on (``limits.unprintable``: ESC, newline, bidi overrides, bytes that are not UTF-8): class names are
+            printed, written to CSVs and saved in checkpoints.
+    """
+    try:
+        with os.scandir(root) as it:
+            names = sorted(e.name for e in it if not e.name.startswith(".") and _is_dir(e))
+    except OSError as e:
+        raise DataError(f"cannot list the data folder {root}: {e.strerror or e}") from None
+    for name in names:
+        if unprintable(name):
+            raise DataError(f"class folder {name!r} in {root}: its name holds control characters "
+                            f"({', '.join(sorted({repr(c) for c in unprintable(name)}))}); rename the folder")
+    return names
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def find_images(root: str | os.PathLike, min_classes: int = 2) -> FolderSplit:
-    """List an ImageFolder tree: one subfolder per class, images at any depth below it.
+    """List an ImageFolder tree: one subfolder per class, images at any depth below it (``walk_images``).
 
     Hidden files and folders (``.DS_Store``, ``.ipynb_checkpoints``) and files that are not images
-    (``is_image_file``: an image extension, or DICOM) are ignored and listed in ``ignored``. Errors are raised
-    before any training starts.
+    (``is_image_file``: an image extension, or DICOM) are ignored and listed in ``ignored``. What is not a file
+    to read (a FIFO, a symlink loop, a second name of a file, a folder that cannot be listed) is in ``skipped``,
+    with the reason. Errors are raised before any training starts.
 
     Args:
         root: the folder.
         min_classes: fewer class folders is an error (a classifier trains on 2 or more).
+
+    Raises:
+        DataError: no such folder, no class folders, a class folder with no images or a name with control
+            characters, fewer than ``min_classes`` classes.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = class_folders(root)
     if not classes:
-        loose = [p.name for p in root.iterdir() if p.is_file() and is_image_file(p)][:3]
-        hint = f" (found loose images such as {', '.join(loose)})" if loose else ""
+        loose = walk_images(root, recursive=False).files[:3]
+        hint = f" (found loose images such as {', '.join(os.path.basename(p) for p in loose)})" if loose else ""
         raise DataError(
             f"{root} has no class subfolders{hint}; expected one subfolder per class, e.g. {root}/cat/1.png"
         )
-    samples, ignored, empty = [], [], []
+    walk, listing = _Walk(), Listing()
+    walk.enter(str(root), os.stat(root), listing)  # so that a link back to the root is a loop
+    samples, empty = [], []
     for label, name in enumerate(classes):
-        found = 0
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fname in sorted(filenames):
-                path = os.path.join(dirpath, fname)
-                if not is_image_file(path):
-                    ignored.append(path)
-                    continue
-                samples.append((path, label))
-                found += 1
-        if not found:
+        before = len(listing.files)
+        folder = str(root / name)
+        try:
+            if walk.enter(folder, os.stat(folder), listing):
+                walk.scan(folder, listing)
+        except OSError as e:
+            listing.skipped.append((folder, f"cannot be listed ({e.strerror or e})"))
+        samples += [(path, label) for path in listing.files[before:]]
+        if len(listing.files) == before:
             empty.append(name)
     if empty:
-        raise DataError(f"class folder(s) with no images in {root}: {', '.join(empty)}")
+        raise DataError(f"class folder(s) with no images in {root}: {', '.join(empty)}"
+                        + (f" ({describe_skipped(listing.skipped)})" if listing.skipped else ""))
     if len(classes) < min_classes:
         raise DataError(f"{root} has a single class ({classes[0]}); a classifier needs at least 2 class folders")
-    return FolderSplit(classes, samples, ignored)
+    return FolderSplit(classes, samples, listing.ignored, listing.skipped)
+
+
+def describe_skipped(skipped: Sequence[tuple[str, str]]) -> str:
+    """``3 skipped (2 not a regular file, 1 symlink loop)``: the count of each kind of reason."""
+    counts = Counter(next((k for k in SKIP_KINDS if why.startswith(k)), why) for _, why in skipped)
+    return f"{len(skipped)} skipped" + (f" ({', '.join(f'{n} {k}' for k, n in counts.most_common())})"
+                                        if counts else "")
+
+
+def warn_skipped(skipped: Sequence[tuple[str, str]]) -> None:
+    """Name each skipped path and its reason in a ``SkippedFileWarning``, as unreadable images are named."""
+    for path, why in skipped:
+        warnings.warn(f"skipping {path}: {why}", SkippedFileWarning, stacklevel=3)
 
 
 def split_samples(
@@ -106,12 +283,17 @@ class FolderData:
     scan: ScanResult
     ignored: list[str]
     presplit: bool
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # by the folder scan: (path, reason)
 
 
 def load_folder(
-    root: str | os.PathLike, val_split: float = 0.2, seed: int = 0, strict: bool = False, verify: bool | None = None
+    root: str | os.PathLike, val_split: float = 0.2, seed: int = 0, strict: bool = False, verify: bool | None = None,
+    max_pixels: int | None = None,
 ) -> FolderData:
     """Find, check and split the images of ``root``, raising ``DataError`` before any training.
+
+    What the folder scan skipped (``find_images``) is named in ``SkippedFileWarning``s, and unreadable images in
+    ``UnreadableImageWarning``s (``drop_unreadable``).
 
     Args:
         root: an ImageFolder tree, or one with ``train/`` and ``val/`` ImageFolder trees.
@@ -119,6 +301,7 @@ def load_folder(
         seed: seed of the split.
         strict: refuse to start when any file is unreadable, listing them all.
         verify: decode every file up front (default: only when ``strict``).
+        max_pixels: the most pixels a file may decode to (default: the process's limit, ``limits.pixel_limit``).
     """
     root = Path(root)
     presplit = (root / "train").is_dir() and (root / "val").is_dir()
@@ -132,17 +315,20 @@ def load_folder(
                 f"only in val: {only_va or 'none'}"
             )
         classes, train, val, ignored = tr.classes, tr.samples, va.samples, tr.ignored + va.ignored
+        skipped = tr.skipped + va.skipped
     else:
         found = find_images(root)
-        classes, ignored = found.classes, found.ignored
+        classes, ignored, skipped = found.classes, found.ignored, found.skipped
         train, val = split_samples(found.samples, val_split, seed)
-    kept, scan = drop_unreadable(train + val, verify=strict if verify is None else verify, strict=strict)
+    warn_skipped(skipped)
+    kept, scan = drop_unreadable(train + val, verify=strict if verify is None else verify, strict=strict,
+                                 max_pixels=max_pixels)
     good = {p for p, _ in kept}
     train = [s for s in train if s[0] in good]
     val = [s for s in val if s[0] in good]
     if not train or not val:
         raise DataError(f"{root}: no readable images left for {'training' if not train else 'validation'}")
-    return FolderData(classes, train, val, scan, ignored, presplit)
+    return FolderData(classes, train, val, scan, ignored, presplit, skipped)
 
 
 def prepare_digits(cache_dir: str | os.PathLike | None = None, per_class: int | None = None) -> Path:

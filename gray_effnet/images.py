@@ -5,6 +5,8 @@ DICOM files are read by ``gray_effnet.dicom``.
 """
 
 import os
+import re
+import stat
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -20,9 +22,10 @@ from torch import Tensor
 from .dicom import DICOM_EXTENSIONS, MultiFrameWarning, probe_dicom, read_dicom
 from .errors import DataError
 from .intensity import Intensity, parse_intensity, to_unit_array
+from .limits import check_pixels, pixel_limit
 
 __all__ = ["GRAY_MODES", "IMG_EXTENSIONS", "ScanResult", "UnreadableImageWarning", "drop_unreadable",
-           "is_dicom_file", "is_image_file", "read_gray", "scan_images"]
+           "file_kind", "is_dicom_file", "is_image_file", "open_image", "read_gray", "scan_images"]
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".pnm", ".ppm", ".pbm")
 # PIL modes, and "DICOM <PhotometricInterpretation>" for DICOM files.
@@ -48,6 +51,8 @@ def _decode(img: Image.Image, intensity: Intensity) -> Tensor:
         a = to_unit_array(a, 65535.0 if a.max(initial=0) <= 65535 else float(2**32 - 1), intensity)
     elif mode == "F":
         a = np.array(img, dtype=np.float32)
+        if not np.isfinite(a).all():  # NaN would reach the loss; inf would make every other pixel 0 after minmax
+            raise DataError(f"float image with {np.count_nonzero(~np.isfinite(a))} NaN or infinite pixel value(s)")
         wide_float = intensity.kind == "full" and a.max(initial=0) > 1  # floats beyond [0, 1]: stretch them
         a = to_unit_array(a, 1.0, Intensity("minmax") if wide_float else intensity)
     else:
@@ -59,9 +64,31 @@ def _decode(img: Image.Image, intensity: Intensity) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))[None]
 
 
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, from its ``st_mode``: ``FIFO``, ``socket``, ``folder``, ..."""
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder"), (stat.S_ISREG, "regular file")):
+        if test(mode):
+            return name
+    return "unknown kind"
+
+
+def _regular(path: str | os.PathLike) -> None:
+    """Raise ``DataError`` unless ``path`` is a regular file: a FIFO or a device is never opened (it would block)."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise DataError(f"not a regular file ({file_kind(mode)})")
+
+
 def _has_dicom_magic(path: str | os.PathLike) -> bool:
     try:
-        with open(path, "rb") as f:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        # O_NONBLOCK: a file swapped for a FIFO since the stat above does not block the open.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
             f.seek(128)
             return f.read(4) == b"DICM"
     except OSError:
@@ -88,22 +115,58 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(name).suffix.lower() in IMG_EXTENSIONS or is_dicom_file(path)
 
 
-def read_gray(path: str | os.PathLike, intensity: str | Intensity = "full", warn_frames: bool = True) -> Tensor:
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
+    """``Image.open``, refusing (``DataError``) a file whose header gives more pixels than the limit, before decoding.
+
+    The size is checked here against ``max_pixels`` (default: the process's limit, ``limits.pixel_limit``); Pillow
+    checks it too, against its own ``Image.MAX_IMAGE_PIXELS``, and its ``DecompressionBombWarning`` (an error once
+    ``limits.set_max_pixels`` has run) and ``DecompressionBombError`` become the same ``DataError``.
+    """
+    _regular(path)
+    try:
+        img = Image.open(path)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        found = _BOMB_PIXELS.search(str(e))
+        if found:
+            check_pixels(int(found.group(1)), max_pixels)
+        # Under ``max_pixels`` but over Pillow's own limit, which Pillow enforces anyway.
+        raise DataError(f"{e} (Pillow's Image.MAX_IMAGE_PIXELS, which --max-pixels sets)") from None
+    try:
+        w, h = img.size
+        check_pixels(w * h, max_pixels, f"{w}x{h}")
+    except BaseException:
+        img.close()
+        raise
+    return img
+
+
+def read_gray(path: str | os.PathLike, intensity: str | Intensity = "full", warn_frames: bool = True,
+              max_pixels: int | None = None) -> Tensor:
     """Read an image file as one gray channel.
 
     Args:
         path: any format Pillow reads, or DICOM (see ``read_dicom``); a multi-frame file gives its first frame.
         intensity: see ``gray_effnet.intensity``; ``full`` keeps 8-bit files as uint8.
         warn_frames: for DICOM, warn that a multi-frame file gave its first frame.
+        max_pixels: the most pixels the file may decode to, checked from its header before decoding (default:
+            the process's limit, ``limits.pixel_limit``).
 
     Returns:
         (1, H, W): uint8 for 8-bit files (colour ones converted to luminance), float32 in [0, 1] for
         16-bit, float and DICOM files, which keep their full precision.
+
+    Raises:
+        DataError: not a regular file, more pixels than the limit, a float image with NaN or infinite values, and
+            the DICOM reader's errors (``read_dicom``). Decoders raise their own errors for malformed files.
     """
     intensity = parse_intensity(intensity)
     if is_dicom_file(path):
-        return read_dicom(path, intensity, warn_frames=warn_frames)
-    with Image.open(path) as img:
+        _regular(path)
+        return read_dicom(path, intensity, warn_frames=warn_frames, max_pixels=max_pixels)
+    with open_image(path, max_pixels) as img:
         img.seek(0)
         img.load()
         return _decode(img, intensity)
@@ -124,29 +187,34 @@ class ScanResult:
         return sum(n for m, n in self.modes.items() if m not in GRAY_MODES)
 
 
-def _probe(path: str, verify: bool) -> tuple[str | None, str, int]:
+def _probe(path: str, verify: bool, max_pixels: int | None = None) -> tuple[str | None, str, int]:
     """(mode, "", frames) of a readable file, (None, reason, 0) of a bad one."""
     try:
         if is_dicom_file(path):
-            mode, frames = probe_dicom(path, verify)
+            _regular(path)
+            mode, frames = probe_dicom(path, verify, max_pixels=max_pixels)
             return mode, "", frames
-        with Image.open(path) as img:
+        with open_image(path, max_pixels) as img:
             if verify:
                 img.seek(0)
                 img.load()
+                _decode(img, Intensity("full"))  # what training will do to it: a NaN in a float image shows here
             return img.mode, "", 1
     except Exception as e:  # noqa: BLE001 - malformed files raise all kinds (KeyError, struct.error, ...)
         return None, f"{type(e).__name__}: {e}", 0
 
 
-def scan_images(paths: Sequence[str], verify: bool = False, threads: int = 8) -> ScanResult:
+def scan_images(paths: Sequence[str], verify: bool = False, threads: int = 8,
+                max_pixels: int | None = None) -> ScanResult:
     """Open every file's header (and decode it fully if ``verify``) to find bad files before training.
 
-    A header check catches empty, non-image and most corrupt files at little cost; truncated pixel data
-    only shows when decoding, which ``verify`` (``--strict-data``) does for every file up front.
+    A header check catches empty, non-image and most corrupt files, and files with more pixels than the limit
+    (``max_pixels``, default: the process's), at little cost; truncated pixel data and NaN in float images only
+    show when decoding, which ``verify`` (``--strict-data``) does for every file up front.
     """
+    max_pixels = pixel_limit(max_pixels)  # resolved once, here: the threads below see the same number
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = list(pool.map(lambda p: _probe(p, verify), paths))
+        results = list(pool.map(lambda p: _probe(p, verify, max_pixels), paths))
     bad = [(p, why) for p, (mode, why, _) in zip(paths, results) if mode is None]
     modes = Counter(mode for mode, _, _ in results if mode is not None)
     frames = {p: n for p, (_, _, n) in zip(paths, results) if n > 1}
@@ -155,7 +223,7 @@ def scan_images(paths: Sequence[str], verify: bool = False, threads: int = 8) ->
 
 
 def drop_unreadable(
-    samples: Sequence[tuple[str, int]], verify: bool = False, strict: bool = False
+    samples: Sequence[tuple[str, int]], verify: bool = False, strict: bool = False, max_pixels: int | None = None
 ) -> tuple[list[tuple[str, int]], ScanResult]:
     """Scan ``samples`` (``scan_images``), report the bad files, and return the readable ones.
 
@@ -166,8 +234,9 @@ def drop_unreadable(
         samples: (path, label) pairs.
         verify: decode every file (slow, but it finds truncated pixel data before the first step).
         strict: raise ``DataError`` listing every bad file instead of skipping them.
+        max_pixels: the most pixels a file may decode to (default: the process's limit).
     """
-    scan = scan_images([p for p, _ in samples], verify=verify)
+    scan = scan_images([p for p, _ in samples], verify=verify, max_pixels=max_pixels)
     if scan.bad and strict:
         listing = "\n".join(f"  {p}: {why}" for p, why in scan.bad)
         raise DataError(f"--strict-data: {len(scan.bad)} unreadable file(s):\n{listing}")

@@ -29,8 +29,17 @@ from torch.utils.data import Dataset
 from .augment import BatchAugment, build_transforms
 from .data import GrayImageFolder
 from .errors import DataError, InputError
-from .folders import FolderData, find_images, load_folder, prepare_digits
-from .images import ScanResult, drop_unreadable, is_image_file
+from .folders import (
+    FolderData,
+    class_folders,
+    describe_skipped,
+    find_images,
+    load_folder,
+    prepare_digits,
+    walk_images,
+    warn_skipped,
+)
+from .images import ScanResult, drop_unreadable
 from .intensity import Intensity, parse_intensity
 from .pack import Pack, PackedDataset, has_pack_json, open_pack
 
@@ -113,9 +122,12 @@ class DataSource:
     def describe(self, wide: bool) -> str:
         raise NotImplementedError
 
+    skipped: list[tuple[str, str]] = []  # (path, reason): what the folder scan left out (FIFOs, symlink loops, ...)
+
     def _counts(self, wide: bool) -> str:
         return (f"{self.scan.converted} converted from colour, {len(self.scan.bad)} unreadable skipped, "
-                f"{len(self.ignored)} non-image files ignored; {'float32' if wide else 'uint8'} batches")
+                + (f"{describe_skipped(self.skipped)} by the folder scan, " if self.skipped else "")
+                + f"{len(self.ignored)} non-image files ignored; {'float32' if wide else 'uint8'} batches")
 
     def _split_text(self) -> str:
         if not self.labelled:
@@ -128,24 +140,25 @@ class DataSource:
 class FolderSource(DataSource):
     """Image files: class subfolders (split by ``load_folder``), or a flat folder of unlabelled images."""
 
-    def __init__(self, root: Path, folder: FolderData | None, *, val_split: float, unlabelled: list[str] = ()):
+    def __init__(self, root: Path, folder: FolderData, *, val_split: float):
         self.root, self.val_split = Path(root), val_split
-        if folder is not None:
-            self.classes, self.presplit, self.scan, self.ignored = (folder.classes, folder.presplit, folder.scan,
-                                                                    folder.ignored)
-            self._splits = {"train": folder.train, "val": folder.val}
-        else:
-            kept, self.scan = drop_unreadable([(p, -1) for p in unlabelled])
-            self.classes, self.presplit, self.ignored = [], False, []
-            self._splits = {"train": [], "val": kept}
+        self.classes, self.presplit, self.scan, self.ignored, self.skipped = (
+            folder.classes, folder.presplit, folder.scan, folder.ignored, folder.skipped)
+        self._splits = {"train": folder.train, "val": folder.val}
 
     @classmethod
-    def unlabelled(cls, root: Path) -> "FolderSource":
-        """Every image file directly in ``root``, with no labels (``predict`` on a flat folder)."""
-        files = [str(p) for p in sorted(Path(root).iterdir()) if p.is_file() and is_image_file(p)]
-        if not files:
-            raise DataError(f"no images in {root}")
-        return cls(root, None, val_split=0.0, unlabelled=files)
+    def unlabelled(cls, root: Path, strict: bool = False) -> "FolderSource":
+        """Every image file directly in ``root``, with no labels (``predict`` on a flat folder), by the same scan."""
+        listing = walk_images(root, recursive=False)
+        warn_skipped(listing.skipped)
+        if not listing.files:
+            skipped = f" ({describe_skipped(listing.skipped)})" if listing.skipped else ""
+            raise DataError(f"no images in {root}{skipped}")
+        kept, scan = drop_unreadable([(p, -1) for p in listing.files], strict=strict)
+        if not kept:
+            raise DataError(f"none of the {len(listing.files)} image file(s) in {root} can be read (first: "
+                            f"{scan.bad[0][0]}: {scan.bad[0][1]})")
+        return cls(root, FolderData([], [], kept, scan, listing.ignored, False, listing.skipped), val_split=0.0)
 
     def samples(self, split: str) -> list[tuple[str, int]]:
         if split not in SPLITS:
@@ -234,9 +247,13 @@ def open_source(data: str | os.PathLike | None, *, val_split: float = 0.2, seed:
     if labelled:
         return FolderSource(root, load_folder(root, val_split=val_split, seed=seed, strict=strict),
                             val_split=val_split)
-    if not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
-        return FolderSource.unlabelled(root)
+    if not class_folders(root):
+        return FolderSource.unlabelled(root, strict=strict)
     found = find_images(root, min_classes=1)
+    warn_skipped(found.skipped)
     kept, scan = drop_unreadable(found.samples, strict=strict)
-    folder = FolderData(found.classes, [], kept, scan, found.ignored, presplit=False)
+    if not kept:
+        raise DataError(f"none of the {len(found.samples)} image file(s) in {root} can be read (first: "
+                        f"{scan.bad[0][0]}: {scan.bad[0][1]})")
+    folder = FolderData(found.classes, [], kept, scan, found.ignored, presplit=False, skipped=found.skipped)
     return FolderSource(root, folder, val_split=0.0)

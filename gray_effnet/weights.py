@@ -119,6 +119,8 @@ def _read_safetensors(path: Path, meta_key: str | None) -> tuple[dict[str, Tenso
         return state_dict, json.loads(raw)
     except ValueError as e:
         raise WeightsError(f"{path}: the '{meta_key}' metadata is not valid JSON ({e})") from None
+    except RecursionError:  # json's parser recurses once per level: "[[[[...]]]]" 10**5 deep ends here
+        raise WeightsError(f"{path}: the '{meta_key}' metadata is nested too deeply to parse") from None
 
 
 def _unwrap(obj: Any, path: Path, meta_key: str | None) -> tuple[dict[str, Tensor], Any]:
