@@ -1,4 +1,4 @@
-"""Command-line tools: ``python -m gray_effnet {explain,export,pack,predict} --help``."""
+"""Command-line tools: ``python -m gray_effnet {cam,explain,export,pack,predict} --help``."""
 
 import argparse
 import sys
@@ -7,6 +7,14 @@ from pathlib import Path
 # Only the subcommand that runs imports torch and timm (seconds), so that --help answers at once.
 from .cli import HelpFormatter
 from .errors import GrayEffnetError
+
+
+def _cam(args: argparse.Namespace) -> None:
+    from .cam import write_cams
+
+    written = write_cams(args.weights, args.images, args.output, target=args.target, device=args.device,
+                         batch_size=args.batch_size, progress=not args.no_progress)
+    print(f"{len(written)} class-activation map(s) in {args.output}")
 
 
 def _explain(args: argparse.Namespace) -> None:
@@ -54,6 +62,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     prog = "gray-effnet" if Path(sys.argv[0]).name == "gray-effnet" else "python -m gray_effnet"
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("cam", formatter_class=HelpFormatter,
+                       help="draw class-activation maps (Grad-CAM) of images over them, one PNG each")
+    p.add_argument("--weights", required=True, help="a checkpoint of this project (best.safetensors)")
+    p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files, or folders of them")
+    p.add_argument("--output", required=True, help="folder for the PNGs (<image name>_cam.png)")
+    p.add_argument("--target", default=None, metavar="CLASS",
+                   help="the class to map, by name or index (default: each image's predicted class)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward and backward pass")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cam)
 
     p = sub.add_parser("explain", formatter_class=HelpFormatter,
                        help="trace the channels of a 1-channel image through a 3-channel network")
