@@ -66,6 +66,7 @@ from gray_effnet.intensity import WINDOWS_HELP, parse_intensity, parse_intensity
 from gray_effnet.model import min_input_size
 from gray_effnet.pack import BatchAugment, Pack, PackedDataset, is_pack, open_pack
 from gray_effnet.report import format_eval, write_predictions
+from gray_effnet.run_report import report_after_training, report_line, write_report
 from gray_effnet.runinfo import device_name, git_commit
 from gray_effnet.tuning import CHANNELS_LAST_MODES, ThreadGovernor, choose_channels_last, plan_threads
 from gray_effnet.weights import atomic_write
@@ -120,6 +121,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--evaluate", action="store_true", help="only evaluate --weights on the validation split")
     g.add_argument("--log-every", type=int, default=20, help="steps between loss checks and progress updates")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
+    g.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write OUTPUT/report.html after the last epoch (with --evaluate: eval_report.html)")
     return p
 
 
@@ -265,6 +268,12 @@ def run_evaluate(args, device: torch.device, autocast) -> None:
     path = out / "eval_predictions.csv"
     replaced = path.exists()
     print(f"predictions: {write_predictions(path, result, folder.classes)}{' (replaced)' if replaced else ''}")
+    if args.report:
+        print(report_line(lambda: write_report(out / "eval_report.html", result=result, class_names=folder.classes,
+                                               model=model, dataset=ds, run_dir=Path(args.weights).parent,
+                                               data_note=data_line(args, root, folder, ds.wide),
+                                               what=f"{args.weights} on the validation split",
+                                               progress=not args.no_progress)))
 
 
 def main(args) -> None:
@@ -411,6 +420,10 @@ def main(args) -> None:
         f"start and {skipped} unreadable while training were skipped\n"
         f"  evaluate: python train.py --evaluate --weights {output}/best.safetensors"
         + (f" --data {args.data}" if args.data else ""))
+    if args.report:
+        log(report_after_training(output, val_loader, val_ds, device=device, num_classes=len(folder.classes),
+                                  class_names=folder.classes, autocast=autocast, progress=progress,
+                                  data_note=data_line(args, root, folder, train_ds.wide)))
 
 
 def command_line(args) -> str:

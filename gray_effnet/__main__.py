@@ -1,4 +1,4 @@
-"""Command-line tools: ``python -m gray_effnet {cam,explain,export,pack,predict} --help``."""
+"""Command-line tools: ``python -m gray_effnet {cam,explain,export,pack,predict,report} --help``."""
 
 import argparse
 import sys
@@ -15,6 +15,17 @@ def _cam(args: argparse.Namespace) -> None:
     written = write_cams(args.weights, args.images, args.output, target=args.target, device=args.device,
                          batch_size=args.batch_size, progress=not args.no_progress)
     print(f"{len(written)} class-activation map(s) in {args.output}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    import time
+
+    from .run_report import report_run
+
+    start = time.perf_counter()
+    path = report_run(args.run_dir, data=args.data, device=args.device, batch_size=args.batch_size,
+                      workers=args.workers, progress=not args.no_progress)
+    print(f"report: {path} ({time.perf_counter() - start:.1f}s)")
 
 
 def _explain(args: argparse.Namespace) -> None:
@@ -128,6 +139,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--intensity", nargs="+", default=None, metavar="MAPPING",
                    help="how pixels map to [0, 1] (see train.py --help); default: the checkpoint's")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("report", formatter_class=HelpFormatter,
+                       help="write RUN_DIR/report.html again from the run folder: its best checkpoint on its "
+                       "validation split")
+    p.add_argument("run_dir", help="a train.py output folder (config.json, metrics.csv, best.safetensors)")
+    p.add_argument("--data", default=None, help="the data folder or pack, if it moved since training")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_report)
     return parser
 
 

@@ -19,6 +19,7 @@ from .errors import DataError
 from .intensity import parse_intensity, parse_intensity_args
 from .pack import PackedDataset, is_pack, open_pack
 from .report import format_eval, write_predictions
+from .run_report import report_line, write_report
 from .tuning import choose_channels_last
 
 __all__ = ["labelled_samples", "predict"]
@@ -59,7 +60,7 @@ def predict(args: argparse.Namespace) -> None:
     loader = make_loader(dataset, args.batch_size, train=False, workers=args.workers,
                          pin_memory=device.type == "cuda")
     result = _evaluate(args, model, loader, device, size)
-    _report(args, result, names, root, labelled)
+    _report(args, result, names, root, labelled, model=model, dataset=dataset)
 
 
 def _predict_pack(args: argparse.Namespace, model, root: Path, device: torch.device) -> None:
@@ -78,7 +79,7 @@ def _predict_pack(args: argparse.Namespace, model, root: Path, device: torch.dev
     loader = make_loader(dataset, args.batch_size, train=False, workers=0, pin_memory=device.type == "cuda")
     result = _evaluate(args, model, loader, device, pack.img_size)
     print(f"pack of {pack.source}, {pack.img_size[0]}x{pack.img_size[1]}: {pack.note}")
-    _report(args, result, names, root, labelled=True)
+    _report(args, result, names, root, labelled=True, model=model, dataset=dataset)
 
 
 def _evaluate(args: argparse.Namespace, model, loader, device: torch.device, size: tuple[int, int]):
@@ -92,7 +93,8 @@ def _evaluate(args: argparse.Namespace, model, loader, device: torch.device, siz
                     keep_predictions=True, desc="predict")
 
 
-def _report(args: argparse.Namespace, result, names: list[str], root: Path, labelled: bool) -> None:
+def _report(args: argparse.Namespace, result, names: list[str], root: Path, labelled: bool, *, model,
+            dataset) -> None:
     if labelled:
         print(format_eval(result, names))
     else:
@@ -102,6 +104,11 @@ def _report(args: argparse.Namespace, result, names: list[str], root: Path, labe
     out = Path(args.output) if args.output else default_output(Path(args.weights), root)
     replaced = out.exists()
     print(f"predictions: {write_predictions(out, result, names)}{' (replaced)' if replaced else ''}")
+    if labelled:  # beside the CSV: predictions_<folder>_report.html
+        print(report_line(lambda: write_report(out.with_name(f"{out.stem}_report.html"), result=result,
+                                               class_names=names, model=model, dataset=dataset,
+                                               run_dir=Path(args.weights).parent, what=f"{args.weights} on {root}",
+                                               progress=not getattr(args, "no_progress", False))))
 
 
 def default_output(weights: Path, data: Path) -> Path:
