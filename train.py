@@ -68,6 +68,7 @@ from gray_effnet.pack import BatchAugment, Pack, PackedDataset, is_pack, open_pa
 from gray_effnet.report import format_eval, write_predictions
 from gray_effnet.run_report import report_after_training, report_line, write_report
 from gray_effnet.runinfo import device_name, git_commit
+from gray_effnet.tblog import EpochLog, require_tensorboard
 from gray_effnet.tuning import CHANNELS_LAST_MODES, ThreadGovernor, choose_channels_last, plan_threads
 from gray_effnet.weights import atomic_write
 
@@ -123,6 +124,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
     g.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write OUTPUT/report.html after the last epoch (with --evaluate: eval_report.html)")
+    g.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="log each epoch's metrics and class-activation maps for TensorBoard (DIR default: "
+                   "OUTPUT/tensorboard)")
     return p
 
 
@@ -164,6 +168,8 @@ def check_args(args) -> None:
                              f"total stride; use at least {smallest} {smallest}")
     if args.sync_bn and not str(args.device).startswith("cuda"):  # torch's SyncBatchNorm raises on CPU modules
         raise InputError(f"--sync-bn needs CUDA devices; this run is on {args.device}")
+    if args.tensorboard is not None:
+        require_tensorboard()
 
 
 def resolve_data(args, primary: bool):
@@ -380,6 +386,9 @@ def main(args) -> None:
                                "timm": timm.__version__, "python": platform.python_version()}}
         with atomic_write(output / "config.json") as tmp:
             tmp.write_text(json.dumps(config, indent=2))
+    board = None
+    if primary and args.tensorboard is not None:
+        board = EpochLog(args.tensorboard or output / "tensorboard", val_ds)
 
     # -- train ----------------------------------------------------------------------------------------------
     log(f"training {args.model} with the {args.adapter!r} stem on {device} x{world}: "
@@ -410,6 +419,10 @@ def main(args) -> None:
         log(f"epoch {epoch}: train loss {row.train_loss:.4f} acc {row.train_acc:.4f} | "
             f"val loss {row.val_loss:.4f} acc {row.val_acc:.4f}{' (best)' if is_best else ''} | "
             f"{row.img_per_s:.0f} img/s, {row.seconds:.1f}s")
+        if board is not None:
+            board.epoch(epoch, dataclasses.asdict(row), unwrapped)
+    if board is not None:
+        board.close()
 
     # -- summary ----------------------------------------------------------------------------------------------
     skipped = sum(r["train_skipped"] + r["val_skipped"] for r in history)

@@ -1,7 +1,8 @@
 """The run report (gray_effnet.run_report): train.py writes it, `report RUN_DIR` writes it again, its numbers are
-evaluate's; without matplotlib, a line that says how to get it."""
+evaluate's; train.py --tensorboard; both without their optional packages."""
 
 import base64
+import csv
 import html
 import io
 import json
@@ -43,13 +44,13 @@ def binary(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run(binary, tmp_path_factory) -> tuple[Path, str]:
-    """A 2-epoch run; its output folder and what it printed."""
+    """A 2-epoch run with --tensorboard; its output folder and what it printed."""
     out = tmp_path_factory.mktemp("run") / "out"
     buf = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "stdout", buf)
         train.main(train.get_args_parser().parse_args(
-            ["--data", str(binary), "--epochs", "2", "--output", str(out), *FAST]))
+            ["--data", str(binary), "--epochs", "2", "--output", str(out), "--tensorboard", *FAST]))
     return out, buf.getvalue()
 
 
@@ -173,7 +174,7 @@ class TestRocCurves:
 class TestRegenerate:
     def test_report_subcommand_from_the_folder_alone(self, run, tmp_path, capsys):
         out = tmp_path / "copy"
-        shutil.copytree(run[0], out, ignore=shutil.ignore_patterns("report*"))
+        shutil.copytree(run[0], out, ignore=shutil.ignore_patterns("report*", "tensorboard"))
         assert gray_main(["report", str(out), "--no-progress"]) == 0
         assert re.search(rf"^report: {re.escape(str(out))}/report\.html \(\d+\.\ds\)$", capsys.readouterr().out, re.M)
         page, before = (out / "report.html").read_text(), (run[0] / "report.html").read_text()
@@ -206,6 +207,32 @@ class TestRegenerate:
         assert f"report: {out}/pred_report.html" in capsys.readouterr().out
         assert sorted(figures((out / "pred_report.html").read_text())) == sorted(FIGURES)
         assert sorted(p.name for p in (out / "pred_report").iterdir()) == sorted(f"{f}.png" for f in FIGURES)
+
+
+class TestTensorBoard:
+    def test_event_files(self, run):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(run[0] / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        assert set(acc.Tags()["scalars"]) == {"train/loss", "train/acc", "val/loss", "val/acc", "lr",
+                                              "speed/img_per_s"}
+        assert [e.step for e in acc.Scalars("val/acc")] == [0, 1]
+        with open(run[0] / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert [e.value for e in acc.Scalars("val/acc")] == pytest.approx([float(r["val_acc"]) for r in rows], abs=1e-5)
+        assert acc.Tags()["images"] == ["val/cam"] and len(acc.Images("val/cam")) == 2
+        grid = Image.open(io.BytesIO(acc.Images("val/cam")[-1].encoded_image_string))
+        assert grid.size == (8 * 32, 32)  # 8 validation images of 32x32 in a row, classes in turn
+        assert np.asarray(grid).std() > 10
+
+    def test_missing_package_is_one_error_line_before_any_work(self, binary, tmp_path, monkeypatch, capsys):
+        monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard raises ImportError
+        out = tmp_path / "out"
+        assert train.cli(["--data", str(binary), "--output", str(out), "--tensorboard", *FAST]) == 2
+        assert capsys.readouterr().err == ('error: --tensorboard needs the tensorboard package: '
+                                           'pip install "gray_effnet[tensorboard]"\n')
+        assert not out.exists()
 
 
 class TestWithoutMatplotlib:
