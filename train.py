@@ -59,9 +59,11 @@ from gray_effnet.folders import prepare_digits
 from gray_effnet.intensity import WINDOWS_HELP, parse_intensity, parse_intensity_args, parse_windows
 from gray_effnet.limits import input_size_limit, pixel_limit, set_max_pixels
 from gray_effnet.model import min_input_size
+from gray_effnet.run_report import report_after_training, report_line, write_report
 from gray_effnet.runinfo import device_name, git_commit
 from gray_effnet.sources import Augmentation, DataSource, open_source
 from gray_effnet.speed import ThreadGovernor, channels_last_cache, choose_channels_last, plan_threads
+from gray_effnet.tblog import EpochLog, require_tensorboard
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -104,6 +106,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--evaluate", action="store_true", help="only evaluate --weights on the validation split")
     g.add_argument("--log-every", type=int, default=20, help="steps between loss checks and progress updates")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
+    g.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write OUTPUT/report.html after the last epoch (with --evaluate: eval_report.html)")
+    g.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="log each epoch's metrics and class-activation maps for TensorBoard (DIR default: "
+                   "OUTPUT/tensorboard)")
     return p
 
 
@@ -153,6 +160,8 @@ def check_args(args) -> None:
     device = resolve_device(args.device)
     if args.sync_bn and not device.startswith("cuda"):  # torch's SyncBatchNorm raises on CPU modules
         raise InputError(f"--sync-bn needs CUDA devices; this run is on {device}")
+    if args.tensorboard is not None:
+        require_tensorboard()
 
 
 def resolve_data(args, primary: bool) -> DataSource:
@@ -188,13 +197,17 @@ def adapter_options(args) -> tuple[str, dict]:
 def run_evaluate(args, device: torch.device) -> None:
     """--evaluate: the validation split through the one evaluation path that predict uses too."""
     source = resolve_data(args, primary=True)
-    result, names = evaluate_checkpoint(args.weights, source, split="val", batch_size=args.batch_size,
-                                        workers=args.workers, device=device, img_size=args.img_size,
-                                        intensity=parse_intensity_args(args.intensity), amp=args.amp,
-                                        channels_last=args.channels_last, threads=args.threads,
-                                        progress=not args.no_progress, log=log)
+    ev = evaluate_checkpoint(args.weights, source, split="val", batch_size=args.batch_size, workers=args.workers,
+                             device=device, img_size=args.img_size, intensity=parse_intensity_args(args.intensity),
+                             amp=args.amp, channels_last=args.channels_last, threads=args.threads,
+                             progress=not args.no_progress, log=log)
     out = Path(args.output) if args.output else Path(args.weights).parent
-    report_predictions(result, names, out / "eval_predictions.csv", labelled=True, log=log)
+    report_predictions(ev.result, ev.class_names, out / "eval_predictions.csv", labelled=True, log=log)
+    if args.report:
+        log(report_line(lambda: write_report(out / "eval_report.html", result=ev.result, class_names=ev.class_names,
+                                             model=ev.model, dataset=ev.dataset, run_dir=Path(args.weights).parent,
+                                             data_note=ev.data_note, what=f"{args.weights} on the validation split",
+                                             progress=not args.no_progress)))
 
 
 def lock_output(output: Path, primary: bool, held: contextlib.ExitStack) -> None:
@@ -328,6 +341,9 @@ def run_training(args, held: contextlib.ExitStack) -> None:
                                "timm": timm.__version__, "python": platform.python_version()}}
         with atomic_write(output / "config.json") as tmp:
             tmp.write_text(json.dumps(config, indent=2))
+    board = None
+    if primary and args.tensorboard is not None:
+        board = EpochLog(args.tensorboard or output / "tensorboard", val_ds)
 
     # -- train ----------------------------------------------------------------------------------------------
     log(f"training {args.model} with the {args.adapter!r} stem on {device} x{world}: "
@@ -362,6 +378,10 @@ def run_training(args, held: contextlib.ExitStack) -> None:
             f"val loss {row.val_loss:.4f} acc {row.val_acc:.4f}{' (best)' if is_best else ''} | "
             f"{row.img_per_s:.0f} img/s, {row.seconds:.1f}s (waiting for data {row.data_wait_s:.1f}s), "
             f"val {row.val_seconds:.1f}s, save {time.perf_counter() - save_start:.1f}s")
+        if board is not None:
+            board.epoch(epoch, dataclasses.asdict(row), unwrapped)
+    if board is not None:
+        board.close()
 
     # -- summary ----------------------------------------------------------------------------------------------
     skipped = sum(r["train_skipped"] + r["val_skipped"] for r in history)
@@ -372,6 +392,10 @@ def run_training(args, held: contextlib.ExitStack) -> None:
         f"start and {skipped} unreadable while training were skipped\n"
         f"  evaluate: python train.py --evaluate --weights {output}/best.safetensors"
         + (f" --data {args.data}" if args.data else ""))
+    if args.report:
+        log(report_after_training(output, val_loader, val_ds, device=device, num_classes=len(source.classes),
+                                  class_names=source.classes, autocast=autocast, progress=progress,
+                                  data_note=source.describe(train_ds.wide)))
 
 
 def command_line(args) -> str:

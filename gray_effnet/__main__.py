@@ -1,4 +1,4 @@
-"""Command-line tools: ``python -m gray_effnet {explain,export,pack,predict} --help``."""
+"""Command-line tools: ``python -m gray_effnet {cam,explain,export,pack,predict,report} --help``."""
 
 import argparse
 import sys
@@ -6,6 +6,25 @@ from pathlib import Path
 
 # Only the subcommand that runs imports torch and timm (seconds), so that --help answers at once.
 from .cli import HelpFormatter, add_data_options, add_speed_options, resolve_device, run_cli
+
+
+def _cam(args: argparse.Namespace) -> None:
+    from .cam import write_cams
+
+    written = write_cams(args.weights, args.images, args.output, target=args.target, device=args.device,
+                         batch_size=args.batch_size, progress=not args.no_progress)
+    print(f"{len(written)} class-activation map(s) in {args.output}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    import time
+
+    from .run_report import report_run
+
+    start = time.perf_counter()
+    path = report_run(args.run_dir, data=args.data, device=args.device, batch_size=args.batch_size,
+                      workers=args.workers, progress=not args.no_progress)
+    print(f"report: {path} ({time.perf_counter() - start:.1f}s)")
 
 
 def _explain(args: argparse.Namespace) -> None:
@@ -52,13 +71,26 @@ def _predict(args: argparse.Namespace) -> None:
     predict(args.weights, args.data, output=args.output, batch_size=args.batch_size, workers=args.workers,
             device=resolve_device(args.device), channels_last=args.channels_last,
             intensity=parse_intensity_args(args.intensity), img_size=args.img_size, amp=args.amp,
-            threads=args.threads, strict=args.strict_data, max_pixels=args.max_pixels, progress=not args.no_progress)
+            threads=args.threads, strict=args.strict_data, max_pixels=args.max_pixels, report=args.report,
+            progress=not args.no_progress)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     prog = "gray-effnet" if Path(sys.argv[0]).name == "gray-effnet" else "python -m gray_effnet"
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("cam", formatter_class=HelpFormatter,
+                       help="draw class-activation maps (Grad-CAM) of images over them, one PNG each")
+    p.add_argument("--weights", required=True, help="a checkpoint of this project (best.safetensors)")
+    p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files, or folders of them")
+    p.add_argument("--output", required=True, help="folder for the PNGs (<image name>_cam.png)")
+    p.add_argument("--target", default=None, metavar="CLASS",
+                   help="the class to map, by name or index (default: each image's predicted class)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward and backward pass")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cam)
 
     p = sub.add_parser("explain", formatter_class=HelpFormatter,
                        help="trace the channels of a 1-channel image through a 3-channel network")
@@ -105,8 +137,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="CSV path (default: predictions_<folder>.csv beside the weights)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     add_speed_options(p)
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="with labelled data, write <csv stem>_report.html beside the CSV")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("report", formatter_class=HelpFormatter,
+                       help="write RUN_DIR/report.html again from the run folder: its best checkpoint on its "
+                       "validation split")
+    p.add_argument("run_dir", help="a train.py output folder (config.json, metrics.csv, best.safetensors)")
+    p.add_argument("--data", default=None, help="the data folder or pack, if it moved since training")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_report)
     return parser
 
 

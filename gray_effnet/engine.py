@@ -9,6 +9,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -181,6 +182,10 @@ class EvalResult:
     confusion: Tensor
     skipped: int = 0
     predictions: list[tuple[str, int, int, float]] = field(default_factory=list)  # path, target, pred, prob
+    # With keep_predictions, row i belongs to predictions[i]: (N, K) softmax probabilities, and (N,) the
+    # cross-entropy of each image (NaN where unlabelled), whose mean over the labelled images is ``loss``.
+    probs: Tensor | None = None
+    losses: Tensor | None = None
 
     def per_class(self) -> tuple[Tensor, Tensor]:
         """Precision and recall of each class (NaN where undefined)."""
@@ -213,7 +218,7 @@ def evaluate(
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     skipped = 0
-    predictions = []
+    predictions, probs, losses = [], [], []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         skipped += batch.skipped
         if batch.targets.numel() == 0:
@@ -228,14 +233,25 @@ def evaluate(
             loss_sum += criterion(logits[labelled], targets[labelled]).double() * labelled.sum()
             confusion += torch.bincount(targets[labelled] * num_classes + pred[labelled], minlength=num_classes**2)
         if keep_predictions:
-            prob = logits.softmax(-1).gather(1, pred[:, None])[:, 0]
+            p = logits.softmax(-1)
+            prob = p.gather(1, pred[:, None])[:, 0]
             predictions += list(zip(batch.paths, targets.tolist(), pred.tolist(), prob.tolist()))
+            probs.append(p.cpu())
+            losses.append(F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+                          .masked_fill(~labelled, math.nan).cpu())
     _all_reduce(loss_sum)
     _all_reduce(confusion)
+    if keep_predictions:
+        probs = torch.cat(probs) if probs else torch.zeros(0, num_classes)
+        losses = torch.cat(losses) if losses else torch.zeros(0)
     if keep_predictions and dist.is_available() and dist.is_initialized():
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, predictions)
-        predictions = sorted(p for part in gathered for p in part)
+        dist.all_gather_object(gathered, (predictions, probs, losses))
+        predictions = [p for part in gathered for p in part[0]]
+        order = sorted(range(len(predictions)), key=predictions.__getitem__)  # sorted by path, as before
+        predictions = [predictions[i] for i in order]
+        probs = torch.cat([part[1] for part in gathered])[order]
+        losses = torch.cat([part[2] for part in gathered])[order]
     skipped = int(_all_reduce(torch.tensor(skipped, device=device)).item())
     confusion = confusion.view(num_classes, num_classes).cpu()
     total = int(confusion.sum())
@@ -245,4 +261,6 @@ def evaluate(
         confusion=confusion,
         skipped=skipped,
         predictions=predictions,
+        probs=probs if keep_predictions else None,
+        losses=losses if keep_predictions else None,
     )

@@ -8,19 +8,22 @@ import csv
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 from .checkpoint import load_model
 from .data import make_loader
 from .engine import EvalResult, amp_setup, evaluate
 from .errors import InputError
 from .files import atomic_write
+from .model import GrayEfficientNet
 from .sources import DataSource
 from .speed import channels_last_cache, choose_channels_last, plan_threads
 
-__all__ = ["csv_safe", "evaluate_checkpoint", "format_eval", "report_predictions", "write_predictions"]
+__all__ = ["Evaluation", "csv_safe", "evaluate_checkpoint", "format_eval", "report_predictions", "write_predictions"]
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -85,6 +88,17 @@ def write_predictions(path: str | Path, result: EvalResult, class_names: Sequenc
     return path
 
 
+@dataclass
+class Evaluation:
+    """What ``evaluate_checkpoint`` did: the result, the class names it counts in, the model and the images."""
+
+    result: EvalResult
+    class_names: list[str]
+    model: GrayEfficientNet
+    dataset: Dataset
+    data_note: str  # the data: line
+
+
 def evaluate_checkpoint(
     weights: str | Path,
     source: DataSource,
@@ -100,8 +114,8 @@ def evaluate_checkpoint(
     threads: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> tuple[EvalResult, list[str]]:
-    """Predict every image of ``split`` of ``source`` with the checkpoint ``weights``; return the result, classes.
+) -> Evaluation:
+    """Predict every image of ``split`` of ``source`` with the checkpoint ``weights``.
 
     The images are read as the model was trained: at its ``img_size`` and with its intensity mapping, unless
     others are named (a pack has its own and refuses others). Labels are counted in the checkpoint's classes.
@@ -132,8 +146,9 @@ def evaluate_checkpoint(
     dataset = source.dataset(split, size, intensity, class_names=names)
     workers = source.loader_workers(workers)
     loader = make_loader(dataset, batch_size, train=False, workers=workers, pin_memory=device.type == "cuda")
-    log(f"{source.describe(dataset.wide)}; evaluating the {len(dataset)} images of the {split} split, {size[0]}x"
-        f"{size[1]}, intensity {intensity}")
+    note = source.describe(dataset.wide)
+    log(f"{note}; evaluating the {len(dataset)} images of the {split} split, {size[0]}x{size[1]}, intensity "
+        f"{intensity}")
     torch.set_num_threads(plan_threads(workers=workers, requested=threads).threads)
     autocast, _ = amp_setup(device, amp)
     use_nhwc, why = choose_channels_last(channels_last, model, device, (batch_size, 1, *size), train=False,
@@ -143,7 +158,7 @@ def evaluate_checkpoint(
         model.to(memory_format=torch.channels_last)
     result = evaluate(model, loader, device=device, num_classes=model.num_classes, autocast=autocast,
                       channels_last=use_nhwc, keep_predictions=True, progress=progress, desc=f"evaluate {split}")
-    return result, names
+    return Evaluation(result, names, model, dataset, note)
 
 
 def report_predictions(result: EvalResult, class_names: Sequence[str], csv_path: str | Path, *, labelled: bool,

@@ -14,6 +14,7 @@ from .errors import DataError
 from .evaluation import evaluate_checkpoint, report_predictions
 from .files import check_output_file
 from .limits import set_max_pixels
+from .run_report import report_line, write_report
 from .sources import open_source
 
 __all__ = ["default_output", "predict"]
@@ -22,7 +23,7 @@ __all__ = ["default_output", "predict"]
 def predict(weights: str | Path, data: str | Path, *, output: str | Path | None = None, batch_size: int = 64,
             workers: int = 2, device: str = "cpu", channels_last: str = "auto", intensity: str | None = None,
             img_size: Sequence[int] | None = None, amp: str = "none", threads: int | None = None,
-            strict: bool = False, max_pixels: int | None = None, progress: bool = True) -> Path:
+            strict: bool = False, max_pixels: int | None = None, report: bool = True, progress: bool = True) -> Path:
     """Predict every image of ``data`` and write the CSV; return its path (see the module docstring).
 
     Args:
@@ -39,19 +40,26 @@ def predict(weights: str | Path, data: str | Path, *, output: str | Path | None 
         threads: CPU threads.
         strict: refuse when any file is unreadable.
         max_pixels: the most pixels a file may decode to (``gray_effnet.limits``; default: Pillow's limit).
+        report: write ``<csv stem>_report.html`` beside the CSV for labelled data (``gray_effnet.run_report``).
         progress: show a progress bar.
     """
     out = Path(output) if output else default_output(Path(weights), Path(data))
     check_output_file(out)  # before any work: a folder there is refused now, not after predicting
     set_max_pixels(max_pixels)  # before the checkpoint: its img_size is held to the same limit
     source = open_source(data, labelled=False, strict=strict)
-    result, names = evaluate_checkpoint(weights, source, split="all", batch_size=batch_size, workers=workers,
-                                        device=device, img_size=img_size, intensity=intensity, amp=amp,
-                                        channels_last=channels_last, threads=threads, progress=progress)
-    if not result.predictions:  # every file passed the header scan and failed to decode: no CSV to write
+    ev = evaluate_checkpoint(weights, source, split="all", batch_size=batch_size, workers=workers, device=device,
+                             img_size=img_size, intensity=intensity, amp=amp, channels_last=channels_last,
+                             threads=threads, progress=progress)
+    if not ev.result.predictions:  # every file passed the header scan and failed to decode: no CSV to write
         raise DataError(f"none of the {len(source.samples('all'))} image file(s) in {data} could be decoded (named "
                         "in the warnings above); no predictions written")
-    return report_predictions(result, names, out, labelled=source.labelled)
+    report_predictions(ev.result, ev.class_names, out, labelled=source.labelled)
+    if source.labelled and report:  # beside the CSV: predictions_<folder>_report.html
+        print(report_line(lambda: write_report(out.with_name(f"{out.stem}_report.html"), result=ev.result,
+                                               class_names=ev.class_names, model=ev.model, dataset=ev.dataset,
+                                               run_dir=Path(weights).parent, data_note=ev.data_note,
+                                               what=f"{weights} on {data}", progress=progress)))
+    return out
 
 
 def default_output(weights: Path, data: Path) -> Path:

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # No choice by the clock in runs that are compared: no channels_last timing probe, and a fixed thread count (the
 # ThreadGovernor would drop to 1 thread at a moment that depends on whatever else shares the cores).
 FAST = ["--img-size", "32", "32", "--batch-size", "16", "--workers", "0", "--no-progress", "--log-every", "2",
-        "--channels-last", "off", "--threads", "1"]
+        "--channels-last", "off", "--threads", "1", "--no-report"]  # the report has tests of its own
 
 
 @pytest.fixture(scope="module")

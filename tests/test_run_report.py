@@ -1,0 +1,254 @@
+"""The run report (gray_effnet.run_report): train.py writes it, `report RUN_DIR` writes it again, its numbers are
+evaluate's; train.py --tensorboard; both without their optional packages."""
+
+import base64
+import csv
+import html
+import io
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from gray_effnet import InputError, load_model
+from gray_effnet.__main__ import main as gray_main
+from gray_effnet.augment import build_transforms
+from gray_effnet.data import GrayImageFolder, make_loader
+from gray_effnet.engine import evaluate
+from gray_effnet.folders import load_folder, prepare_digits
+from gray_effnet.images import read_gray
+from gray_effnet.run_report import roc_curves
+
+pytest.importorskip("matplotlib")
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+FAST = ["--img-size", "32", "32", "--batch-size", "8", "--workers", "0", "--no-progress", "--channels-last", "off",
+        "--threads", "1", "--lr", "0.02", "--warmup-epochs", "0", "--val-split", "0.4"]
+SECTIONS = ["settings", "device", "curves", "evaluation", "confusion", "roc", "worst", "cam"]
+FIGURES = ["curves", "confusion", "roc", "worst", "cam"]
+
+
+@pytest.fixture(scope="module")
+def binary(tmp_path_factory) -> Path:
+    """Digits 0 and 1, 24 each: 28 train / 20 val images at --val-split 0.4."""
+    digits = prepare_digits(tmp_path_factory.mktemp("cache"), per_class=24)
+    root = tmp_path_factory.mktemp("binary")
+    for c in ("0", "1"):
+        shutil.copytree(digits / c, root / c)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(binary, tmp_path_factory) -> tuple[Path, str]:
+    """A 2-epoch run with --tensorboard; its output folder and what it printed."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    buf = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "stdout", buf)
+        train.main(train.get_args_parser().parse_args(
+            ["--data", str(binary), "--epochs", "2", "--output", str(out), "--tensorboard", *FAST]))
+    return out, buf.getvalue()
+
+
+def table(page: str, table_id: str) -> list[list[str]]:
+    """The cells of the table with that id, row by row (the header row first)."""
+    body = re.search(rf'<table id="{table_id}">(.*?)</table>', page, re.S)
+    assert body, f"no table {table_id}"
+    return [[html.unescape(c) for c in re.findall(r"<t[dh]>(.*?)</t[dh]>", row)]
+            for row in re.findall(r"<tr>(.*?)</tr>", body.group(1), re.S)]
+
+
+def figures(page: str) -> dict[str, tuple[bytes, int, int]]:
+    """figure name -> (embedded PNG, width and height attributes)."""
+    found = re.findall(r'<img src="data:image/png;base64,([^"]+)" width="(\d+)" height="(\d+)"[^>]*>'
+                       r"<figcaption>.*?<code>[\w.-]+/(\w+)\.png</code>", page, re.S)
+    return {name: (base64.b64decode(data), int(w), int(h)) for data, w, h, name in found}
+
+
+@pytest.fixture(scope="module")
+def evaluated(run, binary):
+    """The run's best checkpoint, the validation split made here, and evaluate's result on it."""
+    model = load_model(run[0] / "best.safetensors")
+    folder = load_folder(binary, val_split=0.4, seed=0)
+    ds = GrayImageFolder(folder.val, build_transforms(model.img_size, train=False))
+    result = evaluate(model, make_loader(ds, 8, train=False, workers=0), device=torch.device("cpu"), num_classes=2,
+                      keep_predictions=True, progress=False)
+    return model, folder, result
+
+
+class TestReportPage:
+    def test_printed_with_its_time(self, run):
+        out, printed = run
+        assert re.search(rf"^report: {re.escape(str(out))}/report\.html \(\d+\.\ds\)$", printed, re.M)
+
+    def test_every_section(self, run):
+        page = (run[0] / "report.html").read_text()
+        for section in SECTIONS:
+            assert re.search(rf'<section id="{section}"><h2>', page), section
+        assert sorted(figures(page)) == sorted(FIGURES)
+        assert "tf_efficientnet_lite0" in page and "broadcast" in page  # settings
+        config = json.loads((run[0] / "config.json").read_text())
+        assert f"cpu: {html.escape(config['resolved']['device_name'])}" in page
+        assert "best epoch" in page.lower()
+
+    def test_self_contained(self, run):
+        page = (run[0] / "report.html").read_text()
+        assert "<script" not in page.lower()
+        assert not re.search(r'(src|href)="(?!data:|#)', page)  # nothing loaded from anywhere
+
+    def test_images_decode_at_their_size_and_match_the_files(self, run):
+        page = (run[0] / "report.html").read_text()
+        for name, (data, w, h) in figures(page).items():
+            img = Image.open(io.BytesIO(data))
+            assert img.size == (w, h), name
+            gray = np.asarray(img.convert("L"), dtype=np.float32)
+            assert gray.std() > 10 and (gray < 128).mean() > 0.005, f"{name} looks blank"
+            assert (run[0] / "report" / f"{name}.png").read_bytes() == data
+
+
+class TestReportNumbers:
+    def test_confusion_is_evaluates(self, run, evaluated):
+        page = (run[0] / "report.html").read_text()
+        rows = table(page, "confusion-counts")
+        assert rows[0] == ["true \\ predicted", "0", "1"]
+        assert [[int(v) for v in r[1:]] for r in rows[1:]] == evaluated[2].confusion.tolist()
+        assert f"Accuracy <b>{evaluated[2].acc:.4f}</b> on 20 labelled images" in page
+
+    def test_worst_are_the_highest_loss_images(self, run, evaluated):
+        """Losses computed here image by image, without evaluate: the table is their top 16, highest first."""
+        model, folder, _ = evaluated
+        resize = build_transforms(model.img_size, train=False)
+        losses = {}
+        with torch.no_grad():
+            for path, label in folder.val:
+                logits = model(resize(read_gray(path))[None])
+                losses[path] = torch.nn.functional.cross_entropy(logits, torch.tensor([label])).item()
+        want = sorted(losses, key=losses.get, reverse=True)[:16]
+        rows = table((run[0] / "report.html").read_text(), "worst-table")[1:]
+        assert [r[0] for r in rows] == want
+        assert [float(r[5]) for r in rows] == pytest.approx([losses[p] for p in want], abs=1e-4)
+
+    def test_auc_is_sklearns(self, run, evaluated):
+        result = evaluated[2]
+        y = [t for _, t, _, _ in result.predictions]
+        want = sklearn_metrics.roc_auc_score(y, result.probs[:, 1].numpy())
+        (name, auc, pos, neg), = table((run[0] / "report.html").read_text(), "auc")[1:]
+        assert name == "1 (vs 0)" and float(auc) == pytest.approx(want, abs=1e-4) and (pos, neg) == ("10", "10")
+
+    def test_eval_result_keeps_probs_and_losses(self, evaluated):
+        result = evaluated[2]
+        assert result.probs.shape == (20, 2) and result.losses.shape == (20,)
+        torch.testing.assert_close(result.probs.sum(1), torch.ones(20))
+        assert result.probs.argmax(1).tolist() == [p for _, _, p, _ in result.predictions]
+        assert result.losses.mean().item() == pytest.approx(result.loss, rel=1e-5)
+
+
+class TestRocCurves:
+    def test_masked_multilabel_columns_are_sklearns(self):
+        rng = np.random.default_rng(0)
+        scores, targets = rng.random((50, 3)), rng.integers(0, 2, (50, 3))
+        mask = rng.random((50, 3)) > 0.3
+        targets[:, 2] = np.where(mask[:, 2], 1, targets[:, 2])  # the known labels of column 2 are all positive
+        curves, notes = roc_curves(scores, targets, mask, names=["a", "b", "c"])
+        assert [c.name for c in curves] == ["a", "b"]
+        assert notes == [f"c: no ROC curve, {mask[:, 2].sum()} positive and 0 negative images"]
+        for k, c in enumerate(curves):
+            m = mask[:, k]
+            assert c.auc == pytest.approx(sklearn_metrics.roc_auc_score(targets[m, k], scores[m, k]))
+            fpr, tpr, _ = sklearn_metrics.roc_curve(targets[m, k], scores[m, k])
+            np.testing.assert_array_equal(c.fpr, fpr)
+            np.testing.assert_array_equal(c.tpr, tpr)
+            assert (c.positives, c.negatives) == (targets[m, k].sum(), (1 - targets[m, k]).sum())
+
+    def test_shapes_refused(self):
+        with pytest.raises(InputError, match=r"scores and targets must both be \(N, K\); got \(4, 2\) and \(4,\)"):
+            roc_curves(np.zeros((4, 2)), np.zeros(4))
+        with pytest.raises(InputError, match=r"mask must be \(4, 2\) like the scores; got \(4, 1\)"):
+            roc_curves(np.zeros((4, 2)), np.zeros((4, 2)), np.ones((4, 1)))
+
+
+class TestRegenerate:
+    def test_report_subcommand_from_the_folder_alone(self, run, tmp_path, capsys):
+        out = tmp_path / "copy"
+        shutil.copytree(run[0], out, ignore=shutil.ignore_patterns("report*", "tensorboard"))
+        assert gray_main(["report", str(out), "--no-progress"]) == 0
+        assert re.search(rf"^report: {re.escape(str(out))}/report\.html \(\d+\.\ds\)$", capsys.readouterr().out, re.M)
+        page, before = (out / "report.html").read_text(), (run[0] / "report.html").read_text()
+        assert sorted(figures(page)) == sorted(FIGURES)
+        for table_id in ("confusion-counts", "worst-table", "auc"):
+            assert table(page, table_id) == table(before, table_id)
+        assert sorted(p.name for p in (out / "report").iterdir()) == sorted(f"{f}.png" for f in FIGURES)
+
+    def test_not_a_run_folder(self, tmp_path, capsys):
+        assert gray_main(["report", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {tmp_path} is not a training run folder: no config.json (train.py writes one)\n"
+
+    def test_no_report(self, run, binary, tmp_path, capsys):
+        train.main(train.get_args_parser().parse_args(["--evaluate", "--weights", str(run[0] / "best.safetensors"),
+                                                       "--data", str(binary), "--output", str(tmp_path),
+                                                       "--no-report", *FAST]))
+        assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("report")]
+        assert [p.name for p in tmp_path.iterdir()] == ["eval_predictions.csv"]
+
+    def test_evaluate_and_predict_write_theirs(self, run, binary, capsys):
+        out = run[0]
+        train.main(train.get_args_parser().parse_args(
+            ["--evaluate", "--weights", str(out / "best.safetensors"), "--data", str(binary), *FAST]))
+        assert re.search(r"^report: .*/eval_report\.html \(\d+\.\ds\)$", capsys.readouterr().out, re.M)
+        assert 'id="confusion-counts"' in (out / "eval_report.html").read_text()
+        pred_csv = out / "pred.csv"
+        assert gray_main(["predict", "--weights", str(out / "best.safetensors"), "--data", str(binary),
+                          "--output", str(pred_csv), "--workers", "0", "--channels-last", "off"]) == 0
+        assert f"report: {out}/pred_report.html" in capsys.readouterr().out
+        assert sorted(figures((out / "pred_report.html").read_text())) == sorted(FIGURES)
+        assert sorted(p.name for p in (out / "pred_report").iterdir()) == sorted(f"{f}.png" for f in FIGURES)
+
+
+class TestTensorBoard:
+    def test_event_files(self, run):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(run[0] / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        assert set(acc.Tags()["scalars"]) == {"train/loss", "train/acc", "val/loss", "val/acc", "lr",
+                                              "speed/img_per_s"}
+        assert [e.step for e in acc.Scalars("val/acc")] == [0, 1]
+        with open(run[0] / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert [e.value for e in acc.Scalars("val/acc")] == pytest.approx([float(r["val_acc"]) for r in rows], abs=1e-5)
+        assert acc.Tags()["images"] == ["val/cam"] and len(acc.Images("val/cam")) == 2
+        grid = Image.open(io.BytesIO(acc.Images("val/cam")[-1].encoded_image_string))
+        assert grid.size == (8 * 32, 32)  # 8 validation images of 32x32 in a row, classes in turn
+        assert np.asarray(grid).std() > 10
+
+    def test_missing_package_is_one_error_line_before_any_work(self, binary, tmp_path, monkeypatch, capsys):
+        monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard raises ImportError
+        out = tmp_path / "out"
+        assert train.cli(["--data", str(binary), "--output", str(out), "--tensorboard", *FAST]) == 2
+        assert capsys.readouterr().err == ('error: --tensorboard needs the tensorboard package: '
+                                           'pip install "gray_effnet[tensorboard]"\n')
+        assert not out.exists()
+
+
+class TestWithoutMatplotlib:
+    def test_training_says_how_to_get_the_report(self, binary, tmp_path, monkeypatch, capsys):
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+        out = tmp_path / "out"
+        train.main(train.get_args_parser().parse_args(
+            ["--data", str(binary), "--epochs", "1", "--output", str(out), *FAST]))
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("report")]
+        assert lines == ['report: not written: it needs matplotlib; pip install "gray_effnet[report]"']
+        assert (out / "best.safetensors").is_file() and not (out / "report.html").exists()
+
+    def test_report_subcommand_is_an_error_line(self, run, monkeypatch, capsys):
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+        assert gray_main(["report", str(run[0])]) == 2
+        assert capsys.readouterr().err == 'error: the report needs matplotlib: pip install "gray_effnet[report]"\n'
