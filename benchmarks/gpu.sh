@@ -41,6 +41,7 @@ profile() {
   if [[ $mode == rehearse ]]; then
     planned=(8 20 30 45 30 30)
     device=cpu
+    test_paths=(tests/test_model.py)  # its CUDA cases, skipped here: collecting every file would take longer
     synth=(--n-images 16 --size 64 --bits 16)
     img=(32 32)
     train_extra=(--device cpu --batch-size 4 --threads 1)
@@ -52,6 +53,7 @@ profile() {
   else  # the GPU profile, also what --dry checks
     planned=("${gpu_planned[@]}")
     device=cuda
+    test_paths=(tests)
     synth=(--n-images 2048 --size 512 --bits 16)
     img=(224 224)
     train_extra=(--device cuda)
@@ -88,7 +90,7 @@ step_env() {
 }
 
 step_tests() {
-  py -m pytest -q -m cuda tests -p no:cacheprovider --durations 10 --junitxml "$res/tests/junit-cuda.xml"
+  py -m pytest -q -m cuda "${test_paths[@]}" -p no:cacheprovider --durations 10 --junitxml "$res/tests/junit-cuda.xml"
 }
 
 step_train() {
