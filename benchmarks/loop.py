@@ -229,12 +229,17 @@ def resolve_args(args: argparse.Namespace, defaults: argparse.Namespace, device:
     args.channels_last = args.channels_last or ("on" if device.type == "cuda" else "off")
     args.threads = args.threads or torch.get_num_threads()
     if args.epochs < 2:
-        raise SystemExit("--epochs must be at least 2: the first epoch is warm-up and is not counted")
+        raise ValueError(f"--epochs must be at least 2 (the first is warm-up, not counted); got {args.epochs}")
     return args
 
 
 def main(args: argparse.Namespace) -> tuple[list[dict], bool]:
-    """Time the bare step and both train.py runs; returns the result rows and whether both runs succeeded."""
+    """Time the bare step and both train.py runs; returns the result rows and whether both runs succeeded.
+
+    Raises:
+        ValueError: ``--epochs`` below 2, or ``--data`` holds a synthetic set made with other settings.
+        subprocess.CalledProcessError: packing failed.
+    """
     device = resolve_device(args.device)
     defaults = train_defaults()
     args = resolve_args(args, defaults, device)
@@ -296,7 +301,11 @@ def main(args: argparse.Namespace) -> tuple[list[dict], bool]:
 
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
-    rows, ok = main(args)
+    try:
+        rows, ok = main(args)
+    except (ValueError, subprocess.CalledProcessError) as e:  # a folder of another set; packing failed
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     csv_path = args.csv or default_output(f"loop-{rows[0]['device']}", ".csv")
     md_path = args.md or str(csv_path).removesuffix(".csv") + ".md"
     r = rows[0]

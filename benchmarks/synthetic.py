@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def generate(root: str | os.PathLike, n: int, size: int, bits: int = 16, seed: i
     else:  # fork: the workers need numpy and PIL only, already imported here
         ctx = get_context("fork") if "fork" in get_all_start_methods() else None
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            list(pool.map(_write_one, *zip(*[(root, i, size, bits, seed) for i in range(n)]), chunksize=16))
+            list(pool.map(partial(_write_one, root, size=size, bits=bits, seed=seed), range(n), chunksize=16))
     marker.write_text(wanted)
     return root
 
