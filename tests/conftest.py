@@ -26,9 +26,13 @@ def _own_cache_folder(tmp_path_factory):
         os.environ["GRAY_EFFNET_CACHE"] = before
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _CUDA, reason="no CUDA device"))])
+# The cuda marker selects these cases alone: pytest -m cuda (what benchmarks/gpu.sh runs on a GPU machine).
+_CUDA_PARAM = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not _CUDA, reason="no CUDA device")])
+
+
+@pytest.fixture(params=["cpu", _CUDA_PARAM])
 def device(request, monkeypatch) -> torch.device:
-    """Each test that takes it runs on the CPU, and on CUDA too where a GPU is present.
+    """Each test that takes it runs on the CPU, and on CUDA too where a GPU is present (``-m cuda``: only there).
 
     On CUDA, TF32 is off for the test: the references are float32-exact (1e-5), and TF32 convolutions and
     matmuls round to about 1e-3, which would hide an error of that size.

