@@ -46,14 +46,16 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import HelpFormatter, command_line, environment, fmt, resolve_device  # noqa: E402
-
-from gray_effnet import ADAPTERS, GrayEfficientNet, list_adapters  # noqa: E402
+from gray_effnet import ADAPTERS, GrayEfficientNet, list_adapters
 from gray_effnet.augment import build_transforms
 from gray_effnet.data import Batch, GrayImageFolder, collate
-from gray_effnet.engine import amp_setup, evaluate, train_one_epoch  # noqa: E402
+from gray_effnet.engine import amp_setup, evaluate, train_one_epoch
 from gray_effnet.folders import load_folder, prepare_digits
+
+if __package__:  # imported as benchmarks.compare (the tests)
+    from ._common import HelpFormatter, command_line, environment, fmt, resolve_device
+else:  # run as python benchmarks/compare.py, which puts this folder first on sys.path
+    from _common import HelpFormatter, command_line, environment, fmt, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = "repeat"  # every arm's paired difference is taken to this one

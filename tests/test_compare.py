@@ -10,10 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from .helpers import make_model
+from benchmarks import compare
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import compare  # noqa: E402
+from .helpers import make_model
 
 
 def write_folder(root: Path, classes: int = 3, per_class: int = 10, size: int = 20) -> Path:
