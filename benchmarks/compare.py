@@ -10,8 +10,9 @@ worth at each size), and optionally an adapter with a scaled stem learning rate 
 
 Runs are in-process, in ``--jobs`` worker processes: a ``train.py`` subprocess per run would spend seconds
 importing torch, scanning the folder and starting loaders, more than a small-subset run trains. The
-images are decoded once, resized to ``--img-size`` and kept as one tensor; training applies a seeded,
-batched random resized crop. The step and the evaluation are ``gray_effnet.engine``'s.
+images are decoded once, resized to ``--img-size`` and kept as one tensor; training crops them on the device
+with the batch augmentation ``train.py`` uses for packs (``gray_effnet.augment.BatchAugment``, seeded by the run's
+seed, epoch and step). The optimizer, schedule, step and evaluation are ``gray_effnet.engine``'s.
 
 Writes, into ``--output``: ``results.csv`` (one row per run, appended as runs finish), ``epochs.csv`` (every
 epoch of every run: losses, the stem's effective-kernel drift), ``summary.csv`` (per arm and size: mean,
@@ -41,19 +42,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
+from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import HelpFormatter, command_line, environment, fmt, resolve_device  # noqa: E402
-
-from gray_effnet import ADAPTERS, GrayEfficientNet, list_adapters  # noqa: E402
-from gray_effnet.augment import build_transforms
+from gray_effnet import ADAPTERS, GrayEfficientNet, list_adapters
+from gray_effnet.augment import BatchAugment, build_transforms
 from gray_effnet.data import Batch, GrayImageFolder, collate
-from gray_effnet.engine import amp_setup, evaluate, train_one_epoch  # noqa: E402
+from gray_effnet.engine import amp_setup, evaluate, make_optimizer_and_schedule, train_one_epoch
 from gray_effnet.folders import load_folder, prepare_digits
+
+if __package__:  # imported as benchmarks.compare (the tests)
+    from ._common import HelpFormatter, command_line, environment, fmt, resolve_device
+else:  # run as python benchmarks/compare.py, which puts this folder first on sys.path
+    from _common import HelpFormatter, command_line, environment, fmt, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = "repeat"  # every arm's paired difference is taken to this one
@@ -155,31 +156,14 @@ def subset(targets: Tensor, per_class: str, seed: int) -> Tensor:
     return torch.cat(picked).sort().values
 
 
-def random_resized_crop(x: Tensor, scale: float, g: torch.Generator) -> Tensor:
-    """A batched random resized crop (area in [scale, 1], aspect in [3/4, 4/3]) on float images in [0, 1].
-
-    One ``grid_sample`` for the whole batch, its parameters drawn from ``g``: every arm of a seed sees the
-    same crops. (B,1,H,W) uint8 or float -> (B,1,H,W) float.
-    """
-    x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-    b = x.shape[0]
-    area = torch.empty(b).uniform_(scale, 1.0, generator=g)
-    log_ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)
-    ratio = log_ratio.exp()
-    sx, sy = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
-    tx = (torch.rand(b, generator=g) * 2 - 1) * (1 - sx)
-    ty = (torch.rand(b, generator=g) * 2 - 1) * (1 - sy)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 class Batches:
-    """An epoch of augmented batches in a seeded order; a loader for ``engine.train_one_epoch``."""
+    """An epoch of batches in an order drawn from ``g``; a loader for ``engine.train_one_epoch``.
 
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, crop_scale: float, g: torch.Generator) -> None:
-        self.x, self.y, self.batch_size, self.crop_scale, self.g = x, y, batch_size, crop_scale, g
+    The batches are not augmented here: ``train_one_epoch(augment=BatchAugment(...))`` crops them on the device.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, g: torch.Generator) -> None:
+        self.x, self.y, self.batch_size, self.g = x, y, batch_size, g
 
     def __len__(self) -> int:
         return len(self.x) // self.batch_size  # whole batches: BN needs more than one value per channel
@@ -188,7 +172,7 @@ class Batches:
         order = torch.randperm(len(self.x), generator=self.g)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield Batch(random_resized_crop(self.x[idx], self.crop_scale, self.g), self.y[idx], [], 0)
+            yield Batch(self.x[idx], self.y[idx], [], 0)
 
 
 def fixed_batches(x: Tensor, y: Tensor, batch_size: int) -> list[Batch]:
@@ -248,18 +232,19 @@ def drift(k0: Tensor | None, model: GrayEfficientNet) -> float:
     return float("nan") if k is None or k0 is None else ((k - k0).norm() / k0.norm()).item()
 
 
-def make_optimizer(model: GrayEfficientNet, arm: Arm, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """timm's AdamW (no decay on 1-D parameters), the stem conv in its own group when its LR is scaled."""
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay)
-    if arm.stem_lr_scale != 1.0:
-        stem_weight = model.stem.conv.weight
-        for group in list(optimizer.param_groups):
-            if any(p is stem_weight for p in group["params"]):
-                group["params"] = [p for p in group["params"] if p is not stem_weight]
-                # timm's schedulers multiply a group's scheduled LR by its lr_scale.
-                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
-                                           "params": [stem_weight], "lr_scale": arm.stem_lr_scale})
-    return optimizer
+def parameters(model: GrayEfficientNet, arm: Arm, weight_decay: float) -> GrayEfficientNet | list[dict]:
+    """What the optimizer gets: the model, or, when the arm scales its stem's LR, timm's weight-decay groups
+    (no decay on 1-D parameters, as for a model) with the stem conv in a group of its own."""
+    if arm.stem_lr_scale == 1.0:
+        return model
+    groups = param_groups_weight_decay(model, weight_decay)
+    stem_weight = model.stem.conv.weight
+    for group in list(groups):
+        if any(p is stem_weight for p in group["params"]):
+            group["params"] = [p for p in group["params"] if p is not stem_weight]
+            # timm's schedulers multiply a group's scheduled LR by its lr_scale.
+            groups.append({**group, "params": [stem_weight], "lr_scale": arm.stem_lr_scale})
+    return groups
 
 
 # -- one run --------------------------------------------------------------------------------------------------
@@ -279,8 +264,10 @@ def run_one(spec: RunSpec, cfg: argparse.Namespace) -> tuple[dict, list[dict]]:
     idx = subset(data.train_y, spec.per_class, seed)
     x, y = data.train_x[idx], data.train_y[idx]
     batch_size = min(cfg.batch_size, len(idx))
-    g = torch.Generator().manual_seed(seed)  # batch order and augmentation, the same for every arm
-    batches = Batches(x, y, batch_size, cfg.crop_scale, g)
+    g = torch.Generator().manual_seed(seed)  # batch order, the same for every arm
+    batches = Batches(x, y, batch_size, g)
+    # Crops from (seed, epoch, step) only, outside the global RNG that dropout draws from: the same for every arm.
+    augment = BatchAugment(cfg.img_size, crop_scale=cfg.crop_scale, seed=seed)
     steps_per_epoch = len(batches)
     epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
     total = epochs * steps_per_epoch
@@ -291,19 +278,21 @@ def run_one(spec: RunSpec, cfg: argparse.Namespace) -> tuple[dict, list[dict]]:
     model = build_model(arm, cfg, len(data.classes)).to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    lr = cfg.lr * batch_size / 64  # train.py's rule: --lr is for a batch of 64
-    optimizer = make_optimizer(model, arm, lr, cfg.weight_decay)
-    scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=lr * 0.01, warmup_t=max(1, total // 10),
-                                  warmup_lr_init=lr * 0.01, t_in_epochs=False)
+    # train.py's recipe on one process; the warmup is the first tenth of the run.
+    optimizer, scheduler, _ = make_optimizer_and_schedule(
+        parameters(model, arm, cfg.weight_decay), lr=cfg.lr, batch_size=batch_size, world_size=1,
+        weight_decay=cfg.weight_decay, epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=epochs / 10)
     autocast, scaler = amp_setup(device, cfg.amp)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     k0 = effective_kernel(model)
     rows, accs, seconds, seen, result = [], [], 0.0, 0, None
     for epoch in range(epochs):
+        augment.set_epoch(epoch)
         stats = train_one_epoch(model, batches, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
                                 device=device, epoch=epoch, autocast=autocast, scaler=scaler,
-                                channels_last=cfg.channels_last, log_every=max(steps_per_epoch, 1), progress=False)
+                                channels_last=cfg.channels_last, log_every=max(steps_per_epoch, 1), progress=False,
+                                augment=augment)
         seconds += stats["seconds"]
         seen += steps_per_epoch * batch_size
         row = {"arm": arm.label, "per_class": spec.per_class, "seed": seed, "epoch": epoch,
@@ -470,7 +459,7 @@ def what_to_pick(summary: Sequence[dict], n_seeds: int, metric: str) -> str:
     else:
         verdict = ("**What to pick.** No adapter beat `repeat` on this data with 95% confidence at any size, so "
                    "accuracy gives no reason to prefer one here; choose by what else you need (a 1-channel stem, "
-                   "export, timm compatibility): see the adapter table in the README.")
+                   "export, timm compatibility): see the adapter table in docs/adapters.md.")
     caveat = (f"These are {n_intervals} adapter intervals at 95%: about {n_intervals / 20:.1f} of them would exclude 0 "
               "by chance alone, so a difference at one size only is weak evidence. One data set, one model, "
               f"{n_seeds} seeds, short training: the answer holds for this setting, not in general.")

@@ -9,18 +9,15 @@ second row shows what ``sum`` changes for a model trained with per-channel stati
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import default_output, environment, report
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import default_output, environment, report  # noqa: E402
-
-from gray_effnet import GrayEfficientNet  # noqa: E402
-from gray_effnet.explain import equivalence  # noqa: E402
+from gray_effnet import GrayEfficientNet
+from gray_effnet.explain import equivalence
 
 PHOTOS = ["astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "eagle", "grass", "gravel",
           "horse", "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon", "page", "retina", "rocket",

@@ -69,18 +69,20 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, HelpFormatter, command_line, environment, fmt, format_table, write_csv  # noqa: E402
-
-from gray_effnet import GrayEfficientNet  # noqa: E402
+from gray_effnet import GrayEfficientNet
 from gray_effnet.folders import default_cache_dir
-from gray_effnet.weights import (  # noqa: E402
+from gray_effnet.weights import (
     classifier_keys,
     first_conv_name,
     fit_state_dict,
     pretrained_weights_file,
     read_weights_file,
 )
+
+if __package__:  # imported as benchmarks.peer_timm (the tests)
+    from ._common import RESULTS_DIR, HelpFormatter, command_line, environment, fmt, format_table, write_csv
+else:  # run as python benchmarks/peer_timm.py, which puts this folder first on sys.path
+    from _common import RESULTS_DIR, HelpFormatter, command_line, environment, fmt, format_table, write_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tf_efficientnet_lite0"

@@ -7,14 +7,11 @@ a tensor of the output's size, interleaved round by round (see ``_common``).
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     Candidate,
     Spread,
     default_output,

@@ -23,12 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from _common import command_line, environment, format_table, resolve_device, write_csv, write_markdown
 from pydicom.data import get_testdata_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, environment, format_table, resolve_device, write_csv, write_markdown  # noqa: E402
-
-from gray_effnet import load_model  # noqa: E402
+from gray_effnet import load_model
 from gray_effnet.folders import default_cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent

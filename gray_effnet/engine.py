@@ -10,6 +10,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -264,3 +266,44 @@ def evaluate(
         probs=probs if keep_predictions else None,
         losses=losses if keep_predictions else None,
     )
+
+
+def make_optimizer_and_schedule(
+    model: nn.Module | Iterable,
+    *,
+    lr: float,
+    batch_size: int,
+    world_size: int,
+    weight_decay: float,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float,
+) -> tuple[torch.optim.Optimizer, CosineLRScheduler, float]:
+    """The one training recipe: timm's AdamW, a linear warmup then cosine decay per step, the LR scaled to the batch.
+
+    ``lr`` is for a global batch of 64 and scales linearly with ``batch_size * world_size`` (Goyal et al. 2017,
+    arXiv:1706.02677). timm's ``create_optimizer_v2`` leaves 1-D parameters
+    (norms, biases) out of weight decay. The schedule counts optimizer steps (``t_in_epochs=False``, so call
+    ``scheduler.step_update(num_updates)``, as ``train_one_epoch`` does): it rises from 1% of the peak over the
+    warmup and decays to 1% of it at the end.
+
+    Args:
+        model: the module to optimise, or its parameter groups as ``create_optimizer_v2`` takes them (then the
+            groups' own ``weight_decay`` applies, and a group's ``lr_scale`` multiplies its scheduled LR).
+        lr: peak learning rate for a global batch of 64.
+        batch_size: images per step on each process.
+        world_size: processes (DDP ranks) that step together.
+        weight_decay: AdamW's decoupled weight decay, for the parameters of 2 dimensions and more.
+        epochs: the length of the schedule.
+        steps_per_epoch: optimizer steps in an epoch.
+        warmup_epochs: the linear warmup, in epochs (fractions count to the step).
+
+    Returns:
+        ``(optimizer, scheduler, lr)``, ``lr`` the scaled peak learning rate.
+    """
+    lr = lr * batch_size * world_size / 64  # lr is for a global batch of 64; scale linearly
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay)
+    scheduler = CosineLRScheduler(optimizer, t_initial=epochs * steps_per_epoch, lr_min=lr * 0.01,
+                                  warmup_t=int(warmup_epochs * steps_per_epoch), warmup_lr_init=lr * 0.01,
+                                  t_in_epochs=False)
+    return optimizer, scheduler, lr

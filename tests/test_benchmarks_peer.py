@@ -1,16 +1,12 @@
 """benchmarks/peer_timm.py without training: the generated data, its split and folder, and the result table."""
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import peer_timm  # noqa: E402
-
-import train  # noqa: E402
+import train
+from benchmarks import peer_timm
 
 
 class TestData:

@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from .helpers import make_model
+from benchmarks import compare
+from gray_effnet.augment import BatchAugment
+from gray_effnet.engine import make_optimizer_and_schedule
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import compare  # noqa: E402
+from .helpers import make_model
 
 
 def write_folder(root: Path, classes: int = 3, per_class: int = 10, size: int = 20) -> Path:
@@ -103,25 +104,77 @@ class TestPairing:
         assert not torch.equal(compare.subset(targets, "5", seed=2), five)
         assert len(compare.subset(targets, "all", seed=0)) == 60
 
-    def test_crop_seeded(self):
-        x = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
-        a = compare.random_resized_crop(x, 0.5, torch.Generator().manual_seed(3))
-        b = compare.random_resized_crop(x, 0.5, torch.Generator().manual_seed(3))
-        assert a.shape == (4, 1, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b)
-        assert 0 <= a.min() and a.max() <= 1
-        assert not torch.allclose(a, x.float() / 255)
+    @staticmethod
+    def augmented_epochs(seed: int, x: torch.Tensor, y: torch.Tensor, epochs: int = 2) -> list[torch.Tensor]:
+        """What run_one's training sees: Batches' order, then BatchAugment's crops, epoch by epoch."""
+        batches = compare.Batches(x, y, 4, torch.Generator().manual_seed(seed))
+        augment = BatchAugment((32, 32), crop_scale=0.5, seed=seed)
+        out = []
+        for epoch in range(epochs):
+            augment.set_epoch(epoch)
+            out += [augment(b.images) for b in batches]
+        return out
+
+    def test_batches_and_crops_are_paired_by_seed(self):
+        """Every arm of a seed sees the same batches with the same crops, whatever the global RNG did."""
+        x = torch.randint(0, 256, (12, 1, 32, 32), dtype=torch.uint8)
+        y = torch.arange(12) % 3
+        torch.manual_seed(1)
+        a = self.augmented_epochs(3, x, y)
+        torch.manual_seed(2)  # another arm's model init and dropout draws
+        b = self.augmented_epochs(3, x, y)
+        assert len(a) == 6 and all(t.shape == (4, 1, 32, 32) and t.dtype == torch.float32 for t in a)
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
+        assert 0 <= min(t.min() for t in a) and max(t.max() for t in a) <= 1
+        assert not torch.equal(a[0], a[3])  # epochs differ
+        assert not all(torch.equal(p, q) for p, q in zip(a, self.augmented_epochs(4, x, y)))  # seeds differ
 
     def test_stem_lr_group(self):
         model = make_model("tf_efficientnet_lite0", "sum")
         arm = compare.Arm("sum*3lr", "sum", stem_lr_scale=3.0)
-        optimizer = compare.make_optimizer(model, arm, lr=1e-3, weight_decay=0.01)
+        optimizer, scheduler, _ = make_optimizer_and_schedule(
+            compare.parameters(model, arm, weight_decay=0.01), lr=1e-3, batch_size=64, world_size=1,
+            weight_decay=0.01, epochs=1, steps_per_epoch=10, warmup_epochs=0)
         weight = model.stem.conv.weight
         groups = [g for g in optimizer.param_groups if any(p is weight for p in g["params"])]
         assert len(groups) == 1 and groups[0]["params"] == [weight] and groups[0]["lr_scale"] == 3.0
+        assert groups[0]["weight_decay"] == 0.01  # a 4-D weight keeps its decay in its own group
         assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
-        scheduler = compare.CosineLRScheduler(optimizer, t_initial=10, t_in_epochs=False)
         scheduler.step_update(1)
         assert groups[0]["lr"] == pytest.approx(3 * optimizer.param_groups[0]["lr"])
+
+    def test_unscaled_arm_gets_the_model(self):
+        model = make_model("tf_efficientnet_lite0", "sum")
+        assert compare.parameters(model, compare.Arm("sum", "sum"), weight_decay=0.01) is model
+
+
+class TestRecipe:
+    """engine.make_optimizer_and_schedule, the recipe compare.py shares with train.py."""
+
+    def test_scaled_lr_warmup_and_cosine(self):
+        model = make_model("tf_efficientnet_lite0", "fold")
+        optimizer, scheduler, lr = make_optimizer_and_schedule(
+            model, lr=2e-3, batch_size=16, world_size=2, weight_decay=0.05, epochs=4, steps_per_epoch=10,
+            warmup_epochs=0.5)
+        assert lr == pytest.approx(2e-3 * 16 * 2 / 64)  # --lr is for a global batch of 64
+        group = optimizer.param_groups[0]
+        assert group["lr"] == pytest.approx(0.01 * lr)  # the warmup starts at 1% of the peak
+        scheduler.step_update(4)  # linear, over int(0.5 epochs * 10 steps) = 5 steps
+        assert group["lr"] == pytest.approx(0.01 * lr + 4 * 0.99 * lr / 5)
+        scheduler.step_update(5)  # then timm's cosine, its steps counted from the start of the run, down to 1%
+        assert group["lr"] == pytest.approx(0.01 * lr + 0.99 * lr * (1 + math.cos(math.pi * 5 / 40)) / 2)
+        scheduler.step_update(40)
+        assert group["lr"] == pytest.approx(0.01 * lr)
+
+    def test_adamw_without_decay_on_1d_parameters(self):
+        model = make_model("tf_efficientnet_lite0", "fold")
+        optimizer, _, _ = make_optimizer_and_schedule(
+            model, lr=1e-3, batch_size=64, world_size=1, weight_decay=0.05, epochs=1, steps_per_epoch=1,
+            warmup_epochs=0)
+        assert isinstance(optimizer, torch.optim.AdamW)
+        decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+        assert len(decay) == len(list(model.parameters()))
+        assert all(decay[id(p)] == (0.05 if p.ndim > 1 else 0.0) for p in model.parameters())
 
     def test_reexpressed_statistics_keep_the_interior(self):
         model = make_model("tf_efficientnet_lite0", "repeat")

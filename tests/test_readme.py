@@ -1,11 +1,14 @@
-"""Every command and snippet in README.md runs, as written there (extracted from the README itself).
+"""Every command and snippet in README.md and docs/*.md runs, as written there (extracted from the pages).
 
-Commands run in a temporary folder, in the order the README gives them, so that a later command finds
-what an earlier one wrote (the demo's checkpoint, ``runs/xray``). What differs from a user's run is
-only what a test on 2 CPU cores needs, and each difference is listed in ``SUBSTITUTIONS`` and ``FAST``:
-placeholder folders become small generated ones, and training is 1 epoch at 32x32.
+Commands run in a temporary folder, README.md's first, then each page of docs/ in ``DOCS`` order, each page's
+in the order it gives them, so that a later command finds what an earlier one wrote (the demo's checkpoint,
+``runs/xray``). What differs from a user's run is only what a test on 2 CPU cores needs, and each difference is
+listed in ``SUBSTITUTIONS`` and ``FAST``: placeholder folders become small generated ones, and training is 1
+epoch at 32x32. The README's Layout block is checked against the files and their imports, and every link of
+the pages against the files and headings it points to.
 """
 
+import ast
 import os
 import re
 import shlex
@@ -19,6 +22,17 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+# The pages of docs/ whose commands run after README.md's, in this order; a page not listed runs after them, by name.
+DOCS = ["training.md", "packs.md", "dicom.md", "adapters.md", "checkpoints.md", "models.md", "benchmarks.md",
+        "reliability.md"]
+# Links to pages that another change of issue #19 writes.
+PENDING = {"docs/tables.md"}
+
+
+def pages() -> list[Path]:
+    """README.md, then docs/ in DOCS order, then any other page of docs/ by name."""
+    listed = [ROOT / "docs" / name for name in DOCS]
+    return [ROOT / "README.md", *listed, *sorted(set((ROOT / "docs").glob("*.md")) - set(listed))]
 
 # Placeholders in the README, and what stands for them here.
 SUBSTITUTIONS = {
@@ -39,14 +53,14 @@ COMPARE_FAST = ["--per-class", "3", "--seeds", "2", "--epochs", "1", "--min-step
                 "--adapters", "repeat", "fold", "--no-scratch", "--img-size", "32", "32", "--jobs", "1"]
 
 
-def blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+def blocks(lang: str, text: str = README) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
 
 
-def commands() -> list[str]:
-    """Each command line of the README's bash blocks, without the setup before the last ``&&``."""
+def commands(text: str = README) -> list[str]:
+    """Each command line of a page's bash blocks, without the setup before the last ``&&``."""
     out = []
-    for block in blocks("bash"):
+    for block in blocks("bash", text):
         for line in block.splitlines():
             line = line.split("  #")[0].strip()  # a trailing comment
             if not line or line.startswith("#"):
@@ -113,35 +127,42 @@ class TestReadme:
 
     @pytest.mark.slow
     def test_commands_then_snippets_run(self, workdir):
-        """The bash commands in order, then the python snippets, in the folder the commands wrote to."""
+        """Page by page: the bash commands in order, then the python snippets, in the folder the commands wrote to."""
         root, env = workdir
-        lines = commands()
-        assert any("train.py --adapter broadcast" in c for c in lines)  # the demo
-        for line in lines:
-            res = _run(line, root, env)
-            assert res.returncode == 0, f"README command failed: {line}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
-        snippets = blocks("python")
+        assert any("train.py --adapter broadcast" in c for c in commands())  # the demo
+        snippets = 0
+        for page in pages():
+            name, text = page.relative_to(ROOT).as_posix(), page.read_text()
+            for line in commands(text):
+                res = _run(line, root, env)
+                assert res.returncode == 0, f"{name}: {line}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+            cwd = os.getcwd()
+            os.chdir(root / "work")
+            try:
+                for code in blocks("python", text):
+                    exec(compile(code, name, "exec"), {"__name__": "readme"})  # noqa: S102 - our own pages
+                    snippets += 1
+            finally:
+                os.chdir(cwd)
         assert snippets
-        cwd = os.getcwd()
-        os.chdir(root / "work")
-        try:
-            for code in snippets:
-                exec(compile(code, "README.md", "exec"), {"__name__": "readme"})  # noqa: S102 - our own README
-        finally:
-            os.chdir(cwd)
 
     def test_numbers_are_generated_from_results(self):
-        """Every measured number stands in a region that benchmarks/readme.py renders from committed results."""
-        readme = ROOT / "benchmarks" / "readme.py"
-        res = subprocess.run([sys.executable, str(readme), "--check"], capture_output=True, text=True)
+        """Every measured number stands in a region that tools/readme.py renders from committed results."""
+        res = subprocess.run([sys.executable, str(ROOT / "tools" / "readme.py"), "--check"], capture_output=True,
+                             text=True)
         assert res.returncode == 0, res.stderr
-        assert README.count("<!-- generated:") >= 4
+        regions = [r for page in pages() for r in re.findall(r"<!-- generated:(\w+) -->\n(.*?)<!-- /generated",
+                                                               page.read_text(), flags=re.S)]
+        assert len(regions) >= 4
+        for name, text in regions:  # a path of the machine that measured it says nothing to a reader
+            assert not re.search(r"(?<![\w.:/~-])/(home|root|tmp|work|Users|mnt|opt|var)/", text), name
 
     def test_explain_output_is_what_the_command_prints(self, workdir):
-        """The README's explain output block is the real output of the command above it, number for number."""
+        """The explain output block (docs/adapters.md) is the real output of the command above it, number for number."""
         root, env = workdir
-        line = next(c for c in commands() if "gray_effnet explain" in c)
-        shown = re.search(r"```\n(Why a 3-channel .*?)```", README, flags=re.S).group(1)
+        page = next(p.read_text() for p in pages() if "python -m gray_effnet explain" in p.read_text())
+        line = next(c for c in commands(page) if "gray_effnet explain" in c)
+        shown = re.search(r"```\n(Why a 3-channel .*?)```", page, flags=re.S).group(1)
         res = _run(line, root, env)
         assert res.returncode == 0, res.stderr
         got, want = res.stdout.split(), shown.split()
@@ -163,3 +184,63 @@ def _number(token: str) -> float | None:
         return float(token.rstrip("%"))
     except ValueError:
         return None
+
+
+def _layout() -> list[str]:
+    """The paths the README's Layout block names, in its order."""
+    block = re.search(r"^## Layout\n\n```\n(.*?)```", README, flags=re.S | re.M).group(1)
+    return [line.split()[0] for line in block.splitlines() if line.strip()]
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+class TestLayout:
+    def test_every_module_and_script_is_listed_and_every_listed_one_exists(self):
+        listed = _layout()
+        for folder in ("gray_effnet", "benchmarks"):
+            files = {f"{folder}/{p.name}" for p in (ROOT / folder).glob("*.py") if p.name != "__init__.py"}
+            named = {p for p in listed if p.startswith(f"{folder}/") and p.endswith(".py")}
+            assert files - named == set(), f"{folder}/ files missing from the README's Layout: {files - named}"
+            assert named - files == set(), f"the README's Layout names files that do not exist: {named - files}"
+        assert all((ROOT / p).exists() for p in listed), [p for p in listed if not (ROOT / p).exists()]
+
+    def test_imports_run_down_the_list(self):
+        """Each gray_effnet module imports only the package's modules listed above it (late imports included)."""
+        order = [p.split("/")[1][:-3] for p in _layout() if p.startswith("gray_effnet/")]
+        for i, module in enumerate(order):
+            tree = ast.parse((ROOT / "gray_effnet" / f"{module}.py").read_text())
+            imported = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.level == 1:
+                    imported |= {node.module} if node.module else {a.name for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gray_effnet."):
+                    imported.add(node.module.split(".")[1])
+                elif isinstance(node, ast.Import):
+                    imported |= {a.name.split(".")[1] for a in node.names if a.name.startswith("gray_effnet.")}
+            below = imported - set(order[:i])
+            assert not below, f"gray_effnet/{module}.py imports {sorted(below)}, listed below it in the README's Layout"
+
+
+class TestLinks:
+    def test_every_relative_link_and_anchor_resolves(self):
+        bad = []
+        for page in pages():
+            text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold no links
+            for target in re.findall(r"\]\(([^)\s]+)\)", text):
+                if re.match(r"[a-z]+:", target):
+                    continue
+                path, _, anchor = target.partition("#")
+                dest = (page.parent / path).resolve() if path else page
+                if dest.relative_to(ROOT).as_posix() in PENDING:
+                    continue
+                if not dest.exists():
+                    bad.append(f"{page.name}: {target} (no such file)")
+                elif anchor and dest.suffix == ".md":
+                    headings = re.findall(r"^#+ (.*)$", re.sub(r"```.*?```", "", dest.read_text(), flags=re.S),
+                                          flags=re.M)
+                    if anchor not in {_slug(h) for h in headings}:
+                        bad.append(f"{page.name}: {target} (no such heading)")
+        assert not bad, bad

@@ -1,14 +1,15 @@
-"""Write README.md's measured numbers from the committed results, so that none is copied by hand.
+"""Write the measured numbers of README.md and docs/*.md from the committed results, so that none is copied by hand.
 
-Every number in README.md that was measured stands between ``<!-- generated:NAME -->`` and
-``<!-- /generated:NAME -->`` markers, and this script renders each region from ``benchmarks/results/``:
-the numbers, the command that measured them, the commit and the CPU or GPU it ran on.
+Every measured number stands between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->`` markers, in
+README.md or in a page of docs/, and this script renders each region from ``benchmarks/results/``: the numbers,
+the command that measured them, the commit and the CPU or GPU it ran on. Links in a region are written relative
+to the page it stands in, and no region may carry an absolute path (a path of the machine that measured it).
 
-    python benchmarks/readme.py           # rewrite the regions, and the output block of the explain command
-    python benchmarks/readme.py --check   # exit 1 when README.md differs from what the results give
+    python tools/readme.py           # rewrite the regions, and the output block of the explain command
+    python tools/readme.py --check   # exit 1 when a page differs from what the results give
 
 ``tests/test_readme.py`` runs the check, so a hand-edited number or a result committed without
-regenerating the README fails the tests. The explain block is the command's output on this machine; its
+regenerating the pages fails the tests. The explain block is the command's output on this machine; its
 float-rounding digits differ between CPUs, so ``--check`` leaves it to the test, which compares it with a
 tolerance.
 """
@@ -16,6 +17,7 @@ tolerance.
 import argparse
 import csv
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -25,7 +27,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-README = ROOT / "README.md"
+# The command of the peer benchmark names timm's train.py where it lay on the measuring machine.
+TIMM_TRAIN_PY = "PATH/TO/timm/train.py"
+
+
+def pages() -> list[Path]:
+    """README.md, then docs/*.md by name: every page that may hold a generated region."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _rows(name: str) -> list[dict[str, str]]:
@@ -115,10 +123,11 @@ def peer() -> str:
     report = (RESULTS / "peer_timm" / "results.md").read_text()
     data = re.search(r"^Data: (\d+ generated \d+x\d+ 8-bit gray digits)", report, flags=re.M).group(1)
     goals = {c: float(g) for c, g in re.findall(r"^- `(\w+)`: .*goal <= ([\d.]+)x$", report, flags=re.M)}
+    command = re.sub(r"(--timm-train-py[ =])\S+", rf"\g<1>{TIMM_TRAIN_PY}", _command("peer_timm/results.md"))
     lines = [
         f"{data} (split 80/20), {first['epochs']} epochs, batch {first['batch_size']}, input {first['img_size']}, "
         f"the same Lite0 ImageNet weights, each run a fresh process timed from start to exit, alternating over "
-        f"{max(int(r['round']) for r in rows)} rounds ({_machine(rows)}; `{_command('peer_timm/results.md')}`; "
+        f"{max(int(r['round']) for r in rows)} rounds ({_machine(rows)}; `{command}`; "
         "[runs and logs](benchmarks/results/peer_timm/results.md)):",
         "",
         "| config | timm (s) | ours (s) | ours / timm | goal | timm best acc | ours best acc |",
@@ -246,21 +255,45 @@ REGIONS: dict[str, Callable[[], str]] = {
 }
 
 
-def render(text: str) -> str:
+# An absolute path: a slash that starts a path of two parts or more, not inside a word, a relative path or a URL.
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/[\w.-]+/[\w.-]+")
+
+
+def relink(text: str, page: Path) -> str:
+    """``text``'s Markdown links to files of this repository, given from its root, made relative to ``page``."""
+
+    def fix(match: re.Match) -> str:
+        target = match.group(1)
+        if re.match(r"[a-z]+:|#", target):  # a URL or an anchor on the same page
+            return match.group(0)
+        path, _, anchor = target.partition("#")
+        rel = Path(os.path.relpath(ROOT / path, page.parent)).as_posix() + ("/" if path.endswith("/") else "")
+        return f"]({rel}{'#' + anchor if anchor else ''})"
+
+    return re.sub(r"\]\(([^)\s]+)\)", fix, text)
+
+
+def render(text: str, page: Path = ROOT / "README.md") -> str:
     """``text`` with every generated region rewritten from the results; unknown region names are an error."""
 
     def fill(match: re.Match) -> str:
         name = match.group(1)
         if name not in REGIONS:
-            raise KeyError(f"README.md has a generated region {name!r} that benchmarks/readme.py does not know")
-        return f"<!-- generated:{name} -->\n{REGIONS[name]()}\n<!-- /generated:{name} -->"
+            raise KeyError(f"{page.name} has a generated region {name!r} that tools/readme.py does not know")
+        body = relink(REGIONS[name](), page)
+        if found := ABSOLUTE_PATH.search(body):
+            raise ValueError(f"generated region {name!r} would carry the absolute path {found.group(0)!r}")
+        return f"<!-- generated:{name} -->\n{body}\n<!-- /generated:{name} -->"
 
     return re.sub(r"<!-- generated:(\w+) -->\n(?:.*?\n)?<!-- /generated:\1 -->", fill, text, flags=re.S)
 
 
 def explain_block(text: str) -> str:
-    """``text`` with the output block after README's ``python -m gray_effnet explain`` command rerun."""
-    command = re.search(r"```bash\n(python -m gray_effnet explain [^\n]*)\n```", text).group(1)
+    """``text`` with the output block after its ``python -m gray_effnet explain`` command rerun (if it has one)."""
+    found = re.search(r"```bash\n(python -m gray_effnet explain [^\n]*)\n```", text)
+    if not found:
+        return text
+    command = found.group(1)
     out = subprocess.run([sys.executable, *command.split()[1:]], capture_output=True, text=True, check=True,
                          cwd=ROOT).stdout
     return re.sub(r"```\n(Why a 3-channel .*?)```", lambda m: f"```\n{out}```", text, count=1, flags=re.S)
@@ -268,18 +301,24 @@ def explain_block(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--check", action="store_true", help="only compare; exit 1 if README.md is out of date")
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 if a page is out of date")
     args = p.parse_args(argv)
-    text = README.read_text()
-    new = render(text)
-    if args.check:
+    stale = []
+    for page in pages():
+        text = page.read_text()
+        new = render(text, page)
+        if args.check:
+            if new != text:
+                stale.append(page.relative_to(ROOT).as_posix())
+            continue
+        new = explain_block(new)
         if new != text:
-            print("README.md's measured numbers differ from benchmarks/results/: run python benchmarks/readme.py",
-                  file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(explain_block(new))
-    print(f"rewrote {len(re.findall(r'<!-- generated:', new))} regions of {README}")
+            page.write_text(new)
+        print(f"{page.relative_to(ROOT)}: {len(re.findall(r'<!-- generated:', new))} regions")
+    if stale:
+        print(f"measured numbers in {', '.join(stale)} differ from benchmarks/results/: run python tools/readme.py",
+              file=sys.stderr)
+        return 1
     return 0
 
 
