@@ -34,8 +34,6 @@ import numpy as np
 import timm
 import torch
 import torch.distributed as dist
-from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 from timm.utils.distributed import init_distributed_device_so
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -52,7 +50,7 @@ from gray_effnet.checkpoint import (
 )
 from gray_effnet.cli import HelpFormatter, add_data_options, add_speed_options, resolve_device, run_cli
 from gray_effnet.data import make_loader, set_loader_epoch
-from gray_effnet.engine import amp_setup, evaluate, process_peak_mem_mb, train_one_epoch
+from gray_effnet.engine import amp_setup, evaluate, make_optimizer_and_schedule, process_peak_mem_mb, train_one_epoch
 from gray_effnet.evaluation import evaluate_checkpoint, report_predictions
 from gray_effnet.files import atomic_write, check_output_folder, cleanup_temporaries, output_lock
 from gray_effnet.folders import prepare_digits
@@ -293,12 +291,10 @@ def run_training(args, held: contextlib.ExitStack) -> None:
     if channels_last:
         model.to(memory_format=torch.channels_last)
     unwrapped = model  # saved and evaluated: no DDP collectives, no '_orig_mod.' prefixes
-    lr = args.lr * args.batch_size * world / 64  # --lr is for a global batch of 64; scale linearly
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=args.weight_decay)
     steps_per_epoch = len(train_loader)
-    scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch, lr_min=lr * 0.01,
-                                  warmup_t=int(args.warmup_epochs * steps_per_epoch), warmup_lr_init=lr * 0.01,
-                                  t_in_epochs=False)
+    optimizer, scheduler, lr = make_optimizer_and_schedule(  # --lr is for a global batch of 64, scaled linearly
+        model, lr=args.lr, batch_size=args.batch_size, world_size=world, weight_decay=args.weight_decay,
+        epochs=args.epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=args.warmup_epochs)
     if args.compile:
         model = torch.compile(model)
     eval_model = model

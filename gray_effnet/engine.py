@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from .errors import InputError, NonFiniteLossError
 
-__all__ = ["EvalResult", "amp_setup", "evaluate", "process_peak_mem_mb", "train_one_epoch"]
+__all__ = ["EvalResult", "amp_setup", "evaluate", "make_optimizer_and_schedule", "process_peak_mem_mb",
+           "train_one_epoch"]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
