@@ -105,6 +105,7 @@ class FolderData:
     scan: ScanResult
     ignored: list[str]
     presplit: bool
+    task: str = "single"  # class folders give one class per image
 
 
 def load_folder(
