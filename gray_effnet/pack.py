@@ -5,9 +5,12 @@ it as the validation transform does, and writes the folder ``P``:
 
 * ``images.npy``: (N, 1, H, W), uint8 for 8-bit data, uint16 (``round(x * 65535)``) or float16 for deeper data;
   opened with ``np.load(mmap_mode="r")``, so only the rows a batch needs are read.
-* ``labels.npy``: (N,) int64 class indices.
-* ``pack.json``: classes, size, dtype, intensity mapping, the split (row indices of train and val), the source
-  folder with each file's size and mtime, the skipped files and why, the command and time it was made.
+* ``labels.npy``: (N,) int64 class indices, or for multi-label data (N, K) float32 findings: 1, 0, or NaN (not
+  known: left out of the loss and the metrics).
+* ``pack.json``: the task (``single`` or ``multi``), the classes (or findings), size, dtype, intensity mapping, the
+  split (row indices of train and val), the source folder with each file's size and mtime, the skipped files and
+  why, the command and time it was made. A pack of a label table (``--labels``) records the table too: its path,
+  size and mtime (a changed table makes the pack stale), how it was read, its bad rows, and each row's group.
 
 ``train.py --data P``, ``--evaluate`` and ``predict`` read a pack instead of the files. Training augmentation
 then runs on whole batches on the training device (``BatchAugment``, kornia.augmentation). A pack is built in a
@@ -33,12 +36,13 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .augment import build_transforms
-from .data import Batch
+from .data import Batch, remap_target
 from .errors import DataError, InputError
 from .files import pid_alive
 from .folders import find_images, load_folder
 from .images import ScanResult, UnreadableImageWarning, read_gray
 from .intensity import Intensity, parse_intensity
+from .tables import TableOptions, load_table
 
 __all__ = ["DTYPES", "Pack", "PackedDataset", "is_pack", "open_pack", "write_pack"]
 
@@ -61,11 +65,13 @@ class Pack:
         img_size: (H, W) of every stored image.
         dtype: the stored dtype: ``uint8``, ``uint16`` or ``float16``.
         intensity: the mapping the images were read with (see ``gray_effnet.intensity``).
-        rows: (source path, label) of each row of ``images.npy``; a row whose file failed to decode is in no split.
+        rows: (source path, target) of each row of ``images.npy``; a row whose file failed to decode is in no split.
+            A target is a class index, or (multi-label) a (K,) float32 tensor.
         train_rows: the rows of the training split.
         val_rows: the rows of the validation split.
         note: what the staleness check found (or why it could not check).
         meta: ``pack.json`` as read.
+        task: ``single`` or ``multi``.
     """
 
     root: Path
@@ -82,6 +88,7 @@ class Pack:
     ignored: list[str] = field(default_factory=list)
     note: str = ""
     meta: dict = field(default_factory=dict)
+    task: str = "single"
 
     @property
     def train(self) -> list[tuple[str, int]]:
@@ -119,6 +126,8 @@ def _command(source: Path, output: Path, img_size: Sequence[int], meta: dict) ->
         args += ["--intensity", meta["intensity"]]
     if meta.get("dtype_requested", "auto") != "auto":
         args += ["--dtype", meta["dtype_requested"]]
+    if meta.get("table"):
+        args += TableOptions.from_json(meta["table"]["options"]).flags()
     return shlex.join(args)
 
 
@@ -133,12 +142,44 @@ def _listing(source: Path, presplit: bool) -> list[str]:
     return [p for tree in trees for p, _ in find_images(tree, min_classes=1).samples]
 
 
+def _changes(root: Path, source: Path, recorded: dict, now: dict, refresh: str) -> None:
+    """``DataError`` counting and naming the files added, removed or modified since packing."""
+    added = sorted(set(now) - set(recorded))
+    removed = sorted(set(recorded) - set(now))
+    modified = sorted(p for p in now if p in recorded and now[p] != list(recorded[p]))
+    if added or removed or modified:
+        parts = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                 for what, names in (("added", added), ("removed", removed), ("modified", modified)) if names]
+        raise DataError(f"pack {root} is stale: since it was made, files of {source} were {'; '.join(parts)}; "
+                        f"{refresh}")
+
+
+def _table_staleness(root: Path, meta: dict, refresh: str) -> str:
+    """A pack of a label table: the table unchanged, and each file it named as it was (the table lists the files)."""
+    source, table = Path(meta["source"]), Path(meta["table"]["path"])
+    if not table.is_file():
+        return f"label table {table} is gone: could not check whether the pack is stale"
+    st = table.stat()
+    if [st.st_size, st.st_mtime_ns] != [meta["table"]["size"], meta["table"]["mtime_ns"]]:
+        raise DataError(f"pack {root} is stale: its label table {table} changed since it was made; {refresh}")
+    now = {}
+    for p in meta["files"]:
+        try:
+            now[p] = _stat(os.path.join(source, p))
+        except OSError:
+            pass  # removed
+    _changes(root, source, meta["files"], now, refresh)
+    return f"label table {table.name} and its files unchanged since packing"
+
+
 def _staleness(root: Path, meta: dict) -> str:
     """A note when the source cannot be checked; ``DataError`` naming the changes when the pack is stale."""
     source = Path(meta["source"])
     refresh = f"refresh it with: {_command(source, root, meta['img_size'], meta)}"
     if not source.is_dir():
         return f"source folder {source} is gone: could not check whether the pack is stale"
+    if meta.get("table"):
+        return _table_staleness(root, meta, refresh)
     presplit = (source / "train").is_dir() and (source / "val").is_dir()
     if presplit != meta["presplit"]:
         raise DataError(f"pack {root} is stale: {source} {'now has' if presplit else 'no longer has'} train/ and "
@@ -148,15 +189,7 @@ def _staleness(root: Path, meta: dict) -> str:
     except (DataError, OSError) as e:
         raise DataError(f"pack {root} is stale: its source {source} cannot be listed as it was ({e}); {refresh}") \
             from None
-    recorded = meta["files"]
-    added = sorted(set(now) - set(recorded))
-    removed = sorted(set(recorded) - set(now))
-    modified = sorted(p for p in now if p in recorded and now[p] != list(recorded[p]))
-    if added or removed or modified:
-        parts = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-                 for what, names in (("added", added), ("removed", removed), ("modified", modified)) if names]
-        raise DataError(f"pack {root} is stale: since it was made, files of {source} were {'; '.join(parts)}; "
-                        f"{refresh}")
+    _changes(root, source, meta["files"], now, refresh)
     return f"source {source} unchanged since packing"
 
 
@@ -186,19 +219,34 @@ def open_pack(path: str | os.PathLike, check_stale: bool = True) -> Pack:
         labels = np.load(root / "labels.npy")
     except (OSError, ValueError) as e:
         raise DataError(f"{root}: cannot read the pack's arrays ({e})") from None
-    n = len(meta["rows"])
-    if images.shape != (n, 1, h, w) or str(images.dtype) != meta["dtype"] or labels.shape != (n,):
-        raise DataError(f"{root}: images.npy is {images.dtype} {images.shape} and labels.npy {labels.shape}; "
-                        f"{META} says {meta['dtype']} ({n}, 1, {h}, {w})")
+    n, task, k = len(meta["rows"]), meta.get("task", "single"), len(meta["classes"])
+    if images.shape != (n, 1, h, w) or str(images.dtype) != meta["dtype"]:
+        raise DataError(f"{root}: images.npy is {images.dtype} {images.shape}; {META} says {meta['dtype']} "
+                        f"({n}, 1, {h}, {w})")
+    if task == "single":
+        ok = labels.shape == (n,) and labels.dtype == np.int64 and bool(((labels >= 0) & (labels < k)).all())
+        want = f"int64 ({n},) class indices below {k}"
+    elif task == "multi":
+        ok = (labels.shape == (n, k) and labels.dtype == np.float32
+              and bool(((labels == 0) | (labels == 1) | np.isnan(labels)).all()))
+        want = f"float32 ({n}, {k}) of 1, 0 or NaN"
+    else:
+        raise DataError(f"{root}: {META} says task {task!r}; a pack is single- or multi-label")
+    if not ok:
+        raise DataError(f"{root}: labels.npy is {labels.dtype} {labels.shape}, or holds values out of range; "
+                        f"{META} ({task}-label) says {want}")
     note = _staleness(root, meta) if check_stale else "staleness not checked"
     source = Path(meta["source"])
     bad = [(str(source / p), why) for p, why in meta["skipped"]]
     scan = ScanResult(bad=bad, modes=Counter(meta["modes"]), wide=meta["wide_source"])
+    if task == "multi":
+        rows = [(str(source / p), torch.from_numpy(labels[i].copy())) for i, (p, _) in enumerate(meta["rows"])]
+    else:
+        rows = [(str(source / p), int(label)) for p, label in meta["rows"]]
     return Pack(root=root, source=source, classes=meta["classes"], img_size=(h, w), dtype=meta["dtype"],
-                intensity=meta["intensity"], presplit=meta["presplit"],
-                rows=[(str(source / p), int(label)) for p, label in meta["rows"]], train_rows=meta["train"],
+                intensity=meta["intensity"], presplit=meta["presplit"], rows=rows, train_rows=meta["train"],
                 val_rows=meta["val"], scan=scan, ignored=[str(source / p) for p in meta["ignored"]], note=note,
-                meta=meta)
+                meta=meta, task=task)
 
 
 # -- writing ----------------------------------------------------------------------------------------
@@ -248,6 +296,7 @@ def write_pack(
     workers: int | None = None,
     progress: bool = True,
     command: str = "",
+    table: TableOptions | None = None,
 ) -> Pack:
     """Decode and resize every image of ``data`` once into the pack folder ``output``; return it opened.
 
@@ -260,7 +309,8 @@ def write_pack(
     ``output`` is replaced only then. Leftovers of an interrupted run are removed the next time.
 
     Args:
-        data: an ImageFolder tree, or one with ``train/`` and ``val/``.
+        data: an ImageFolder tree, or one with ``train/`` and ``val/``; with ``table``, the folder its paths are
+            relative to.
         output: the pack folder to write (an existing pack there is replaced; any other folder is refused).
         img_size: (H, W) to resize to.
         val_split: the validation fraction when ``data`` is not split already.
@@ -271,6 +321,8 @@ def write_pack(
         workers: decoding threads (default: the CPU count).
         progress: show a progress bar.
         command: the command line, recorded in ``pack.json``.
+        table: read the images and labels from this label table (``tables.load_table``) instead of class folders;
+            its test rows are not packed.
     """
     start = time.perf_counter()
     source, output = Path(data), Path(output)
@@ -285,7 +337,11 @@ def write_pack(
     if source.resolve() == output.resolve() or output.resolve().is_relative_to(source.resolve()):
         raise DataError(f"the pack {output} must not be inside its source folder {source}")
     clean_leftovers(output)
-    folder = load_folder(source, val_split=val_split, seed=seed, strict=strict)
+    if table is not None:  # the table's path is kept absolute: the pack checks it for staleness from anywhere
+        table = TableOptions(**{**table.to_json(), "labels": str(Path(table.labels).resolve())})
+        folder = load_table(source, table, val_split=val_split, seed=seed, strict=strict)
+    else:
+        folder = load_folder(source, val_split=val_split, seed=seed, strict=strict)
     wide = folder.scan.wide or intensity.kind != "full"
     stored = ("uint16" if wide else "uint8") if dtype == "auto" else dtype
     if stored == "uint8" and wide:
@@ -326,9 +382,16 @@ def write_pack(
         val_rows = [i for i in range(n_train, len(rows)) if not errors[i]]
         if not train_rows or not val_rows:
             raise DataError(f"{source}: no readable images left for {'training' if not train_rows else 'validation'}")
-        np.save(partial / "labels.npy", np.array([label for _, label in rows], dtype=np.int64))
+        if folder.task == "multi":  # (N, K) float32, NaN where the finding is not known
+            labels = np.stack([np.asarray(y, dtype=np.float32) for _, y in rows])
+            row_labels = [None] * len(rows)  # in labels.npy only
+        else:
+            labels = np.array([y for _, y in rows], dtype=np.int64)
+            row_labels = [int(y) for _, y in rows]
+        np.save(partial / "labels.npy", labels)
         meta = {
             "format_version": FORMAT_VERSION,
+            "task": folder.task,
             "classes": folder.classes,
             "img_size": [h, w],
             "dtype": stored,
@@ -338,7 +401,7 @@ def write_pack(
             "seed": seed,
             "presplit": folder.presplit,
             "source": str(source.resolve()),
-            "rows": [[os.path.relpath(p, source), label] for p, label in rows],
+            "rows": [[os.path.relpath(p, source), label] for (p, _), label in zip(rows, row_labels)],
             "train": train_rows,
             "val": val_rows,
             "files": files,
@@ -350,6 +413,12 @@ def write_pack(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.perf_counter() - start, 3),
         }
+        if table is not None:
+            groups = {r.file: r.group for r in folder.rows}
+            meta["table"] = {"path": table.labels, "size": folder.stat[0], "mtime_ns": folder.stat[1],
+                             "options": table.to_json(), "bad_rows": [list(b) for b in folder.bad_rows],
+                             "test_rows": len(folder.split_rows("test")), "split": folder.split_text,
+                             "groups": [groups[p] for p, _ in rows]}
         (partial / META).write_text(json.dumps(meta, indent=1))
         for name in ("images.npy", "labels.npy", META):
             _fsync(partial / name)
@@ -382,16 +451,21 @@ class PackedDataset(Dataset):
         pack: an opened pack.
         split: ``train``, ``val`` or ``all`` (every readable image, train first).
         label_map: new label of each pack class (e.g. the class index in a checkpoint); default unchanged.
+        num_classes: with ``label_map`` on multi-label data, the number of findings to count in (those the pack
+            lacks are NaN).
     """
 
-    def __init__(self, pack: Pack, split: str = "val", *, label_map: Sequence[int] | None = None) -> None:
+    def __init__(self, pack: Pack, split: str = "val", *, label_map: Sequence[int] | None = None,
+                 num_classes: int | None = None) -> None:
         splits = {"train": pack.train_rows, "val": pack.val_rows, "all": pack.train_rows + pack.val_rows}
         if split not in splits:
             raise InputError(f"split must be one of {', '.join(splits)}; got {split!r}")
         self.rows = np.asarray(splits[split], dtype=np.int64)
-        labels = np.load(pack.root / "labels.npy")[self.rows]
-        self.labels = torch.from_numpy(np.asarray(label_map, dtype=np.int64)[labels] if label_map is not None
-                                       else labels)
+        self.task = pack.task
+        labels = torch.from_numpy(np.load(pack.root / "labels.npy")[self.rows])  # (N,) int64 or (N, K) float32
+        if label_map is not None:
+            labels = remap_target(labels, label_map, num_classes if num_classes is not None else len(label_map))
+        self.labels = labels
         self.paths = [pack.rows[i][0] for i in self.rows]
         self.file = pack.root / "images.npy"
         self.dtype = pack.dtype
@@ -417,8 +491,9 @@ class PackedDataset(Dataset):
         scale = 1 / 65535 if self.dtype == "uint16" else 1.0
         return torch.from_numpy(block.astype(np.float32) * np.float32(scale))
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, str]:
-        return self._read([index])[0], int(self.labels[index]), self.paths[index]
+    def __getitem__(self, index: int) -> tuple[Tensor, int | Tensor, str]:
+        label = self.labels[index] if self.task == "multi" else int(self.labels[index])
+        return self._read([index])[0], label, self.paths[index]
 
     def __getitems__(self, indices: Sequence[int]) -> Batch:
         return Batch(self._read(indices), self.labels[list(indices)], [self.paths[i] for i in indices], 0)
