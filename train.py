@@ -15,6 +15,8 @@ Evaluate a checkpoint on the validation split (accuracy, per-class precision/rec
 Decode and resize the images once into a pack, then train on it (augmentation runs on the device):
     python -m gray_effnet pack --data /path/to/folders --img-size 84 112 --output /path/to/pack
     python train.py --data /path/to/pack
+Labels from a CSV table, split by patient (docs/tables.md):
+    python train.py --data /path/to/images --labels labels.csv --label-column Diagnosis --group-column "Patient ID"
 CT in Hounsfield units (DICOM), with three learnable intensity windows as the stem's channels:
     python train.py --data /path/to/dicom --intensity range -1024 3071 --adapter wso --windows 40:80 80:200 600:2800
 """
@@ -48,7 +50,7 @@ from gray_effnet.checkpoint import (
     set_rng_state,
     write_metrics,
 )
-from gray_effnet.cli import HelpFormatter, add_data_options, add_speed_options, resolve_device, run_cli
+from gray_effnet.cli import HelpFormatter, add_data_options, add_speed_options, resolve_device, run_cli, table_options
 from gray_effnet.data import make_loader, set_loader_epoch
 from gray_effnet.engine import amp_setup, evaluate, make_optimizer_and_schedule, process_peak_mem_mb, train_one_epoch
 from gray_effnet.evaluation import evaluate_checkpoint, report_predictions
@@ -75,8 +77,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", default=None, help="a local weights file (.safetensors/.pth); overrides --pretrained")
     g.add_argument("--drop-rate", type=float, default=0.2, help="dropout before the classifier")
     g = p.add_argument_group("data")
-    add_data_options(g, data_help="ImageFolder tree (or one with train/ and val/), or a pack (python -m gray_effnet "
-                     "pack); default: the digits demo",
+    add_data_options(g, data_help="ImageFolder tree (or one with train/ and val/), a pack (python -m gray_effnet "
+                     "pack), or with --labels the folder of the table's images; default: the digits demo",
                      img_size_help="input size, H != W is fine (default: 64 64; with --evaluate, the checkpoint's)",
                      workers_help="data loader processes per training process")
     g.add_argument("--val-split", type=float, default=0.2, help="validation fraction when DIR has no train/val")
@@ -155,6 +157,7 @@ def check_args(args) -> None:
         if args.img_size is not None and min(args.img_size) < smallest:
             raise InputError(f"--img-size {args.img_size[0]} {args.img_size[1]} is smaller than {args.model}'s "
                              f"total stride; use at least {smallest} {smallest}")
+    table_options(args)  # refuses inconsistent table flags
     device = resolve_device(args.device)
     if args.sync_bn and not device.startswith("cuda"):  # torch's SyncBatchNorm raises on CPU modules
         raise InputError(f"--sync-bn needs CUDA devices; this run is on {device}")
@@ -169,7 +172,8 @@ def resolve_data(args, primary: bool) -> DataSource:
             prepare_digits()
         if dist.is_initialized():
             dist.barrier()  # the other ranks wait for rank 0 to write the PNGs
-    return open_source(args.data, val_split=args.val_split, seed=args.seed, strict=args.strict_data)
+    return open_source(args.data, val_split=args.val_split, seed=args.seed, strict=args.strict_data,
+                       table=table_options(args))
 
 
 def adapter_options(args) -> tuple[str, dict]:
@@ -252,6 +256,9 @@ def run_training(args, held: contextlib.ExitStack) -> None:
     if args.resume == "auto" and state_path is None:
         log(f"--resume: nothing to resume in {output}, starting fresh")
     source = resolve_data(args, primary)
+    if source.task != "single":  # until the multi-label loss and metrics arrive (issue #20)
+        raise InputError(f"{source.root}: multi-label training is not in this version yet; a table with one label "
+                         "per row (--label-column without --label-sep) trains")
     (h, w), intensity = source.settings(args.img_size, parse_intensity_args(args.intensity))
     if min(h, w) < min_input_size(args.model):
         raise InputError(f"{h}x{w} images are smaller than {args.model}'s total stride")
@@ -337,6 +344,9 @@ def run_training(args, held: contextlib.ExitStack) -> None:
                                "timm": timm.__version__, "python": platform.python_version()}}
         with atomic_write(output / "config.json") as tmp:
             tmp.write_text(json.dumps(config, indent=2))
+        split_csv = source.write_split(output / "split.csv")  # sources with groups (label tables) say which went where
+        if split_csv is not None:
+            log(f"split: {split_csv}")
     board = None
     if primary and args.tensorboard is not None:
         board = EpochLog(args.tensorboard or output / "tensorboard", val_ds)
@@ -387,7 +397,8 @@ def run_training(args, held: contextlib.ExitStack) -> None:
         f"  {source.scan.converted} images converted from colour to gray; {len(source.scan.bad)} unreadable at the "
         f"start and {skipped} unreadable while training were skipped\n"
         f"  evaluate: python train.py --evaluate --weights {output}/best.safetensors"
-        + (f" --data {args.data}" if args.data else ""))
+        + (f" --data {shlex.quote(args.data)}" if args.data else "")
+        + (f" {shlex.join(table.flags())}" if (table := table_options(args)) else ""))
     if args.report:
         log(report_after_training(output, val_loader, val_ds, device=device, num_classes=len(source.classes),
                                   class_names=source.classes, autocast=autocast, progress=progress,

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 # Only the subcommand that runs imports torch and timm (seconds), so that --help answers at once.
-from .cli import HelpFormatter, add_data_options, add_speed_options, resolve_device, run_cli
+from .cli import HelpFormatter, add_data_options, add_speed_options, resolve_device, run_cli, table_options
 
 
 def _cam(args: argparse.Namespace) -> None:
@@ -51,14 +51,16 @@ def _pack(args: argparse.Namespace) -> None:
     from .pack import write_pack
 
     set_max_pixels(args.max_pixels)
+    table = table_options(args)
     with warnings.catch_warnings():  # the bad files are listed once below, with their reasons
         warnings.simplefilter("ignore", UnreadableImageWarning)
         pack = write_pack(args.data, args.output, args.img_size, val_split=args.val_split, seed=args.seed,
                           intensity=parse_intensity_args(args.intensity), dtype=args.dtype, strict=args.strict_data,
                           workers=args.workers, progress=not args.no_progress,
-                          command=shlex.join(["python", "-m", "gray_effnet", *sys.argv[1:]]))
+                          command=shlex.join(["python", "-m", "gray_effnet", *sys.argv[1:]]), table=table)
     h, w = pack.img_size
-    print(f"packed {len(pack.train) + len(pack.val)} images of {len(pack.classes)} classes "
+    kind = "findings" if pack.task == "multi" else "classes"
+    print(f"packed {len(pack.train) + len(pack.val)} images of {len(pack.classes)} {kind} "
           f"({', '.join(pack.classes)}) from {pack.source} into {pack.root}: {h}x{w} {pack.dtype}, "
           f"{len(pack.train)} train / {len(pack.val)} val, {pack.nbytes / 2**20:.1f} MB, {pack.meta['seconds']:.1f}s")
     print(f"skipped {len(pack.scan.bad)} unreadable file(s)" + "".join(f"\n  {p}: {why}" for p, why in pack.scan.bad))
@@ -72,7 +74,7 @@ def _predict(args: argparse.Namespace) -> None:
             device=resolve_device(args.device), channels_last=args.channels_last,
             intensity=parse_intensity_args(args.intensity), img_size=args.img_size, amp=args.amp,
             threads=args.threads, strict=args.strict_data, max_pixels=args.max_pixels, report=args.report,
-            progress=not args.no_progress)
+            table=table_options(args),             progress=not args.no_progress)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -116,7 +118,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pack", formatter_class=HelpFormatter,
                        help="decode and resize an image folder once into a memory-mapped pack that train.py reads")
-    add_data_options(p, data_help="ImageFolder tree (or one with train/ and val/)", data_required=True,
+    add_data_options(p, data_help="ImageFolder tree (or one with train/ and val/), or with --labels the folder of "
+                     "the table's images", data_required=True,
                      img_size_help="size to store, the size train.py will train at", img_size_required=True,
                      intensity_default=["full"], workers_help="decoding threads (default: the CPU count)",
                      workers_default=None)
@@ -132,7 +135,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="classify a folder of images with a checkpoint, write a CSV")
     p.add_argument("--weights", required=True)
     add_data_options(p, data_required=True,
-                     data_help="a folder of images, with or without class subfolders, or a pack (all its images)",
+                     data_help="a folder of images, with or without class subfolders, a pack (all its images), or "
+                     "with --labels the folder of the table's images",
                      img_size_help="input size (default: the checkpoint's)")
     p.add_argument("--output", default=None, help="CSV path (default: predictions_<folder>.csv beside the weights)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")

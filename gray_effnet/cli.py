@@ -9,12 +9,13 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from .errors import GrayEffnetError
+from .errors import GrayEffnetError, InputError
 from .intensity import INTENSITY_HELP
 from .limits import MAX_PIXELS_HELP
+from .table_options import UNCERTAIN_POLICIES, TableOptions
 
 __all__ = ["CHANNELS_LAST_MODES", "HelpFormatter", "add_data_options", "add_speed_options", "resolve_device",
-           "run_cli"]
+           "run_cli", "table_options"]
 
 CHANNELS_LAST_MODES = ("auto", "on", "off")
 
@@ -31,7 +32,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def add_data_options(group, *, data_help: str, img_size_help: str, data_required: bool = False,
                      img_size_required: bool = False, intensity_default: list[str] | None = None,
                      workers_help: str = "data loader processes", workers_default: int | None = 2) -> None:
-    """--data, --img-size, --intensity, --strict-data, --max-pixels and --workers."""
+    """--data, --img-size, --intensity, --strict-data, --max-pixels, --workers, and a label table's (--labels ...)."""
     group.add_argument("--data", required=data_required, default=None, help=data_help)
     group.add_argument("--img-size", nargs=2, type=int, required=img_size_required, default=None,
                        metavar=("H", "W"), help=img_size_help)
@@ -40,6 +41,29 @@ def add_data_options(group, *, data_help: str, img_size_help: str, data_required
                        help="decode every file first; refuse to start if any is bad")
     group.add_argument("--max-pixels", type=int, default=None, metavar="N", help=MAX_PIXELS_HELP)
     group.add_argument("--workers", type=int, default=workers_default, help=workers_help)
+    # A label table (docs/tables.md). The checks are TableOptions', made by table_options below.
+    group.add_argument("--labels", default=None, metavar="FILE.csv",
+                       help="a CSV label table: a row per image, its path relative to --data and its labels")
+    group.add_argument("--path-column", default="path", metavar="NAME", help="--labels: the column of image paths")
+    group.add_argument("--label-column", default=None, metavar="NAME",
+                       help="--labels: the column of labels: one class per row, or with --label-sep (or "
+                       "--multi-label) several findings per cell")
+    group.add_argument("--label-columns", nargs="+", default=None, metavar="NAME",
+                       help="--labels: one column per finding, each cell 1, 0, -1 (uncertain) or blank (unknown, "
+                       "ignored), CheXpert style; multi-label")
+    group.add_argument("--label-sep", default=None, metavar="SEP",
+                       help="--labels: split --label-column's cells into findings at SEP, NIH ChestX-ray14 style "
+                       "('|'; 'No Finding' means none); multi-label")
+    group.add_argument("--uncertain", default="ignore", choices=UNCERTAIN_POLICIES,
+                       help="--label-columns: what -1 means: ignore (left out of the loss and the metrics), ones or "
+                       "zeros (CheXpert's U-Ignore, U-Ones, U-Zeros); a blank is always ignored")
+    group.add_argument("--group-column", default=None, metavar="NAME",
+                       help="--labels: split by this column (a patient id): no group in both train and val")
+    group.add_argument("--split-column", default=None, metavar="NAME",
+                       help="--labels: the split given per row: train, val or test (test rows are left out)")
+    group.add_argument("--multi-label", action="store_true",
+                       help="--labels: several findings per image (implied by --label-columns and --label-sep; "
+                       "with --label-column alone, its cells are split at '|')")
 
 
 def add_speed_options(group, *, amp: bool = True) -> None:
@@ -51,6 +75,21 @@ def add_speed_options(group, *, amp: bool = True) -> None:
                        help="CPU threads of each process (default: its share of the cores; the first lines say)")
     if amp:
         group.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast dtype")
+
+
+_TABLE_FLAGS = {"path_column": "path", "label_column": None, "label_columns": None, "label_sep": None,
+                "uncertain": "ignore", "group_column": None, "split_column": None, "multi_label": False}
+
+
+def table_options(args: argparse.Namespace) -> TableOptions | None:
+    """The label table options (``tables.TableOptions``, checked) of ``args``, or ``None`` without ``--labels``."""
+    if getattr(args, "labels", None) is None:
+        given = [f"--{k.replace('_', '-')}" for k, default in _TABLE_FLAGS.items() if getattr(args, k, default)
+                 != default]
+        if given:
+            raise InputError(f"{', '.join(given)} read a label table: add --labels FILE.csv")
+        return None
+    return TableOptions(labels=args.labels, **{k: getattr(args, k) for k in _TABLE_FLAGS})
 
 
 def resolve_device(name: str | None) -> str:

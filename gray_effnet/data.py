@@ -13,14 +13,14 @@ from .images import UnreadableImageWarning, read_gray
 from .intensity import Intensity, parse_intensity
 from .limits import pixel_limit, set_max_pixels
 
-__all__ = ["Batch", "GrayImageFolder", "SampleSeeds", "collate", "make_loader", "set_loader_epoch"]
+__all__ = ["Batch", "GrayImageFolder", "SampleSeeds", "collate", "make_loader", "remap_target", "set_loader_epoch"]
 
 
 class GrayImageFolder(Dataset):
-    """(path, label) samples read as (1, H, W) gray tensors; an unreadable file gives ``None``.
+    """(path, target) samples read as (1, H, W) gray tensors; an unreadable file gives ``None``.
 
     Args:
-        samples: (path, label) pairs.
+        samples: (path, target) pairs: a class index, or a (K,) float32 tensor of findings (1, 0, NaN).
         transform: applied to each (1, H, W) tensor.
         wide: return float32 in [0, 1] for every image (set when any file is deeper than 8 bit, so that a
             batch has one dtype); otherwise 8-bit files stay uint8.
@@ -49,7 +49,7 @@ class GrayImageFolder(Dataset):
     # depends on (seed, epoch, index) alone, whichever worker, persistent or not, reads it.
     takes_sample_seeds = True
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int, str] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int | Tensor, str] | None:
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
         try:
@@ -78,7 +78,12 @@ class GrayImageFolder(Dataset):
 
 
 class Batch(NamedTuple):
-    """A collated batch; ``skipped`` names the files that could not be read."""
+    """A collated batch; ``skipped`` counts the files that could not be read.
+
+    Shape:
+        images: (B, 1, H, W).
+        targets: (B,) int64 class indices, or (B, K) float32 findings (1, 0, NaN = not known: leave out).
+    """
 
     images: Tensor
     targets: Tensor
@@ -86,10 +91,12 @@ class Batch(NamedTuple):
     skipped: int
 
 
-def collate(items: list[tuple[Tensor, int, str] | None] | Batch) -> Batch:
+def collate(items: list[tuple[Tensor, int | Tensor, str] | None] | Batch) -> Batch:
     """Stack the readable samples; unreadable ones (``None``) are dropped and counted.
 
-    A dataset whose ``__getitems__`` reads a whole batch at once (a pack) gives a ``Batch``: it passes as it is.
+    Integer targets (class indices) become a (B,) int64 tensor; tensor targets (multi-label findings, (K,)) a
+    (B, K) float32 one. A dataset whose ``__getitems__`` reads a whole batch at once (a pack) gives a ``Batch``: it
+    passes as it is. A batch with no readable sample has empty targets (its size is 0 whatever the task).
     """
     if isinstance(items, Batch):
         return items
@@ -97,8 +104,27 @@ def collate(items: list[tuple[Tensor, int, str] | None] | Batch) -> Batch:
     if not good:
         return Batch(torch.empty(0, 1, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.long), [], len(items))
     images = torch.stack([it[0] for it in good])
-    targets = torch.tensor([it[1] for it in good], dtype=torch.long)
+    if isinstance(good[0][1], Tensor):
+        targets = torch.stack([it[1] for it in good]).float()  # (B, K); NaN entries stay NaN
+    else:
+        targets = torch.tensor([it[1] for it in good], dtype=torch.long)
     return Batch(images, targets, [it[2] for it in good], len(items) - len(good))
+
+
+def remap_target(target: int | Tensor, label_map: Sequence[int], num_classes: int) -> int | Tensor:
+    """A target counted in other classes (a checkpoint's).
+
+    A class index ``y`` (an int, or an integer tensor of them) becomes ``label_map[y]``. A float (..., K) tensor of
+    findings becomes (..., num_classes), finding ``k`` in column ``label_map[k]``, and NaN (not known) in the columns
+    of the findings the data has no label for.
+    """
+    if isinstance(target, Tensor) and target.is_floating_point():
+        out = target.new_full((*target.shape[:-1], num_classes), float("nan"))
+        out[..., list(label_map)] = target
+        return out
+    if isinstance(target, Tensor):
+        return torch.as_tensor(label_map, dtype=torch.long)[target]
+    return label_map[target]
 
 
 class SampleSeeds(torch.utils.data.Sampler):

@@ -284,6 +284,7 @@ class FolderData:
     ignored: list[str]
     presplit: bool
     skipped: list[tuple[str, str]] = field(default_factory=list)  # by the folder scan: (path, reason)
+    task: str = "single"  # class folders give one class per image
 
 
 def load_folder(

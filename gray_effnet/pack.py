@@ -112,6 +112,7 @@ class Pack:
     ignored: list[str] = field(default_factory=list)
     note: str = ""
     meta: dict = field(default_factory=dict)
+    task: str = "single"  # packs of multi-label tables: see the pack-tables port
     labels: np.ndarray | None = field(default=None, repr=False)  # (N,) int64, checked against pack.json
     images_offset: int = 0  # where the data of images.npy starts, after its checked header
 
@@ -600,6 +601,7 @@ def write_pack(
     workers: int | None = None,
     progress: bool = True,
     command: str = "",
+    table=None,
 ) -> Pack:
     """Decode and resize every image of ``data`` once into the pack folder ``output``; return it opened.
 
@@ -632,6 +634,8 @@ def write_pack(
             folder that cannot be packed.
         InputError: a size, dtype, split or seed that cannot be used; ``output`` in use by another run.
     """
+    if table is not None:
+        raise InputError("packing a label table is being ported onto the signed pack format; pack class folders")
     start = time.perf_counter()
     source, output = Path(data), Path(output)
     intensity = parse_intensity(intensity)
@@ -771,7 +775,8 @@ class PackedDataset(Dataset):
         label_map: new label of each pack class (e.g. the class index in a checkpoint); default unchanged.
     """
 
-    def __init__(self, pack: Pack, split: str = "val", *, label_map: Sequence[int] | None = None) -> None:
+    def __init__(self, pack: Pack, split: str = "val", *, label_map: Sequence[int] | None = None,
+                 num_classes: int | None = None) -> None:
         splits = {"train": pack.train_rows, "val": pack.val_rows, "all": pack.train_rows + pack.val_rows}
         if split not in splits:
             raise InputError(f"split must be one of {', '.join(splits)}; got {split!r}")

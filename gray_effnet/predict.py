@@ -3,7 +3,8 @@
 ``DIR`` may hold class subfolders named like the checkpoint's classes (then accuracy, per-class precision
 and recall and a confusion matrix are printed too) or just images (then only predictions are written). It may
 also be a pack (``python -m gray_effnet pack``): then every image in it, train and val split alike, is
-predicted at the pack's size, with its labels. The work is ``gray_effnet.evaluation``'s, as for
+predicted at the pack's size, with its labels. With ``--labels FILE.csv`` the images and their labels are the
+table's (every good row, test rows included). The work is ``gray_effnet.evaluation``'s, as for
 ``train.py --evaluate``.
 """
 
@@ -16,6 +17,7 @@ from .files import check_output_file
 from .limits import set_max_pixels
 from .run_report import report_line, write_report
 from .sources import open_source
+from .tables import TableOptions
 
 __all__ = ["default_output", "predict"]
 
@@ -23,7 +25,8 @@ __all__ = ["default_output", "predict"]
 def predict(weights: str | Path, data: str | Path, *, output: str | Path | None = None, batch_size: int = 64,
             workers: int = 2, device: str = "cpu", channels_last: str = "auto", intensity: str | None = None,
             img_size: Sequence[int] | None = None, amp: str = "none", threads: int | None = None,
-            strict: bool = False, max_pixels: int | None = None, report: bool = True, progress: bool = True) -> Path:
+            strict: bool = False, max_pixels: int | None = None, report: bool = True, progress: bool = True,
+            table: TableOptions | None = None) -> Path:
     """Predict every image of ``data`` and write the CSV; return its path (see the module docstring).
 
     Args:
@@ -42,11 +45,12 @@ def predict(weights: str | Path, data: str | Path, *, output: str | Path | None 
         max_pixels: the most pixels a file may decode to (``gray_effnet.limits``; default: Pillow's limit).
         report: write ``<csv stem>_report.html`` beside the CSV for labelled data (``gray_effnet.run_report``).
         progress: show a progress bar.
+        table: read the images and their labels from this label table, paths relative to ``data``.
     """
     out = Path(output) if output else default_output(Path(weights), Path(data))
     check_output_file(out)  # before any work: a folder there is refused now, not after predicting
     set_max_pixels(max_pixels)  # before the checkpoint: its img_size is held to the same limit
-    source = open_source(data, labelled=False, strict=strict)
+    source = open_source(data, labelled=False, strict=strict, table=table)
     ev = evaluate_checkpoint(weights, source, split="all", batch_size=batch_size, workers=workers, device=device,
                              img_size=img_size, intensity=intensity, amp=amp, channels_last=channels_last,
                              threads=threads, progress=progress)

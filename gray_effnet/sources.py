@@ -1,21 +1,26 @@
 """Data sources: what ``train.py``, ``--evaluate``, ``predict`` and ``pack`` ask of the data, whatever its kind.
 
-A data source is a folder of class subfolders (``FolderSource``), a pack decoded once by
-``python -m gray_effnet pack`` (``PackSource``), or a flat folder of unlabelled images to predict
-(``FolderSource.unlabelled``). ``open_source`` picks the kind; the scripts only ask the source:
+A data source is a folder of class subfolders (``FolderSource``), a label table naming the images of a folder
+(``TableSource``, ``--labels FILE.csv``), a pack decoded once by ``python -m gray_effnet pack`` (``PackSource``),
+or a flat folder of unlabelled images to predict (``FolderSource.unlabelled``). ``open_source`` picks the kind;
+the scripts only ask the source:
 
-* its ``classes`` and its splits (``train``, ``val``, ``all``);
+* its ``task`` (``single``: a class index per image; ``multi``: a (K,) float32 vector of 1, 0 or NaN, NaN meaning
+  "leave out of the loss and the metrics"), its ``classes`` (the class or finding names) and its splits
+  (``train``, ``val``, ``all``; a table also has ``test``, and its ``all`` includes it);
+* ``pos_fraction()``: each finding's (or class') share of positives among the labelled training entries;
+* ``write_split(path)``: ``split.csv`` (path, group, split), where the source knows its groups (tables);
 * ``settings(img_size, intensity)``: the image size and intensity mapping to use (a pack fixes both and
   refuses others; a folder takes what it is given);
-* ``dataset(split, ...)``: a dataset of ``(image, label, path)`` items, labels counted in the source's classes or,
-  with ``class_names``, in a checkpoint's;
+* ``dataset(split, ...)``: a dataset of ``(image, target, path)`` items, targets counted in the source's classes
+  or, with ``class_names``, in a checkpoint's (a multi-label finding the data lacks is NaN there);
 * ``batch_augment(...)``: the augmentation that runs on whole batches on the device (packs), or ``None`` when the
   dataset augments each sample itself (folders);
 * ``loader_workers(requested)``: the loader processes it wants;
 * ``check_model(model)``: that a checkpoint's classes and intensity mapping fit this data;
 * ``describe(wide)``: the text of the ``data:`` line.
 
-A new kind of data (label tables, say) is a new class here, not a new branch in each script.
+A new kind of data is a new class here, not a new branch in each script.
 """
 
 import os
@@ -23,11 +28,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from .augment import BatchAugment, build_transforms
-from .data import GrayImageFolder
+from .data import GrayImageFolder, remap_target
 from .errors import DataError, InputError
 from .folders import (
     FolderData,
@@ -42,10 +49,12 @@ from .folders import (
 from .images import ScanResult, drop_unreadable
 from .intensity import Intensity, parse_intensity
 from .pack import Pack, PackedDataset, has_pack_json, open_pack
+from .tables import TableData, TableOptions, load_table, write_split
 
-__all__ = ["Augmentation", "DataSource", "FolderSource", "PackSource", "open_source"]
+__all__ = ["Augmentation", "DataSource", "FolderSource", "PackSource", "TableSource", "open_source"]
 
 SPLITS = ("train", "val", "all")
+TABLE_SPLITS = ("train", "val", "test", "all")
 
 
 @dataclass(frozen=True)
@@ -77,13 +86,16 @@ class DataSource:
 
     Attributes:
         root: where the data is.
-        classes: class names, in label order (empty for unlabelled data).
-        presplit: the split was given (``train/`` and ``val/`` folders, a pack of such a folder) rather than made.
+        task: ``single`` (a class index per image) or ``multi`` (a (K,) float32 vector of 1, 0, NaN per image).
+        classes: class names (single) or finding names (multi), in label order (empty for unlabelled data).
+        presplit: the split was given (``train/`` and ``val/`` folders, a split column, a pack of either) rather
+            than made.
         scan: what checking the files found (bad files, colour files, bit depth).
         ignored: files that are not images.
     """
 
     root: Path
+    task: str = "single"
     classes: list[str]
     presplit: bool
     scan: ScanResult
@@ -93,9 +105,28 @@ class DataSource:
     def labelled(self) -> bool:
         return bool(self.classes)
 
-    def samples(self, split: str) -> list[tuple[str, int]]:
-        """(path, label) of every image of ``split`` (``train``, ``val`` or ``all``)."""
+    def samples(self, split: str) -> list[tuple[str, "int | torch.Tensor"]]:
+        """(path, target) of every image of ``split`` (``train``, ``val`` or ``all``)."""
         raise NotImplementedError
+
+    def pos_fraction(self) -> np.ndarray:
+        """(K,) share of positives among the labelled (non-NaN) entries of the training split, per finding.
+
+        For single-label data, each class' share of the training images (one-vs-rest). NaN for a finding that no
+        training image has a label for.
+        """
+        targets = [y for _, y in self.samples("train")]
+        if self.task == "multi":
+            t = torch.stack(targets).double().numpy() if targets else np.empty((0, len(self.classes)))  # (N, K)
+            known = (~np.isnan(t)).sum(0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.where(known > 0, np.nansum(t, 0) / known, np.nan)
+        counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=len(self.classes)).astype(np.float64)
+        return counts / counts.sum() if counts.sum() else np.full(len(self.classes), np.nan)
+
+    def write_split(self, path: str | os.PathLike) -> Path | None:
+        """Write ``split.csv`` (path, group, split) where the source has groups; return it, or ``None``."""
+        return None
 
     def settings(self, img_size: Sequence[int] | None, intensity: "str | Intensity | None",
                  default_size: Sequence[int] = (64, 64)) -> tuple[tuple[int, int], str]:
@@ -115,7 +146,10 @@ class DataSource:
         return requested
 
     def check_model(self, model) -> None:
-        """Refuse a checkpoint whose classes this data's labels cannot be counted in."""
+        """Refuse a checkpoint of another task, or whose classes this data's labels cannot be counted in."""
+        model_task = getattr(model, "task", "single")
+        if self.labelled and model_task != self.task:
+            raise DataError(f"the checkpoint is {model_task}-label and the data {self.root} is {self.task}-label")
         if self.labelled and model.class_names:
             _label_map(self.classes, model.class_names, str(self.root))
 
@@ -135,6 +169,25 @@ class DataSource:
         kind = "given split" if self.presplit else f"seeded stratified split, {self.val_split:.0%} val"
         return (f"{_plural(len(self.classes), 'class', 'classes')}, {len(self.samples('train'))} train / "
                 f"{len(self.samples('val'))} val images ({kind})")
+
+
+def _file_settings(img_size, intensity, default_size) -> tuple[tuple[int, int], str]:
+    """Image files are read at any size and with any mapping: the one given, or the default."""
+    size = tuple(int(s) for s in (img_size or default_size))
+    return size, str(parse_intensity(intensity or "full"))
+
+
+def _file_dataset(source: DataSource, split: str, img_size, intensity, *, augment: Augmentation | None,
+                  class_names: Sequence[str] | None) -> GrayImageFolder:
+    """The image files of ``split`` of ``source``, read and augmented one at a time."""
+    samples = source.samples(split)
+    label_map = _label_map(source.classes, class_names, str(source.root)) if source.labelled else None
+    if label_map is not None:
+        samples = [(p, remap_target(y, label_map, len(class_names))) for p, y in samples]
+    transform = (build_transforms(img_size, train=True, crop_scale=augment.crop_scale, hflip=augment.hflip,
+                                  rotate=augment.rotate)
+                 if augment is not None else build_transforms(img_size, train=False))
+    return GrayImageFolder(samples, transform, wide=source.scan.wide, intensity=intensity)
 
 
 class FolderSource(DataSource):
@@ -166,21 +219,65 @@ class FolderSource(DataSource):
         return self._splits["train"] + self._splits["val"] if split == "all" else self._splits[split]
 
     def settings(self, img_size, intensity, default_size=(64, 64)):
-        size = tuple(int(s) for s in (img_size or default_size))
-        return size, str(parse_intensity(intensity or "full"))
+        return _file_settings(img_size, intensity, default_size)
 
     def dataset(self, split, img_size, intensity, *, augment=None, class_names=None):
-        samples = self.samples(split)
-        label_map = _label_map(self.classes, class_names, str(self.root)) if self.labelled else None
-        if label_map is not None:
-            samples = [(p, label_map[y]) for p, y in samples]
-        transform = (build_transforms(img_size, train=True, crop_scale=augment.crop_scale, hflip=augment.hflip,
-                                      rotate=augment.rotate)
-                     if augment is not None else build_transforms(img_size, train=False))
-        return GrayImageFolder(samples, transform, wide=self.scan.wide, intensity=intensity)
+        return _file_dataset(self, split, img_size, intensity, augment=augment, class_names=class_names)
 
     def describe(self, wide: bool) -> str:
         return f"data: {self.root}: {self._split_text()}; {self._counts(wide)}"
+
+
+class TableSource(DataSource):
+    """A label table (``--labels FILE.csv``): image files under a folder with their labels, groups and splits.
+
+    The table is read and checked by ``tables.load_table``; the images are read as a folder's are. Besides
+    ``train`` and ``val`` it has a ``test`` split (rows a split column marks test: in neither training nor
+    validation), and its ``all`` is every image of the three.
+    """
+
+    def __init__(self, table: TableData, *, val_split: float):
+        self.table = table
+        self.root, self.task, self.classes, self.presplit = table.root, table.task, table.classes, table.presplit
+        self.scan, self.ignored, self.val_split = table.scan, table.ignored, val_split
+
+    def samples(self, split: str) -> list[tuple[str, "int | torch.Tensor"]]:
+        if split not in TABLE_SPLITS:
+            raise InputError(f"split must be one of {', '.join(TABLE_SPLITS)}; got {split!r}")
+        if split == "all":
+            return [s for part in ("train", "val", "test") for s in self.table.samples(part)]
+        return self.table.samples(split)
+
+    def settings(self, img_size, intensity, default_size=(64, 64)):
+        return _file_settings(img_size, intensity, default_size)
+
+    def dataset(self, split, img_size, intensity, *, augment=None, class_names=None):
+        return _file_dataset(self, split, img_size, intensity, augment=augment, class_names=class_names)
+
+    def write_split(self, path: str | os.PathLike) -> Path:
+        return write_split(path, [(r.path, r.group, r.split) for r in self.table.rows])
+
+    def describe(self, wide: bool) -> str:
+        t, options = self.table, self.table.options
+        if self.task == "multi":
+            names = ", ".join(self.classes[:8]) + (", ..." if len(self.classes) > 8 else "")
+            what = f"multi-label, {_plural(len(self.classes), 'finding')} ({names})"
+            if options.label_columns:
+                what += f", -1 read as {dict(ignore='ignored', ones='1', zeros='0')[options.uncertain]}"
+        else:
+            what = _plural(len(self.classes), "class", "classes")
+        rows = {s: t.split_rows(s) for s in ("train", "val", "test")}
+        text = (f"data: {self.root}: table {t.table.name}, {what}; {len(rows['train'])} train / {len(rows['val'])} "
+                "val images")
+        if options.group_column:
+            groups = {s: len({r.group for r in rows[s]}) for s in rows}
+            text += f" of {groups['train']} / {groups['val']} groups of {options.group_column!r}"
+        if rows["test"]:
+            text += f", {len(rows['test'])} test images left out"
+            if options.group_column:
+                text += f" ({_plural(groups['test'], 'group')})"
+        return (f"{text}; {t.split_text}; {len(t.bad_rows)} bad rows skipped, {t.scan.converted} converted from "
+                f"colour, {len(t.scan.bad)} unreadable skipped; {'float32' if wide else 'uint8'} batches")
 
 
 class PackSource(DataSource):
@@ -188,7 +285,7 @@ class PackSource(DataSource):
 
     def __init__(self, pack: Pack):
         self.pack = pack
-        self.root, self.classes, self.presplit = pack.root, pack.classes, pack.presplit
+        self.root, self.task, self.classes, self.presplit = pack.root, pack.task, pack.classes, pack.presplit
         self.scan, self.ignored, self.val_split = pack.scan, pack.ignored, pack.meta["val_split"]
 
     def samples(self, split: str) -> list[tuple[str, int]]:
@@ -210,7 +307,16 @@ class PackSource(DataSource):
 
     def dataset(self, split, img_size, intensity, *, augment=None, class_names=None):
         self.settings(img_size, intensity)  # a pack is read as it was packed
-        return PackedDataset(self.pack, split, label_map=_label_map(self.classes, class_names, f"the pack {self.root}"))
+        return PackedDataset(self.pack, split, label_map=_label_map(self.classes, class_names, f"the pack {self.root}"),
+                             num_classes=None if class_names is None else len(class_names))
+
+    def write_split(self, path: str | os.PathLike) -> Path | None:
+        table = self.pack.meta.get("table")
+        if not table:
+            return None
+        split = {i: "train" for i in self.pack.train_rows} | {i: "val" for i in self.pack.val_rows}
+        return write_split(path, [(p, group, split[i]) for i, ((p, _), group) in
+                                  enumerate(zip(self.pack.meta["rows"], table["groups"])) if i in split])
 
     def batch_augment(self, img_size, augment, seed):
         return BatchAugment(img_size, crop_scale=augment.crop_scale, hflip=augment.hflip, rotate=augment.rotate,
@@ -221,22 +327,35 @@ class PackSource(DataSource):
 
     def describe(self, wide: bool) -> str:
         pack = self.pack
-        return (f"data: {self.root}: pack of {pack.source}, {pack.dtype}, {pack.note}; {self._split_text()}; "
+        table = pack.meta.get("table")
+        of = f"{pack.source} (table {Path(table['path']).name}, {table['split']})" if table else str(pack.source)
+        what = f"multi-label, {_plural(len(self.classes), 'finding')}; " if self.task == "multi" else ""
+        return (f"data: {self.root}: pack of {of}, {pack.dtype}, {pack.note}; {what}{self._split_text()}; "
                 f"{self._counts(wide)}")
 
 
 def open_source(data: str | os.PathLike | None, *, val_split: float = 0.2, seed: int = 0, strict: bool = False,
-                labelled: bool = True) -> DataSource:
-    """The data source at ``data``: a pack, a folder of class subfolders, or (``labelled=False``) also a flat folder.
+                labelled: bool = True, table: TableOptions | None = None) -> DataSource:
+    """The data source at ``data``: a label table's folder, a pack, a folder of class subfolders, or
+    (``labelled=False``) also a flat folder.
 
     Args:
         data: the path; ``None`` is the offline demo (scikit-learn's digits, written once as PNG class folders).
-        val_split: the validation fraction when the folder is not split already.
+        val_split: the validation fraction when the folder (or table) is not split already.
         seed: seed of the split.
-        strict: decode every file first and refuse to start if any is bad.
+        strict: decode every file first and refuse to start if any file (or table row) is bad.
         labelled: require labels; otherwise a folder with no class subfolders is a flat folder of images to predict,
-            and a single class folder is enough.
+            and a single class folder is enough. A table always has labels.
+        table: read the images and their labels from this label table (``--labels``), paths relative to ``data``.
     """
+    if table is not None:
+        if data is None:
+            raise InputError("--labels needs --data DIR: the folder the table's paths are relative to")
+        if has_pack_json(data):
+            raise InputError(f"{data} is a pack, which holds its labels already; leave out --labels and the "
+                             "table options")
+        return TableSource(load_table(data, table, val_split=val_split, seed=seed, strict=strict),
+                           val_split=val_split)
     if data is None:
         data = prepare_digits()
     root = Path(data)
