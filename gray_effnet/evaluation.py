@@ -2,6 +2,11 @@
 
 ``train.py --evaluate`` (the validation split) and ``python -m gray_effnet predict`` (every image) both call
 ``evaluate_checkpoint`` and ``report_predictions``; they differ only in the split and the CSV's default name.
+
+A single-label checkpoint gets accuracy, per-class precision and recall and a confusion matrix (and ROC AUC,
+sensitivity and specificity for 2 classes); its CSV names the predicted class. A multi-label checkpoint gets a
+table of ROC AUC and average precision per finding; its CSV has a probability per finding (``p_<finding>``), the
+known labels (``y_<finding>``) and the findings at or above the checkpoint's thresholds (``findings``).
 """
 
 import csv
@@ -17,14 +22,25 @@ from .data import make_loader
 from .engine import EvalResult, amp_setup, evaluate
 from .errors import InputError
 from .files import atomic_write
+from .metrics import DEFAULT_THRESHOLD
 from .sources import DataSource
 from .speed import choose_channels_last, plan_threads
 
-__all__ = ["evaluate_checkpoint", "format_eval", "report_predictions", "write_predictions"]
+__all__ = ["evaluate_checkpoint", "format_eval", "format_findings", "report_predictions", "write_predictions"]
+
+
+def _number(v: float, digits: int = 3) -> str:
+    return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
 
 
 def format_eval(result: EvalResult, class_names: Sequence[str]) -> str:
-    """Accuracy, per-class precision and recall, and the confusion matrix (rows: true, columns: predicted)."""
+    """Accuracy, per-class precision and recall, and the confusion matrix (rows: true, columns: predicted).
+
+    Two classes add ROC AUC, average precision, sensitivity and specificity (class 1 positive); more add the
+    macro ROC AUC of each class against the rest. A multi-label result gets ``format_findings`` instead.
+    """
+    if result.task == "multi":
+        return format_findings(result, class_names)
     precision, recall = result.per_class()
     counts = result.confusion.sum(1)
     width = max(8, *(len(c) for c in class_names))
@@ -40,6 +56,12 @@ def format_eval(result: EvalResult, class_names: Sequence[str]) -> str:
             f"{name:<{width}} {'n/a' if math.isnan(p) else f'{p:.3f}':>9} "
             f"{'n/a' if math.isnan(r) else f'{r:.3f}':>7} {int(counts[i]):>7}"
         )
+    if len(class_names) == 2:  # sensitivity and specificity at the predicted class, as the confusion matrix counts
+        lines += ["", f"ROC AUC {_number(result.auc)}, average precision {_number(result.ap)}, sensitivity "
+                      f"{_number(recall[1].item())}, specificity {_number(recall[0].item())} (positive class: "
+                      f"{class_names[1]!r})"]
+    elif len(class_names) > 2:
+        lines += ["", f"macro ROC AUC, each class against the rest: {_number(result.auc)}"]
     cell = max(5, len(str(int(result.confusion.max()))) + 1)
     lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
     lines.append(" " * width + "".join(f"{name[:cell - 1]:>{cell}}" for name in class_names))
@@ -48,9 +70,40 @@ def format_eval(result: EvalResult, class_names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def format_findings(result: EvalResult, finding_names: Sequence[str]) -> str:
+    """A multi-label result: macro means, then per finding ROC AUC, average precision, threshold, prevalence and
+    how many labels are known. A finding with one class among its known labels has no ROC AUC ("n/a (one
+    class)"), and is left out of the means."""
+    m = result.findings
+    undefined = sum(m.why_undefined(k) is not None for k in range(len(finding_names)))
+    width = max(8, *(len(c) for c in finding_names))
+    lines = [
+        f"macro ROC AUC {_number(result.auc)}, macro average precision {_number(result.ap)} over "
+        f"{len(finding_names) - undefined} of {len(finding_names)} findings"
+        + (f" ({undefined} without both classes among the known labels, left out)" if undefined else "")
+        + f"; {len(result.paths)} images, {int(result.confusion.sum())} known labels, loss {result.loss:.4f}, "
+        f"accuracy per label at 0.5 {_number(result.acc, 4)}"
+        + (f", {result.skipped} unreadable skipped" if result.skipped else ""),
+        "",
+        f"{'finding':<{width}} {'ROC AUC':>17} {'AP':>6} {'threshold':>9} {'prevalence':>10} {'labelled':>8}",
+    ]
+    for k, name in enumerate(finding_names):
+        why = m.why_undefined(k)
+        lines.append(f"{name:<{width}} {_number(m.auc[k]) if why is None else f'n/a ({why})':>17} "
+                     f"{_number(m.ap[k]):>6} {result.thresholds[k]:>9.3f} {_number(m.prevalence[k]):>10} "
+                     f"{int(m.labelled[k]):>8}")
+    return "\n".join(lines)
+
+
 def write_predictions(path: str | Path, result: EvalResult, class_names: Sequence[str] | None) -> Path:
-    """One row per image: path, true label (when known), predicted label, its probability, correct."""
+    """One row per image: path, true label (when known), predicted label, its probability, correct.
+
+    Multi-label: path, the probability of each finding (``p_<finding>``), its known label (``y_<finding>``: 1, 0,
+    or empty when unknown), and the findings at or above their thresholds, joined by '|' (``findings``).
+    """
     path = Path(path)
+    if result.task == "multi":
+        return _write_findings(path, result, class_names or [str(k) for k in range(result.scores.shape[1])])
     with atomic_write(path) as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
@@ -62,6 +115,19 @@ def write_predictions(path: str | Path, result: EvalResult, class_names: Sequenc
                 else:
                     true = class_names[target] if class_names else target
                     writer.writerow([file, true, name, f"{prob:.6f}", int(target == pred)])
+    return path
+
+
+def _write_findings(path: Path, result: EvalResult, names: Sequence[str]) -> Path:
+    thresholds = torch.tensor(result.thresholds, dtype=torch.float64)
+    with atomic_write(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", *(f"p_{n}" for n in names), *(f"y_{n}" for n in names), "findings"])
+            for file, scores, targets in zip(result.paths, result.scores.double(), result.targets.tolist()):
+                present = "|".join(n for n, hit in zip(names, (scores >= thresholds).tolist()) if hit)
+                labels = ["" if math.isnan(t) else int(t > 0.5) for t in targets]
+                writer.writerow([file, *(f"{p:.6f}" for p in scores.tolist()), *labels, present])
     return path
 
 
@@ -121,8 +187,13 @@ def evaluate_checkpoint(
     log(why)
     if use_nhwc:
         model.to(memory_format=torch.channels_last)
-    result = evaluate(model, loader, device=device, num_classes=model.num_classes, autocast=autocast,
-                      channels_last=use_nhwc, keep_predictions=True, progress=progress, desc=f"evaluate {split}")
+    result = evaluate(model, loader, device=device, num_classes=model.num_classes, task=model.task,
+                      autocast=autocast, channels_last=use_nhwc, keep_predictions=True, progress=progress,
+                      desc=f"evaluate {split}")
+    if model.task == "multi":  # the thresholds chosen on validation data in training, not on these images
+        if model.thresholds is None:
+            log(f"the checkpoint has no thresholds: a finding is called present at probability {DEFAULT_THRESHOLD}")
+        result.thresholds = model.thresholds or [DEFAULT_THRESHOLD] * model.num_classes
     return result, names
 
 
@@ -131,6 +202,10 @@ def report_predictions(result: EvalResult, class_names: Sequence[str], csv_path:
     """Print the metrics (labelled data) or the predicted counts (unlabelled), and write the predictions CSV."""
     if labelled:
         log(format_eval(result, class_names))
+    elif result.task == "multi":
+        hits = (result.scores.double() >= torch.tensor(result.thresholds, dtype=torch.float64)).sum(0).tolist()
+        log(f"{len(result.paths)} images; findings called present: "
+            + ", ".join(f"{name}: {n}" for name, n in sorted(zip(class_names, hits), key=lambda t: -t[1])))
     else:
         counts = Counter(class_names[pred] for _, _, pred, _ in result.predictions)
         log(f"{len(result.predictions)} images predicted as: "

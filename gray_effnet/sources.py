@@ -5,10 +5,13 @@ A data source is a folder of class subfolders (``FolderSource``), a pack decoded
 (``FolderSource.unlabelled``). ``open_source`` picks the kind; the scripts only ask the source:
 
 * its ``classes`` and its splits (``train``, ``val``, ``all``);
+* its ``task`` (``gray_effnet.tasks``): ``single`` (a class per image: folders, packs) or ``multi`` (a yes, no or
+  unknown per finding, ``classes`` then naming the findings), and for ``multi`` the ``pos_fraction()`` of each
+  finding among the known training labels;
 * ``settings(img_size, intensity)``: the image size and intensity mapping to use (a pack fixes both and
   refuses others; a folder takes what it is given);
 * ``dataset(split, ...)``: a dataset of ``(image, label, path)`` items, labels counted in the source's classes or,
-  with ``class_names``, in a checkpoint's;
+  with ``class_names``, in a checkpoint's; a multi-label label is a float32 (K,) tensor of 1, 0 or NaN (unknown);
 * ``batch_augment(...)``: the augmentation that runs on whole batches on the device (packs), or ``None`` when the
   dataset augments each sample itself (folders);
 * ``loader_workers(requested)``: the loader processes it wants;
@@ -23,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -72,6 +76,7 @@ class DataSource:
         presplit: the split was given (``train/`` and ``val/`` folders, a pack of such a folder) rather than made.
         scan: what checking the files found (bad files, colour files, bit depth).
         ignored: files that are not images.
+        task: ``single`` or ``multi`` (``gray_effnet.tasks``).
     """
 
     root: Path
@@ -79,6 +84,7 @@ class DataSource:
     presplit: bool
     scan: ScanResult
     ignored: list[str]
+    task: str = "single"
 
     @property
     def labelled(self) -> bool:
@@ -87,6 +93,11 @@ class DataSource:
     def samples(self, split: str) -> list[tuple[str, int]]:
         """(path, label) of every image of ``split`` (``train``, ``val`` or ``all``)."""
         raise NotImplementedError
+
+    def pos_fraction(self) -> np.ndarray:
+        """Multi-label data: each finding's fraction of positives among its known training labels, (K,)."""
+        raise InputError(f"{self.root} has one class per image; a fraction of positives per finding is for "
+                         "multi-label data")
 
     def settings(self, img_size: Sequence[int] | None, intensity: "str | Intensity | None",
                  default_size: Sequence[int] = (64, 64)) -> tuple[tuple[int, int], str]:
@@ -106,7 +117,11 @@ class DataSource:
         return requested
 
     def check_model(self, model) -> None:
-        """Refuse a checkpoint whose classes this data's labels cannot be counted in."""
+        """Refuse a checkpoint whose classes (or findings) this data's labels cannot be counted in."""
+        if self.labelled and model.task != self.task:
+            kind = {"single": "one class per image", "multi": "findings (multi-label)"}
+            raise DataError(f"{self.root} is labelled with {kind[self.task]}, the checkpoint predicts "
+                            f"{kind[model.task]}")
         if self.labelled and model.class_names:
             _label_map(self.classes, model.class_names, str(self.root))
 
