@@ -210,6 +210,10 @@ class EvalResult:
         tp = c.diag()
         return tp / c.sum(0), tp / c.sum(1)
 
+    def present(self) -> Tensor:
+        """Multi-label: (N, K), whether each image's probability of each finding is at or above its threshold."""
+        return self.scores.double() >= torch.tensor(self.thresholds, dtype=torch.float64)
+
 
 def _ranking(task: str, scores: Tensor, targets: Tensor, num_classes: int) -> FindingMetrics:
     """Ranking metrics of the scores: per finding, of class 1 (2 classes) or one class against the rest."""

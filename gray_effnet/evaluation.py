@@ -119,15 +119,15 @@ def write_predictions(path: str | Path, result: EvalResult, class_names: Sequenc
 
 
 def _write_findings(path: Path, result: EvalResult, names: Sequence[str]) -> Path:
-    thresholds = torch.tensor(result.thresholds, dtype=torch.float64)
     with atomic_write(path) as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["path", *(f"p_{n}" for n in names), *(f"y_{n}" for n in names), "findings"])
-            for file, scores, targets in zip(result.paths, result.scores.double(), result.targets.tolist()):
-                present = "|".join(n for n, hit in zip(names, (scores >= thresholds).tolist()) if hit)
+            rows = zip(result.paths, result.scores.tolist(), result.targets.tolist(), result.present().tolist())
+            for file, scores, targets, present in rows:
                 labels = ["" if math.isnan(t) else int(t > 0.5) for t in targets]
-                writer.writerow([file, *(f"{p:.6f}" for p in scores.tolist()), *labels, present])
+                found = "|".join(n for n, hit in zip(names, present) if hit)
+                writer.writerow([file, *(f"{p:.6f}" for p in scores), *labels, found])
     return path
 
 
@@ -151,6 +151,8 @@ def evaluate_checkpoint(
 
     The images are read as the model was trained: at its ``img_size`` and with its intensity mapping, unless
     others are named (a pack has its own and refuses others). Labels are counted in the checkpoint's classes.
+    A multi-label result's ``thresholds`` are the checkpoint's (chosen on validation data in training), or 0.5
+    where it has none, whatever these images' own best thresholds would be.
 
     Args:
         weights: a checkpoint of this project.
@@ -203,7 +205,7 @@ def report_predictions(result: EvalResult, class_names: Sequence[str], csv_path:
     if labelled:
         log(format_eval(result, class_names))
     elif result.task == "multi":
-        hits = (result.scores.double() >= torch.tensor(result.thresholds, dtype=torch.float64)).sum(0).tolist()
+        hits = result.present().sum(0).tolist()
         log(f"{len(result.paths)} images; findings called present: "
             + ", ".join(f"{name}: {n}" for name, n in sorted(zip(class_names, hits), key=lambda t: -t[1])))
     else:

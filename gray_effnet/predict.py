@@ -3,7 +3,8 @@
 ``DIR`` may hold class subfolders named like the checkpoint's classes (then accuracy, per-class precision
 and recall and a confusion matrix are printed too) or just images (then only predictions are written). It may
 also be a pack (``python -m gray_effnet pack``): then every image in it, train and val split alike, is
-predicted at the pack's size, with its labels. The work is ``gray_effnet.evaluation``'s, as for
+predicted at the pack's size, with its labels. A multi-label checkpoint writes each finding's probability and
+the findings at or above its thresholds instead of one class. The work is ``gray_effnet.evaluation``'s, as for
 ``train.py --evaluate``.
 """
 
