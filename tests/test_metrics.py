@@ -172,10 +172,11 @@ class TestPosWeight:
 
 class TestCountCorrect:
     def test_multi_label_at_one_half_over_known_entries(self):
-        logits = torch.tensor([[1.0, -1.0, 0.0], [-0.5, 2.0, 3.0]])
+        logits = torch.tensor([[1.0, -1.0, -1.0], [-0.5, 2.0, 3.0]])
         targets = torch.tensor([[1.0, 1.0, NAN], [0.0, NAN, 0.0]])
         right, counted = count_correct(logits, targets)
-        assert (right.item(), counted.item()) == (2, 4)  # right: (0, 0) and (1, 0); wrong: (0, 1) and (1, 2)
+        # right: (0, 0) and (1, 0); wrong: (0, 1) and (1, 2); (0, 2) and (1, 1) unknown, whatever the prediction
+        assert (right.item(), counted.item()) == (2, 4)
         right, counted = count_correct(torch.tensor([[0.0]]), torch.tensor([[1.0]]))
         assert right.item() == 1  # logit 0 is probability 0.5: called positive, as a threshold of 0.5 would
 
