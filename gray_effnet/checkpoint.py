@@ -60,7 +60,9 @@ __all__ = [
 ]
 
 META_KEY = "gray_effnet"
-FORMAT_VERSION = 1
+# 2 (issue 20): task, thresholds and val_auc, which a reader of version 1 refuses as unknown fields; a version 1
+# file is a single-label checkpoint and reads as one.
+FORMAT_VERSION = 2
 STATE_NAME = "last.state.pt"
 MAX_CLASSES = 100_000
 MAX_NAME_CHARS = 256

@@ -266,6 +266,19 @@ class TestLegacyState:
         assert code == 2 and "select_by: the checkpoint has 'acc', this run has 'loss'" in err, err
 
 
+class TestFormatVersion:
+    def test_version_1_reads_as_single_label(self, run_dir, tmp_path):
+        """A file written before issue 20: format_version 1, no task, thresholds or val_auc."""
+        _, run = run_dir
+        _, meta = read_checkpoint(run / "best.safetensors")
+        assert meta["format_version"] == 2
+        old = {k: v for k, v in meta.items() if k not in ("task", "thresholds", "val_auc")}
+        path = tmp_path / "v1.safetensors"
+        _write_safetensors(run / "best.safetensors", path, {**old, "format_version": 1})
+        model = load_model(path)
+        assert (model.task, model.thresholds, model.num_classes) == ("single", None, 3)
+
+
 class TestCheckpointPathPayload:
     def test_checkpoint_path_refused_and_payload_never_runs(self, run_dir, tmp_path):
         """timm_kwargs naming a pickle beside the file: refused before timm, so the pickle is never opened."""
