@@ -17,10 +17,10 @@ Decode and resize the images once into a pack, then train on it (augmentation ru
     python train.py --data /path/to/pack
 CT in Hounsfield units (DICOM), with three learnable intensity windows as the stem's channels:
     python train.py --data /path/to/dicom --intensity range -1024 3071 --adapter wso --windows 40:80 80:200 600:2800
-Multi-label data (several findings per image, some unknown): a sigmoid per finding, the binary cross-entropy of
-the known labels, best.safetensors by macro ROC AUC; --pos-weight auto weighs each finding's positives by its
-rarity:
-    python train.py --data /path/to/labelled/data --pos-weight auto --select-by auc
+Multi-label data (a source whose task is "multi", such as a label table: several findings per image, some
+unknown): a sigmoid per finding, the binary cross-entropy of the known labels, best.safetensors by macro ROC AUC
+(the default --select-by for it); --pos-weight auto weighs each finding's positives by its rarity:
+    python train.py --data /path/to/labels --pos-weight auto
 """
 
 import argparse
