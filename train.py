@@ -19,12 +19,17 @@ Labels from a CSV table, split by patient (docs/tables.md):
     python train.py --data /path/to/images --labels labels.csv --label-column Diagnosis --group-column "Patient ID"
 CT in Hounsfield units (DICOM), with three learnable intensity windows as the stem's channels:
     python train.py --data /path/to/dicom --intensity range -1024 3071 --adapter wso --windows 40:80 80:200 600:2800
+Multi-label data (a source whose task is "multi", such as a label table: several findings per image, some
+unknown): a sigmoid per finding, the binary cross-entropy of the known labels, best.safetensors by macro ROC AUC
+(the default --select-by for it); --pos-weight auto weighs each finding's positives by its rarity:
+    python train.py --data /path/to/labels --pos-weight auto
 """
 
 import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
 import shlex
@@ -43,7 +48,10 @@ from torch.nn.parallel import DistributedDataParallel
 import gray_effnet
 from gray_effnet import GrayEfficientNet, GrayEffnetError, InputError, WeightsError, list_adapters
 from gray_effnet.checkpoint import (
+    META_KEY,
+    SELECT_BY,
     EpochRow,
+    best_epoch,
     load_state,
     resolve_resume,
     save_checkpoint,
@@ -63,6 +71,7 @@ from gray_effnet.run_report import report_after_training, report_line, write_rep
 from gray_effnet.runinfo import device_name, git_commit
 from gray_effnet.sources import Augmentation, DataSource, open_source
 from gray_effnet.speed import ThreadGovernor, channels_last_cache, choose_channels_last, plan_threads
+from gray_effnet.tasks import make_criterion, pos_weight_from_prevalence
 from gray_effnet.tblog import EpochLog, require_tensorboard
 
 
@@ -92,7 +101,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (for the global batch)")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warmup, then cosine decay")
-    g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="single-label data only")
+    g.add_argument("--pos-weight", default="none", choices=("none", "auto"),
+                   help="multi-label data: weigh each finding's positive labels by (1-p)/p, p its training "
+                   "prevalence (clipped to [0.01, 100])")
     g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this")
     g = p.add_argument_group("speed")
     add_speed_options(g)
@@ -103,6 +115,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", default=None, help="output folder (default: runs/<model>-<adapter>)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="continue from PATH, or with no PATH from OUTPUT/last.state.pt if it exists")
+    g.add_argument("--select-by", default=None, choices=tuple(SELECT_BY),
+                   help="the validation metric that picks best.safetensors (default: auc for multi-label data, acc "
+                   "otherwise); auc is macro over findings, of class 1 for 2 classes, one class against the rest "
+                   "for more")
     g.add_argument("--evaluate", action="store_true", help="only evaluate --weights on the validation split")
     g.add_argument("--log-every", type=int, default=20, help="steps between loss checks and progress updates")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
@@ -256,16 +272,21 @@ def run_training(args, held: contextlib.ExitStack) -> None:
     if args.resume == "auto" and state_path is None:
         log(f"--resume: nothing to resume in {output}, starting fresh")
     source = resolve_data(args, primary)
-    if source.task != "single":  # until the multi-label loss and metrics arrive (issue #20)
-        raise InputError(f"{source.root}: multi-label training is not in this version yet; a table with one label "
-                         "per row (--label-column without --label-sep) trains")
     (h, w), intensity = source.settings(args.img_size, parse_intensity_args(args.intensity))
     if min(h, w) < min_input_size(args.model):
         raise InputError(f"{h}x{w} images are smaller than {args.model}'s total stride")
+    task = source.task
+    select_by = args.select_by or ("auc" if task == "multi" else "acc")
+    pos_weight = None
+    if args.pos_weight == "auto":
+        if task != "multi":
+            raise InputError(f"--pos-weight auto is for multi-label data; {source.root} has one class per image")
+        pos_weight = pos_weight_from_prevalence(source.pos_fraction())
     state = None
     if state_path is not None:
         state = load_state(state_path, {"model_name": args.model, "adapter": args.adapter,
-                                        "num_classes": len(source.classes), "intensity": intensity})
+                                        "num_classes": len(source.classes), "intensity": intensity, "task": task,
+                                        "select_by": select_by})
     augmentation = Augmentation(crop_scale=args.crop_scale, hflip=args.hflip, rotate=args.rotate)
     train_ds = source.dataset("train", (h, w), intensity, augment=augmentation)
     val_ds = source.dataset("val", (h, w), intensity)
@@ -288,7 +309,7 @@ def run_training(args, held: contextlib.ExitStack) -> None:
     model = GrayEfficientNet(args.model, adapter=args.adapter, num_classes=len(source.classes),
                              pretrained=args.pretrained and not args.weights, weights=args.weights,
                              class_names=source.classes, img_size=(h, w), drop_rate=args.drop_rate,
-                             intensity=intensity, adapter_kwargs=adapter_kwargs)
+                             intensity=intensity, adapter_kwargs=adapter_kwargs, task=task)
     if args.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
@@ -307,13 +328,17 @@ def run_training(args, held: contextlib.ExitStack) -> None:
     eval_model = model
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    criterion = make_criterion(task, label_smoothing=args.label_smoothing, pos_weight=pos_weight).to(device)
+    if pos_weight is not None:
+        log("positive weight per finding: "
+            + ", ".join(f"{c} {v:.3g}" for c, v in zip(source.classes, pos_weight.tolist())))
 
     # -- resume ---------------------------------------------------------------------------------------------
-    start_epoch, history, best_acc = 0, [], -1.0
+    start_epoch, history = 0, []
     if state is not None:
         try:
             unwrapped.load_timm_state_dict(state["model"], source=str(state_path))
+            unwrapped.thresholds = state[META_KEY].get("thresholds")  # those chosen on the last epoch's validation
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             if primary:
@@ -322,9 +347,11 @@ def run_training(args, held: contextlib.ExitStack) -> None:
             raise WeightsError(f"cannot resume from {state_path}: {type(e).__name__}: {e}") from None
         if not primary:  # only rank 0's generators are saved; the others get fresh, distinct seeds
             torch.manual_seed(args.seed + rank + 1000 * (state["epoch"] + 1))
-        start_epoch, history, best_acc = state["epoch"] + 1, state["history"], state["best_val_acc"]
+        start_epoch, history = state["epoch"] + 1, state["history"]
         scheduler.step_update(start_epoch * steps_per_epoch)
-        log(f"resumed from {state_path} after epoch {state['epoch']} (best val_acc {best_acc:.4f})")
+        best = history[best_epoch(history, select_by)]
+        log(f"resumed from {state_path} after epoch {state['epoch']} (best {SELECT_BY[select_by][0]} "
+            f"{best[SELECT_BY[select_by][0]]:.4f}, epoch {best['epoch']})")
 
     # -- outputs: written only now that the run has started ----------------------------------------------------
     if primary:
@@ -336,7 +363,9 @@ def run_training(args, held: contextlib.ExitStack) -> None:
             write_metrics(output / "metrics.csv", history)  # drop rows of an epoch that did not finish
         config = {"args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
                   "resolved": {"data": str(source.root), "output": str(output), "lr": lr, "world_size": world,
-                               "classes": source.classes, "device": str(device), "threads": threads.threads,
+                               "classes": source.classes, "task": task, "select_by": select_by,
+                               "pos_weight": None if pos_weight is None else pos_weight.tolist(),
+                               "device": str(device), "threads": threads.threads,
                                "channels_last": channels_last,
                                "device_name": device_name(device), "command": command_line(args),
                                "commit": git_commit(Path(__file__))},
@@ -354,7 +383,10 @@ def run_training(args, held: contextlib.ExitStack) -> None:
     # -- train ----------------------------------------------------------------------------------------------
     log(f"training {args.model} with the {args.adapter!r} stem on {device} x{world}: "
         f"{plural(args.epochs, 'epoch')}, {plural(steps_per_epoch, 'step')} each, batch {args.batch_size}x{world}, "
-        f"{h}x{w}, amp {args.amp}; val loss is cross-entropy without label smoothing")
+        f"{h}x{w}, amp {args.amp}; val loss is "
+        + ("binary cross-entropy per known label, without --pos-weight" if task == "multi"
+           else "cross-entropy without label smoothing")
+        + f"; best.safetensors by val {select_by}")
     run_start = time.perf_counter()
     progress = primary and not args.no_progress
     for epoch in range(start_epoch, args.epochs):
@@ -367,21 +399,23 @@ def run_training(args, held: contextlib.ExitStack) -> None:
                                 log_every=args.log_every, progress=progress, augment=batch_augment,
                                 on_step=governor.step)
         val_start = time.perf_counter()
-        result = evaluate(eval_model, val_loader, device=device, num_classes=len(source.classes), autocast=autocast,
-                          channels_last=channels_last, progress=progress, desc=f"epoch {epoch} val")
+        result = evaluate(eval_model, val_loader, device=device, num_classes=len(source.classes), task=task,
+                          autocast=autocast, channels_last=channels_last, progress=progress, desc=f"epoch {epoch} val")
+        unwrapped.thresholds = result.thresholds  # multi-label: Youden's J on this epoch's validation; else None
         row = EpochRow(epoch=epoch, lr=optimizer.param_groups[0]["lr"], **stats,  # lr: where the epoch ended
                        val_loss=result.loss, val_acc=result.acc, val_seconds=time.perf_counter() - val_start,
-                       process_peak_mem_mb=process_peak_mem_mb(device), val_skipped=result.skipped)
+                       process_peak_mem_mb=process_peak_mem_mb(device), val_skipped=result.skipped,
+                       val_auc=result.auc, val_ap=result.ap)
         history.append(dataclasses.asdict(row))
-        is_best = result.acc > best_acc
-        best_acc = max(best_acc, result.acc)
+        is_best = best_epoch(history, select_by) == len(history) - 1
         save_start = time.perf_counter()
         if primary:
             save_checkpoint(output, unwrapped, optimizer=optimizer, scaler=scaler, history=history,
-                            best_val_acc=best_acc, is_best=is_best, args=vars(args))
+                            select_by=select_by, is_best=is_best, args=vars(args))
         # Where the time went: the steps, the loader they waited for, and what runs between epochs.
+        auc = "" if math.isnan(row.val_auc) else f" auc {row.val_auc:.4f}"
         log(f"epoch {epoch}: train loss {row.train_loss:.4f} acc {row.train_acc:.4f} | "
-            f"val loss {row.val_loss:.4f} acc {row.val_acc:.4f}{' (best)' if is_best else ''} | "
+            f"val loss {row.val_loss:.4f} acc {row.val_acc:.4f}{auc}{' (best)' if is_best else ''} | "
             f"{row.img_per_s:.0f} img/s, {row.seconds:.1f}s (waiting for data {row.data_wait_s:.1f}s), "
             f"val {row.val_seconds:.1f}s, save {time.perf_counter() - save_start:.1f}s")
         if board is not None:
@@ -391,8 +425,9 @@ def run_training(args, held: contextlib.ExitStack) -> None:
 
     # -- summary ----------------------------------------------------------------------------------------------
     skipped = sum(r["train_skipped"] + r["val_skipped"] for r in history)
-    log(f"\ndone in {time.perf_counter() - run_start:.0f}s: best val acc {best_acc:.4f} "
-        f"(epoch {max(history, key=lambda r: r['val_acc'])['epoch'] if history else '-'})\n"
+    best = history[best_epoch(history, select_by)] if history else None
+    best_text = f"{best[SELECT_BY[select_by][0]]:.4f} (epoch {best['epoch']})" if best else "- (no epoch)"
+    log(f"\ndone in {time.perf_counter() - run_start:.0f}s: best val {select_by} {best_text}\n"
         f"  outputs in {output}/: best.safetensors, last.safetensors, last.state.pt, metrics.csv, config.json\n"
         f"  {source.scan.converted} images converted from colour to gray; {len(source.scan.bad)} unreadable at the "
         f"start and {skipped} unreadable while training were skipped\n"

@@ -2,8 +2,8 @@
 
 After each epoch the output folder gets, in this order:
 
-1. ``last.safetensors`` (and ``best.safetensors`` when validation accuracy improved): the weights under
-   timm's names, with the metadata that ``load_model`` needs.
+1. ``last.safetensors`` (and ``best.safetensors`` when the validation metric of ``--select-by`` improved): the
+   weights under timm's names, with the metadata that ``load_model`` needs.
 2. ``last.state.pt``: the resume point. Weights, optimizer, scaler, epoch, RNG states and the metric
    history, read back with ``torch.load(weights_only=True)``. It holds the weights too, so that one atomic
    rename moves the resume point; it is the only file ``--resume`` trusts.
@@ -39,13 +39,16 @@ from .files import atomic_write
 from .intensity import parse_intensity
 from .limits import MAX_NESTING, input_size_limit, nesting_depth, unprintable
 from .model import GrayEfficientNet
+from .tasks import TASKS
 from .weights import read_weights_file, safe_torch_load
 
 __all__ = [
     "FORMAT_VERSION",
     "META_KEY",
     "STATE_NAME",
+    "SELECT_BY",
     "EpochRow",
+    "best_epoch",
     "load_model",
     "load_state",
     "read_checkpoint",
@@ -59,7 +62,9 @@ __all__ = [
 ]
 
 META_KEY = "gray_effnet"
-FORMAT_VERSION = 1
+# 2 (issue 20): task, thresholds and val_auc, which a reader of version 1 refuses as unknown fields; a version 1
+# file is a single-label checkpoint and reads as one.
+FORMAT_VERSION = 2
 STATE_NAME = "last.state.pt"
 MAX_CLASSES = 100_000
 MAX_NAME_CHARS = 256
@@ -90,9 +95,25 @@ class EpochRow:
     process_peak_mem_mb: float  # since the process started: max RSS on CPU, max allocated on CUDA
     train_skipped: int
     val_skipped: int
+    val_auc: float  # ROC AUC: macro over findings, of class 1 for 2 classes, macro one-vs-rest for more; NaN if none
+    val_ap: float  # average precision, the same way
 
 
 METRIC_COLUMNS = [f.name for f in dataclasses.fields(EpochRow)]
+# --select-by: the metrics.csv column that picks best.safetensors, and whether higher is better.
+SELECT_BY: dict[str, tuple[str, bool]] = {"auc": ("val_auc", True), "acc": ("val_acc", True),
+                                          "loss": ("val_loss", False)}
+
+
+def best_epoch(history: list[dict[str, Any]], select_by: str) -> int:
+    """The index in ``history`` of the best row by ``select_by``: the first of equals, NaN worse than any number."""
+    column, higher = SELECT_BY[select_by]
+
+    def key(i: int) -> tuple[bool, float, int]:
+        v = history[i][column]
+        return (not math.isnan(v), v if higher else -v, -i)
+
+    return max(range(len(history)), key=key)
 
 
 # -- metadata: written, then validated on every read ---------------------------------------------------
@@ -159,7 +180,8 @@ def validate_metadata(meta: Any, state_dict: Mapping[str, Tensor], source: Any) 
         raise WeightsError(f"{source}: checkpoint metadata nested more than {MAX_NESTING} levels deep; this project "
                            "writes 3")
     known = {"format_version", "model_name", "adapter", "num_classes", "class_names", "img_size", "mean", "std",
-             "timm_kwargs", "intensity", "adapter_kwargs", "epoch", "val_acc", "val_loss"}
+             "timm_kwargs", "intensity", "adapter_kwargs", "task", "thresholds", "epoch", "val_acc", "val_loss",
+             "val_auc"}
     unknown = sorted(str(k) for k in meta if k not in known)
     if unknown:
         raise WeightsError(f"{source}: unknown checkpoint field(s) {unknown[:5]}; expected only {sorted(known)}")
@@ -253,18 +275,30 @@ def validate_metadata(meta: Any, state_dict: Mapping[str, Tensor], source: Any) 
             raise _fail(source, f"adapter_kwargs.{key}",
                         f"finite numbers or lists of them (at most {MAX_OPTION_NUMBERS})", value)
 
+    task = meta.get("task", "single")  # files written before issue 20 are single-label
+    if task not in TASKS:
+        raise _fail(source, "task", f"one of {', '.join(TASKS)}", task)
+    if task == "multi" and names is not None and any("|" in c for c in names):
+        raise _fail(source, "class_names", "finding names without '|' (it joins them in predictions.csv)", names)
+    thresholds = meta.get("thresholds")
+    if thresholds is not None and (task != "multi" or not isinstance(thresholds, list) or len(thresholds) != n
+                                   or not all(_is_number(t) and 0 <= t <= 1 for t in thresholds)):
+        raise _fail(source, "thresholds", f"null, or for task 'multi' a list of {n} numbers in [0, 1] (num_classes)",
+                    thresholds)
+
     epoch = meta.get("epoch")
     if epoch is not None and not (_is_int(epoch) and epoch >= 0):
         raise _fail(source, "epoch", "null or an integer >= 0", epoch)
     _check_optional_number(meta, "val_acc", 0.0, 1.0, source)
     _check_optional_number(meta, "val_loss", 0.0, 1e6, source)
+    _check_optional_number(meta, "val_auc", 0.0, 1.0, source)
     return {"model_name": name, "adapter": adapter, "num_classes": n, "class_names": names, "img_size": size,
             "mean": meta["mean"], "std": meta["std"], "intensity": intensity, "adapter_kwargs": options or None,
-            **kwargs}
+            "task": task, "thresholds": thresholds, **kwargs}
 
 
 def describe(model: GrayEfficientNet, **extra: Any) -> dict[str, Any]:
-    """The metadata written with ``model``'s weights; ``extra`` adds epoch, val_acc, val_loss."""
+    """The metadata written with ``model``'s weights; ``extra`` adds epoch, val_acc, val_loss, val_auc."""
     return {"format_version": FORMAT_VERSION, **model.describe(), **extra}
 
 
@@ -278,7 +312,7 @@ def save_weights(model: GrayEfficientNet, path: str | os.PathLike, **extra: Any)
     Args:
         model: a ``GrayEfficientNet`` (unwrapped from DDP / ``torch.compile``).
         path: the file to write, atomically.
-        **extra: ``epoch``, ``val_acc``, ``val_loss``.
+        **extra: ``epoch``, ``val_acc``, ``val_loss``, ``val_auc``.
     """
     meta = describe(model, **extra)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.timm_state_dict().items()}
@@ -356,18 +390,20 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     history: list[dict[str, Any]],
-    best_val_acc: float,
+    select_by: str,
     is_best: bool,
     args: dict[str, Any],
 ) -> None:
     """Write the epoch's files (see the module docstring for the order and why).
 
     Args:
-        model: the unwrapped ``GrayEfficientNet`` (not DDP, not compiled).
+        model: the unwrapped ``GrayEfficientNet`` (not DDP, not compiled), with the epoch's thresholds if multi-label.
         history: one ``EpochRow`` (as a dict) per finished epoch; the last one is the epoch just finished.
+        select_by: a key of ``SELECT_BY``, recorded for resume: the metric that picks ``best.safetensors``.
+        is_best: the epoch just finished is the best so far (``best_epoch``): write ``best.safetensors`` too.
     """
     row = history[-1]
-    extra = {"epoch": row["epoch"], "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
+    extra = {"epoch": row["epoch"], "val_acc": row["val_acc"], "val_loss": row["val_loss"], "val_auc": row["val_auc"]}
     save_weights(model, output / "last.safetensors", **extra)
     if is_best:
         save_weights(model, output / "best.safetensors", **extra)
@@ -379,7 +415,7 @@ def save_checkpoint(
         "epoch": row["epoch"],
         "rng": rng_state(),
         "history": history,
-        "best_val_acc": best_val_acc,
+        "select_by": select_by,
         "args": args,
     }
     with atomic_write(output / STATE_NAME) as tmp:
@@ -422,9 +458,8 @@ def _validate_state(state: Any, path: Path) -> None:
             raise _fail(path, "history", f"rows with the columns {METRIC_COLUMNS}", row)
         if not all(_is_number(v) or (isinstance(v, float) and math.isnan(v)) for v in row.values()):
             raise _fail(path, "history", "rows of numbers", row)
-    best = state.get("best_val_acc")
-    if not (_is_number(best) and -1.0 <= best <= 1.0):
-        raise _fail(path, "best_val_acc", "a number in [-1, 1]", best)
+    if state.get("select_by") not in SELECT_BY:
+        raise _fail(path, "select_by", f"one of {', '.join(SELECT_BY)}", state.get("select_by"))
     rng = state["rng"]
     numpy_state = rng.get("numpy")
     if (not isinstance(rng.get("torch"), Tensor) or rng["torch"].dtype != torch.uint8
@@ -440,8 +475,8 @@ def load_state(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
     """Read a training-state file (no pickled code runs), check every field, and that it fits this run.
 
     Args:
-        expect: the metadata the run that resumes must find: ``model_name``, ``adapter``, ``num_classes`` and
-            ``intensity`` (the mapping its images are read with).
+        expect: the settings the run that resumes must find: ``model_name``, ``adapter``, ``num_classes``,
+            ``intensity`` (the mapping its images are read with), ``task`` and ``select_by``.
 
     Raises:
         WeightsError: the file is not a state file, a field is wrong, or it was made with other settings.
@@ -451,10 +486,16 @@ def load_state(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
         raise WeightsError(f"{path} is not a gray_effnet training state file")
     model = state.get("model")
     validate_metadata(state[META_KEY], model if isinstance(model, dict) else {}, path)
+    if "select_by" not in state and "best_val_acc" in state:  # written before --select-by and val_auc (issue 20)
+        state["select_by"] = "acc"
+        for row in state["history"] if isinstance(state.get("history"), list) else []:
+            if isinstance(row, dict):
+                row.setdefault("val_auc", math.nan)
+                row.setdefault("val_ap", math.nan)
     _validate_state(state, path)
-    meta = state[META_KEY]
-    diffs = [f"{k}: the checkpoint has {meta.get(k)!r}, this run has {v!r}"
-             for k, v in expect.items() if meta.get(k) != v]
+    recorded = {"task": "single", **state[META_KEY], "select_by": state["select_by"]}
+    diffs = [f"{k}: the checkpoint has {recorded.get(k)!r}, this run has {v!r}"
+             for k, v in expect.items() if recorded.get(k) != v]
     if diffs:
         raise WeightsError(
             f"cannot resume from {path}: it was made with other settings ({'; '.join(diffs)}). "

@@ -1,4 +1,4 @@
-"""Train and eval steps: one AMP code path, device-side metrics, DDP-aware reductions."""
+"""Train and eval steps: one AMP code path, device-side metrics, DDP-aware reductions, for either task."""
 
 import math
 import time
@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .errors import InputError, NonFiniteLossError
+from .metrics import FindingMetrics, finding_metrics
+from .tasks import check_task, count_correct, masked_bce
 
 __all__ = ["EvalResult", "amp_setup", "evaluate", "make_optimizer_and_schedule", "process_peak_mem_mb",
            "train_one_epoch"]
@@ -36,10 +38,23 @@ def amp_setup(device: torch.device, amp: str) -> tuple[Callable, torch.amp.GradS
     return autocast, scaler
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _all_reduce(t: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.all_reduce(t)
     return t
+
+
+def _all_gather(obj):
+    """Every rank's ``obj``, in rank order (one element when not distributed)."""
+    if not _distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def process_peak_mem_mb(device: torch.device) -> float:
@@ -98,6 +113,9 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train for one epoch; returns loss, accuracy, images/s, seconds (of which waiting for data), skipped files.
 
+    Single-label: the loss and accuracy are means over the images. Multi-label (float targets, NaN where unknown,
+    ``gray_effnet.tasks``): means over the known entries, the accuracy at probability 0.5; NaN when none was known.
+
     ``augment``, when given, transforms each batch once it is on the device (``gray_effnet.augment.BatchAugment``).
     ``on_step`` is called after every optimizer step (``gray_effnet.speed.ThreadGovernor.step``).
 
@@ -109,7 +127,8 @@ def train_one_epoch(
     steps_per_epoch = len(loader)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = torch.zeros((), device=device, dtype=torch.long)
+    seen = torch.zeros((), device=device, dtype=torch.long)  # what the loss and accuracy average over
+    images_seen = torch.zeros((), device=device, dtype=torch.long)
     window: list[Tensor] = []
     skipped = 0
     start = time.perf_counter()
@@ -150,11 +169,12 @@ def train_one_epoch(
         scaler.update()
         if scheduler is not None:
             scheduler.step_update(num_updates=epoch * steps_per_epoch + step + 1)
-        n = targets.numel()
+        right, n = count_correct(logits.detach(), targets)  # images, or known multi-label entries
         window.append(loss.detach())
         loss_sum += loss.detach().double() * n
-        correct += (logits.detach().argmax(-1) == targets).sum()
+        correct += right
         seen += n
+        images_seen += len(targets)
         if (step + 1) % log_every == 0:
             check(step)
         if on_step is not None:
@@ -164,11 +184,11 @@ def train_one_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    totals = _all_reduce(torch.stack([loss_sum, correct.double(), seen.double()]))
-    images = totals[2].item()
+    totals = _all_reduce(torch.stack([loss_sum, correct.double(), seen.double(), images_seen.double()])).tolist()
+    counted, images = totals[2], totals[3]
     return {
-        "train_loss": totals[0].item() / max(images, 1),
-        "train_acc": totals[1].item() / max(images, 1),
+        "train_loss": totals[0] / counted if counted else math.nan,
+        "train_acc": totals[1] / counted if counted else math.nan,
         "img_per_s": images / seconds if seconds > 0 else float("nan"),
         "seconds": seconds,
         "data_wait_s": data_wait[0],
@@ -178,23 +198,55 @@ def train_one_epoch(
 
 @dataclass
 class EvalResult:
-    """Validation metrics; ``confusion[t, p]`` counts images of class ``t`` predicted as ``p``."""
+    """Validation metrics of either task (``gray_effnet.tasks``).
+
+    Single-label: ``confusion[t, p]`` counts images of class ``t`` predicted as ``p``; ``predictions`` holds
+    (path, target, predicted class, its probability) when asked for; ``auc`` and ``ap`` are those of class 1
+    for 2 classes, the macro means one class against the rest for more.
+
+    Multi-label: ``confusion[k, t, p]`` counts the known entries of finding ``k`` by label and by prediction at
+    probability 0.5, and ``acc`` is the fraction of them right; every image's ``scores`` (sigmoid probabilities)
+    and ``targets`` (NaN where unknown) are kept, with their ``paths``; ``findings`` holds each finding's ranking
+    metrics, ``auc`` and ``ap`` their macro means over the findings where defined; ``thresholds`` are those that
+    call a finding present: chosen here by Youden's J, or the checkpoint's (``evaluate_checkpoint``).
+    """
 
     loss: float
     acc: float
     confusion: Tensor
     skipped: int = 0
     predictions: list[tuple[str, int, int, float]] = field(default_factory=list)  # path, target, pred, prob
+    task: str = "single"
+    auc: float = math.nan
+    ap: float = math.nan
+    findings: FindingMetrics | None = None
+    paths: list[str] = field(default_factory=list)
+    scores: Tensor | None = None  # (N, K)
+    targets: Tensor | None = None  # (N, K)
+    thresholds: list[float] | None = None
     # With keep_predictions, row i belongs to predictions[i]: (N, K) softmax probabilities, and (N,) the
     # cross-entropy of each image (NaN where unlabelled), whose mean over the labelled images is ``loss``.
     probs: Tensor | None = None
     losses: Tensor | None = None
 
     def per_class(self) -> tuple[Tensor, Tensor]:
-        """Precision and recall of each class (NaN where undefined)."""
+        """Single-label: precision and recall of each class (NaN where undefined)."""
         c = self.confusion.double()
         tp = c.diag()
         return tp / c.sum(0), tp / c.sum(1)
+
+    def present(self) -> Tensor:
+        """Multi-label: (N, K), whether each image's probability of each finding is at or above its threshold."""
+        return self.scores.double() >= torch.tensor(self.thresholds, dtype=torch.float64)
+
+
+def _ranking(task: str, scores: Tensor, targets: Tensor, num_classes: int) -> FindingMetrics:
+    """Ranking metrics of the scores: per finding, of class 1 (2 classes) or one class against the rest."""
+    if task == "multi":
+        return finding_metrics(targets.numpy(), scores.numpy())
+    if num_classes == 2:  # the positive class is class 1
+        return finding_metrics((targets == 1).numpy()[:, None], scores[:, 1:].numpy())
+    return finding_metrics(torch.nn.functional.one_hot(targets, num_classes).numpy(), scores.numpy())
 
 
 @torch.no_grad()
@@ -204,24 +256,33 @@ def evaluate(
     *,
     device: torch.device,
     num_classes: int,
+    task: str = "single",
     autocast: Callable = nullcontext,
     channels_last: bool = False,
     keep_predictions: bool = False,
     progress: bool = True,
     desc: str = "eval",
 ) -> EvalResult:
-    """Evaluate on every image of ``loader`` once (summed over DDP ranks).
+    """Evaluate on every image of ``loader`` once (summed, or gathered, over DDP ranks).
 
-    Targets below 0 mark unlabelled images: they are predicted but count in no metric. The loss is the plain
-    cross-entropy (no label smoothing) wherever it is reported: after each epoch, by ``--evaluate``, by
+    Single-label: targets below 0 mark unlabelled images: they are predicted but count in no metric. The loss is
+    the plain cross-entropy (no label smoothing) wherever it is reported: after each epoch, by ``--evaluate``, by
     ``predict``.
+
+    Multi-label (``task="multi"``): targets (B, K) of 1, 0 or NaN; an unlabelled image (a target of -1) has every
+    finding unknown. The loss is the binary cross-entropy per known entry, without positive weights.
+
+    The probabilities of every labelled image are kept for the ranking metrics (``EvalResult``); under DDP they
+    are gathered from every rank before these are computed, so that each rank reports the same numbers.
     """
     model.eval()
+    multi = check_task(task) == "multi"
     criterion = nn.CrossEntropyLoss()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+    confusion = torch.zeros(num_classes * (4 if multi else num_classes), device=device, dtype=torch.long)
     skipped = 0
-    predictions, probs, losses = [], [], []
+    predictions, paths, scores, kept_targets = [], [], [], []
+    all_probs, losses = [], []  # with keep_predictions, row i belongs to predictions[i]
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         skipped += batch.skipped
         if batch.targets.numel() == 0:
@@ -230,42 +291,69 @@ def evaluate(
         with autocast():
             logits = model(images)
         logits = logits.float()
+        if multi:
+            if not targets.is_floating_point():  # unlabelled images (-1): every finding unknown
+                targets = torch.full_like(logits, math.nan)
+            known = ~torch.isnan(targets)
+            loss_sum += masked_bce(logits, targets)[0].double()
+            finding = torch.arange(num_classes, device=device).expand_as(targets)
+            cell = finding * 4 + (targets > 0.5).long() * 2 + (logits >= 0).long()  # (k, label, prediction)
+            confusion += torch.bincount(cell[known], minlength=num_classes * 4)
+            paths += batch.paths
+            scores.append(logits.sigmoid().cpu())
+            kept_targets.append(targets.cpu())
+            continue
         pred = logits.argmax(-1)
         labelled = targets >= 0
+        probs = logits.softmax(-1)
         if labelled.any():
             loss_sum += criterion(logits[labelled], targets[labelled]).double() * labelled.sum()
             confusion += torch.bincount(targets[labelled] * num_classes + pred[labelled], minlength=num_classes**2)
+            scores.append(probs[labelled].cpu())
+            kept_targets.append(targets[labelled].cpu())
         if keep_predictions:
-            p = logits.softmax(-1)
-            prob = p.gather(1, pred[:, None])[:, 0]
+            prob = probs.gather(1, pred[:, None])[:, 0]
             predictions += list(zip(batch.paths, targets.tolist(), pred.tolist(), prob.tolist()))
-            probs.append(p.cpu())
+            all_probs.append(probs.cpu())
             losses.append(F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
                           .masked_fill(~labelled, math.nan).cpu())
     _all_reduce(loss_sum)
     _all_reduce(confusion)
-    if keep_predictions:
-        probs = torch.cat(probs) if probs else torch.zeros(0, num_classes)
-        losses = torch.cat(losses) if losses else torch.zeros(0)
-    if keep_predictions and dist.is_available() and dist.is_initialized():
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (predictions, probs, losses))
-        predictions = [p for part in gathered for p in part[0]]
+    skipped = int(_all_reduce(torch.tensor(skipped, device=device)).item())
+    empty = torch.empty(0, num_classes) if multi else torch.empty(0, dtype=torch.long)
+    probs = torch.cat(all_probs) if all_probs else torch.zeros(0, num_classes)
+    losses = torch.cat(losses) if losses else torch.zeros(0)
+    mine = (paths, torch.cat(scores) if scores else torch.empty(0, num_classes),
+            torch.cat(kept_targets) if kept_targets else empty, predictions, probs, losses)
+    parts = _all_gather(mine)  # every rank's probabilities: a ranking metric is not a sum over ranks
+    paths = [p for part in parts for p in part[0]]
+    scores, targets = torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])
+    if _distributed():
+        predictions = [p for part in parts for p in part[3]]
         order = sorted(range(len(predictions)), key=predictions.__getitem__)  # sorted by path, as before
         predictions = [predictions[i] for i in order]
-        probs = torch.cat([part[1] for part in gathered])[order]
-        losses = torch.cat([part[2] for part in gathered])[order]
-    skipped = int(_all_reduce(torch.tensor(skipped, device=device)).item())
-    confusion = confusion.view(num_classes, num_classes).cpu()
+        probs = torch.cat([part[4] for part in parts])[order]
+        losses = torch.cat([part[5] for part in parts])[order]
+        if multi:
+            order = sorted(range(len(paths)), key=paths.__getitem__)
+            paths, scores, targets = [paths[i] for i in order], scores[order], targets[order]
+    ranking = _ranking(task, scores, targets, num_classes)
+    confusion = confusion.view(num_classes, 2, 2).cpu() if multi else confusion.view(num_classes, num_classes).cpu()
     total = int(confusion.sum())
+    right = confusion.diagonal(dim1=-2, dim2=-1).sum().item()
     return EvalResult(
         loss=loss_sum.item() / total if total else math.nan,
-        acc=confusion.diag().sum().item() / total if total else math.nan,
+        acc=right / total if total else math.nan,
         confusion=confusion,
         skipped=skipped,
         predictions=predictions,
         probs=probs if keep_predictions else None,
         losses=losses if keep_predictions else None,
+        task=task,
+        auc=ranking.macro_auc,
+        ap=ranking.macro_ap,
+        **({"findings": ranking, "paths": paths, "scores": scores, "targets": targets,
+            "thresholds": ranking.threshold.tolist()} if multi else {}),
     )
 
 

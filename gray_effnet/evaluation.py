@@ -2,6 +2,11 @@
 
 ``train.py --evaluate`` (the validation split) and ``python -m gray_effnet predict`` (every image) both call
 ``evaluate_checkpoint`` and ``report_predictions``; they differ only in the split and the CSV's default name.
+
+A single-label checkpoint gets accuracy, per-class precision and recall and a confusion matrix (and ROC AUC,
+sensitivity and specificity for 2 classes); its CSV names the predicted class. A multi-label checkpoint gets a
+table of ROC AUC and average precision per finding; its CSV has a probability per finding (``p_<finding>``), the
+known labels (``y_<finding>``) and the findings at or above the checkpoint's thresholds (``findings``).
 """
 
 import csv
@@ -19,11 +24,13 @@ from .data import make_loader
 from .engine import EvalResult, amp_setup, evaluate
 from .errors import InputError
 from .files import atomic_write
+from .metrics import DEFAULT_THRESHOLD
 from .model import GrayEfficientNet
 from .sources import DataSource
 from .speed import channels_last_cache, choose_channels_last, plan_threads
 
-__all__ = ["Evaluation", "csv_safe", "evaluate_checkpoint", "format_eval", "report_predictions", "write_predictions"]
+__all__ = ["Evaluation", "csv_safe", "evaluate_checkpoint", "format_eval", "format_findings", "report_predictions",
+           "write_predictions"]
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -43,8 +50,19 @@ def csv_safe(cell: object) -> object:
     return cell
 
 
+
+def _number(v: float, digits: int = 3) -> str:
+    return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
+
+
 def format_eval(result: EvalResult, class_names: Sequence[str]) -> str:
-    """Accuracy, per-class precision and recall, and the confusion matrix (rows: true, columns: predicted)."""
+    """Accuracy, per-class precision and recall, and the confusion matrix (rows: true, columns: predicted).
+
+    Two classes add ROC AUC, average precision, sensitivity and specificity (class 1 positive); more add the
+    macro ROC AUC of each class against the rest. A multi-label result gets ``format_findings`` instead.
+    """
+    if result.task == "multi":
+        return format_findings(result, class_names)
     precision, recall = result.per_class()
     counts = result.confusion.sum(1)
     width = max(8, *(len(c) for c in class_names))
@@ -60,6 +78,12 @@ def format_eval(result: EvalResult, class_names: Sequence[str]) -> str:
             f"{name:<{width}} {'n/a' if math.isnan(p) else f'{p:.3f}':>9} "
             f"{'n/a' if math.isnan(r) else f'{r:.3f}':>7} {int(counts[i]):>7}"
         )
+    if len(class_names) == 2:  # sensitivity and specificity at the predicted class, as the confusion matrix counts
+        lines += ["", f"ROC AUC {_number(result.auc)}, average precision {_number(result.ap)}, sensitivity "
+                      f"{_number(recall[1].item())}, specificity {_number(recall[0].item())} (positive class: "
+                      f"{class_names[1]!r})"]
+    elif len(class_names) > 2:
+        lines += ["", f"macro ROC AUC, each class against the rest: {_number(result.auc)}"]
     cell = max(5, len(str(int(result.confusion.max()))) + 1)
     lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
     lines.append(" " * width + "".join(f"{name[:cell - 1]:>{cell}}" for name in class_names))
@@ -68,11 +92,42 @@ def format_eval(result: EvalResult, class_names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def format_findings(result: EvalResult, finding_names: Sequence[str]) -> str:
+    """A multi-label result: macro means, then per finding ROC AUC, average precision, threshold, prevalence and
+    how many labels are known. A finding with one class among its known labels has no ROC AUC ("n/a (one
+    class)"), and is left out of the means."""
+    m = result.findings
+    undefined = sum(m.why_undefined(k) is not None for k in range(len(finding_names)))
+    width = max(8, *(len(c) for c in finding_names))
+    lines = [
+        f"macro ROC AUC {_number(result.auc)}, macro average precision {_number(result.ap)} over "
+        f"{len(finding_names) - undefined} of {len(finding_names)} findings"
+        + (f" ({undefined} without both classes among the known labels, left out)" if undefined else "")
+        + f"; {len(result.paths)} images, {int(result.confusion.sum())} known labels, loss {result.loss:.4f}, "
+        f"accuracy per label at 0.5 {_number(result.acc, 4)}"
+        + (f", {result.skipped} unreadable skipped" if result.skipped else ""),
+        "",
+        f"{'finding':<{width}} {'ROC AUC':>17} {'AP':>6} {'threshold':>9} {'prevalence':>10} {'labelled':>8}",
+    ]
+    for k, name in enumerate(finding_names):
+        why = m.why_undefined(k)
+        lines.append(f"{name:<{width}} {_number(m.auc[k]) if why is None else f'n/a ({why})':>17} "
+                     f"{_number(m.ap[k]):>6} {result.thresholds[k]:>9.3f} {_number(m.prevalence[k]):>10} "
+                     f"{int(m.labelled[k]):>8}")
+    return "\n".join(lines)
+
+
 def write_predictions(path: str | Path, result: EvalResult, class_names: Sequence[str] | None) -> Path:
     """One row per image: path, true label (when known), predicted label, its probability, correct.
 
-    Text cells go through ``csv_safe``: a class or file name that starts like a formula is written as text."""
+    Multi-label: path, the probability of each finding (``p_<finding>``), its known label (``y_<finding>``: 1, 0,
+    or empty when unknown), and the findings at or above their thresholds, joined by '|' (``findings``).
+
+    Text cells go through ``csv_safe``: a class or file name that starts like a formula is written as text.
+    """
     path = Path(path)
+    if result.task == "multi":
+        return _write_findings(path, result, class_names or [str(k) for k in range(result.scores.shape[1])])
     with atomic_write(path) as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
@@ -99,6 +154,19 @@ class Evaluation:
     data_note: str  # the data: line
 
 
+def _write_findings(path: Path, result: EvalResult, names: Sequence[str]) -> Path:
+    with atomic_write(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", *(f"p_{n}" for n in names), *(f"y_{n}" for n in names), "findings"])
+            rows = zip(result.paths, result.scores.tolist(), result.targets.tolist(), result.present().tolist())
+            for file, scores, targets, present in rows:
+                labels = ["" if math.isnan(t) else int(t > 0.5) for t in targets]
+                found = "|".join(n for n, hit in zip(names, present) if hit)
+                writer.writerow([file, *(f"{p:.6f}" for p in scores), *labels, found])
+    return path
+
+
 def evaluate_checkpoint(
     weights: str | Path,
     source: DataSource,
@@ -119,6 +187,8 @@ def evaluate_checkpoint(
 
     The images are read as the model was trained: at its ``img_size`` and with its intensity mapping, unless
     others are named (a pack has its own and refuses others). Labels are counted in the checkpoint's classes.
+    A multi-label result's ``thresholds`` are the checkpoint's (chosen on validation data in training), or 0.5
+    where it has none, whatever these images' own best thresholds would be.
 
     Args:
         weights: a checkpoint of this project.
@@ -156,8 +226,13 @@ def evaluate_checkpoint(
     log(why)
     if use_nhwc:
         model.to(memory_format=torch.channels_last)
-    result = evaluate(model, loader, device=device, num_classes=model.num_classes, autocast=autocast,
-                      channels_last=use_nhwc, keep_predictions=True, progress=progress, desc=f"evaluate {split}")
+    result = evaluate(model, loader, device=device, num_classes=model.num_classes, task=model.task,
+                      autocast=autocast, channels_last=use_nhwc, keep_predictions=True, progress=progress,
+                      desc=f"evaluate {split}")
+    if model.task == "multi":  # the thresholds chosen on validation data in training, not on these images
+        if model.thresholds is None:
+            log(f"the checkpoint has no thresholds: a finding is called present at probability {DEFAULT_THRESHOLD}")
+        result.thresholds = model.thresholds or [DEFAULT_THRESHOLD] * model.num_classes
     return Evaluation(result, names, model, dataset, note)
 
 
@@ -166,6 +241,10 @@ def report_predictions(result: EvalResult, class_names: Sequence[str], csv_path:
     """Print the metrics (labelled data) or the predicted counts (unlabelled), and write the predictions CSV."""
     if labelled:
         log(format_eval(result, class_names))
+    elif result.task == "multi":
+        hits = result.present().sum(0).tolist()
+        log(f"{len(result.paths)} images; findings called present: "
+            + ", ".join(f"{name}: {n}" for name, n in sorted(zip(class_names, hits), key=lambda t: -t[1])))
     else:
         counts = Counter(class_names[pred] for _, _, pred, _ in result.predictions)
         log(f"{len(result.predictions)} images predicted as: "

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .adapters import ADAPTERS, FoldStem, StemAdapter, create_adapter, list_adapters
 from .errors import InputError, WeightsError
 from .intensity import parse_intensity
+from .tasks import check_task
 from .weights import (
     classifier_keys,
     first_conv_name,
@@ -61,7 +62,7 @@ class GrayEfficientNet(nn.Module):
             dict, or a checkpoint saved by this project. Overrides ``pretrained``.
         mean: per-channel means on the [0, 1] scale; default: the model's ``pretrained_cfg``.
         std: per-channel standard deviations; default: the model's ``pretrained_cfg``.
-        class_names: optional labels, saved with checkpoints.
+        class_names: optional labels, saved with checkpoints: the classes, or the findings of a multi-label model.
         img_size: optional (H, W) the model is meant for, saved with checkpoints.
         intensity: the mapping of the data's pixel values to [0, 1] (``gray_effnet.intensity``), saved with
             checkpoints so that evaluation and prediction apply it again.
@@ -71,6 +72,10 @@ class GrayEfficientNet(nn.Module):
             N(0, head_init_std^2) with zero bias, so that the first logits are small. With timm's own init,
             pretrained Lite0 on the demo digits starts with logits of std 8.9 (cross-entropy 18.9).
             None keeps timm's init. Unused without weights.
+        task: ``single`` (one class per image: softmax over the outputs) or ``multi`` (one yes/no per finding: a
+            sigmoid per output), see ``gray_effnet.tasks``; saved with checkpoints.
+        thresholds: a multi-label model's probability threshold per finding, at or above which ``predict`` calls
+            it present (chosen on validation data by ``train.py``); saved with checkpoints.
         **timm_kwargs: passed to ``timm.create_model`` (``drop_rate``, ``drop_path_rate``, ...).
 
     Shape:
@@ -98,6 +103,8 @@ class GrayEfficientNet(nn.Module):
         head_init_std: float | None = 0.01,
         intensity: str = "full",
         adapter_kwargs: dict[str, Any] | None = None,
+        task: str = "single",
+        thresholds: Sequence[float] | None = None,
         **timm_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -109,6 +116,11 @@ class GrayEfficientNet(nn.Module):
         self.model_name = model_name
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else None
+        self.task = check_task(task)
+        if task == "multi" and self.class_names and any("|" in c for c in self.class_names):
+            raise InputError(f"finding names may not contain '|', which joins them in predictions.csv; got "
+                             f"{[c for c in self.class_names if '|' in c]}")
+        self.thresholds = thresholds
         self.img_size = tuple(int(s) for s in img_size) if img_size is not None else None
         self.timm_kwargs = dict(timm_kwargs)
         self.intensity = str(parse_intensity(intensity))  # canonical form, e.g. "range:-1024:3071"
@@ -165,6 +177,20 @@ class GrayEfficientNet(nn.Module):
                     "'range:LO:HI' (--intensity range LO HI)"
                 )
         return options
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """A multi-label model's threshold per finding (None: not chosen yet); set it to a list of K fractions."""
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, value: Sequence[float] | None) -> None:
+        if value is not None:
+            value = [float(v) for v in value]
+            if self.task != "multi" or len(value) != self.num_classes or not all(0 <= v <= 1 for v in value):
+                raise InputError(f"thresholds are for a multi-label model, one fraction in [0, 1] per finding "
+                                 f"({self.num_classes}); got {value} for a {self.task}-label model")
+        self._thresholds = value
 
     # -- the stem ------------------------------------------------------------------------------------
     @property
@@ -296,6 +322,8 @@ class GrayEfficientNet(nn.Module):
             "timm_kwargs": self.timm_kwargs,
             "intensity": self.intensity,
             "adapter_kwargs": self.stem.options(),
+            "task": self.task,
+            "thresholds": self.thresholds,
         }
 
     def extra_repr(self) -> str:

@@ -4,7 +4,8 @@
 and recall and a confusion matrix are printed too) or just images (then only predictions are written). It may
 also be a pack (``python -m gray_effnet pack``): then every image in it, train and val split alike, is
 predicted at the pack's size, with its labels. With ``--labels FILE.csv`` the images and their labels are the
-table's (every good row, test rows included). The work is ``gray_effnet.evaluation``'s, as for
+table's (every good row, test rows included). A multi-label checkpoint writes each finding's probability and
+the findings at or above its thresholds instead of one class. The work is ``gray_effnet.evaluation``'s, as for
 ``train.py --evaluate``.
 """
 

@@ -92,6 +92,7 @@ class DataSource:
             than made.
         scan: what checking the files found (bad files, colour files, bit depth).
         ignored: files that are not images.
+        task: ``single`` or ``multi`` (``gray_effnet.tasks``).
     """
 
     root: Path
@@ -100,6 +101,7 @@ class DataSource:
     presplit: bool
     scan: ScanResult
     ignored: list[str]
+    task: str = "single"
 
     @property
     def labelled(self) -> bool:
@@ -146,10 +148,11 @@ class DataSource:
         return requested
 
     def check_model(self, model) -> None:
-        """Refuse a checkpoint of another task, or whose classes this data's labels cannot be counted in."""
-        model_task = getattr(model, "task", "single")
-        if self.labelled and model_task != self.task:
-            raise DataError(f"the checkpoint is {model_task}-label and the data {self.root} is {self.task}-label")
+        """Refuse a checkpoint of another task, or whose classes (or findings) the labels cannot be counted in."""
+        if self.labelled and model.task != self.task:
+            kind = {"single": "one class per image", "multi": "findings (multi-label)"}
+            raise DataError(f"{self.root} is labelled with {kind[self.task]}, the checkpoint predicts "
+                            f"{kind[model.task]}")
         if self.labelled and model.class_names:
             _label_map(self.classes, model.class_names, str(self.root))
 

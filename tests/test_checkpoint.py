@@ -19,9 +19,16 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import train
-from gray_effnet import WeightsError, load_model
+from gray_effnet import GrayEfficientNet, InputError, WeightsError, load_model, save_weights
 from gray_effnet.__main__ import main as gray_effnet_main
-from gray_effnet.checkpoint import META_KEY, SAFE_TIMM_KWARGS, STATE_NAME, read_checkpoint, validate_metadata
+from gray_effnet.checkpoint import (
+    META_KEY,
+    SAFE_TIMM_KWARGS,
+    STATE_NAME,
+    best_epoch,
+    read_checkpoint,
+    validate_metadata,
+)
 
 from .helpers import PicklePayload
 
@@ -43,12 +50,17 @@ BAD_FIELDS: dict[str, list[tuple[str, object]]] = {
     "epoch": [("type", "1"), ("negative", -1)],
     "val_acc": [("type", "x"), ("range", 2.0)],
     "val_loss": [("type", []), ("negative", -1.0)],
+    "val_auc": [("type", "0.5"), ("range", 1.5)],
+    "task": [("type", 1), ("unknown", "regression")],
+    # The run below is single-label; thresholds are for multi-label models (TestMultiLabelMetadata fuzzes those).
+    "thresholds": [("type", "0.5"), ("single-label", [0.5, 0.5, 0.5])],
     "intensity": [("type", 12), ("unknown", "gamma"), ("long", "range:" + "1" * 100 + ":2")],
     "adapter_kwargs": [("type", [1]), ("foreign-option", {"windows": [[40, 80]]}),
                        ("not-numbers", {"windows": "x"})],
 }
 REQUIRED = ["format_version", "model_name", "adapter", "num_classes", "mean", "std"]
-OPTIONAL = ["class_names", "img_size", "timm_kwargs", "intensity", "adapter_kwargs", "epoch", "val_acc", "val_loss"]
+OPTIONAL = ["class_names", "img_size", "timm_kwargs", "intensity", "adapter_kwargs", "epoch", "val_acc", "val_loss",
+            "val_auc", "task", "thresholds"]
 
 
 def _cases(meta: dict) -> list[tuple[str, object]]:
@@ -151,6 +163,122 @@ class TestValidateMetadata:
         assert model.num_classes == 3
 
 
+# A multi-label checkpoint's own fields: thresholds (one per finding, in [0, 1]) and finding names.
+# case -> (the changed fields, the field the error must name)
+BAD_MULTI: dict[str, tuple[dict, str]] = {
+    **{f"thresholds-{label}": ({"thresholds": value}, "thresholds") for label, value in [
+        ("type", "0.5"), ("count", [0.5, 0.5]), ("range", [0.5, 0.5, 1.5]), ("negative", [-0.1, 0.5, 0.5]),
+        ("nan", [math.nan, 0.5, 0.5]), ("items", ["a", "b", "c"]), ("bool", [True, 0.5, 0.5])]},
+    "class_names-pipe": ({"class_names": ["a|b", "c", "d"]}, "class_names"),
+    "task-single-with-thresholds": ({"task": "single"}, "thresholds"),
+}
+
+
+@pytest.fixture(scope="module")
+def multi_checkpoint(tmp_path_factory) -> Path:
+    model = GrayEfficientNet("tf_efficientnet_lite0", num_classes=3, class_names=["edema", "effusion", "nodule"],
+                             img_size=(32, 32), task="multi", thresholds=[0.25, 0.5, 0.875])
+    return save_weights(model, tmp_path_factory.mktemp("multi") / "best.safetensors", epoch=2, val_auc=0.75)
+
+
+class TestMultiLabelMetadata:
+    def test_reads_back(self, multi_checkpoint):
+        _, meta = read_checkpoint(multi_checkpoint)
+        assert (meta["task"], meta["thresholds"], meta["val_auc"]) == ("multi", [0.25, 0.5, 0.875], 0.75)
+        model = load_model(multi_checkpoint)
+        assert (model.task, model.thresholds, model.class_names) == ("multi", [0.25, 0.5, 0.875],
+                                                                      ["edema", "effusion", "nodule"])
+
+    def test_every_multi_case_names_its_field(self, multi_checkpoint):
+        tensors, meta = read_checkpoint(multi_checkpoint)
+        for case, (changes, field) in BAD_MULTI.items():
+            assert set(changes) <= set(meta), case
+            with pytest.raises(WeightsError, match=f"checkpoint field '{field}' must be"):
+                validate_metadata({**meta, **changes}, tensors, "f")
+
+    def test_refused_through_predict(self, multi_checkpoint, tmp_path, capsys):
+        _, meta = read_checkpoint(multi_checkpoint)
+        _images(tmp_path / "data", ["a"])
+        weights = tmp_path / "w.safetensors"
+        _write_safetensors(multi_checkpoint, weights, {**meta, "thresholds": [0.5, 0.5, 2.0]})
+        code = gray_effnet_main(["predict", "--weights", str(weights), "--data", str(tmp_path / "data" / "a"),
+                                 "--workers", "0", "--output", str(tmp_path / "p.csv")])
+        _assert_one_error_line(code, capsys.readouterr().err, "thresholds-range")
+        assert not (tmp_path / "p.csv").exists()
+
+    def test_model_refuses_what_the_file_may_not_hold(self):
+        with pytest.raises(InputError, match="thresholds are for a multi-label model"):
+            GrayEfficientNet("tf_efficientnet_lite0", num_classes=2, thresholds=[0.5, 0.5])
+        with pytest.raises(InputError, match=r"one fraction in \[0, 1\] per finding \(2\); got \[0.5\]"):
+            GrayEfficientNet("tf_efficientnet_lite0", num_classes=2, task="multi", thresholds=[0.5])
+        with pytest.raises(InputError, match="finding names may not contain '|'"):
+            GrayEfficientNet("tf_efficientnet_lite0", num_classes=2, task="multi", class_names=["a|b", "c"])
+        with pytest.raises(InputError, match="task must be one of single, multi; got 'regression'"):
+            GrayEfficientNet("tf_efficientnet_lite0", num_classes=2, task="regression")
+
+
+class TestBestEpoch:
+    @staticmethod
+    def rows(**columns):
+        n = len(next(iter(columns.values())))
+        return [{k: v[i] for k, v in columns.items()} for i in range(n)]
+
+    def test_each_metric_and_its_direction(self):
+        history = self.rows(val_acc=[0.5, 0.9, 0.7], val_loss=[0.4, 0.6, 0.3], val_auc=[0.8, 0.7, 0.95])
+        assert [best_epoch(history, m) for m in ("acc", "loss", "auc")] == [1, 2, 2]
+
+    def test_ties_go_to_the_first_and_nan_is_worst(self):
+        nan = math.nan
+        assert best_epoch(self.rows(val_acc=[0.5, 0.9, 0.9]), "acc") == 1
+        assert best_epoch(self.rows(val_auc=[nan, 0.6, nan, 0.6]), "auc") == 1
+        assert best_epoch(self.rows(val_loss=[nan, nan]), "loss") == 0  # still a best.safetensors
+
+
+class TestLegacyState:
+    def test_state_written_before_select_by_resumes_by_accuracy(self, run_dir, tmp_path, capsys):
+        """A state file without select_by, val_auc, val_ap, task or thresholds (before issue 20) still resumes."""
+        data, run = run_dir
+        state = torch.load(run / STATE_NAME, weights_only=True)
+        del state["select_by"]
+        state["best_val_acc"] = state["history"][0]["val_acc"]
+        for key in ("task", "thresholds", "val_auc"):
+            del state[META_KEY][key]
+        for row in state["history"]:
+            del row["val_auc"], row["val_ap"]
+        out = tmp_path / "run"
+        out.mkdir()
+        torch.save(state, out / STATE_NAME)
+        code = train.cli(["--data", str(data), "--output", str(out), "--resume", "--epochs", "2", "--no-pretrained",
+                          "--threads", "1", "--channels-last", "off", *SIZE, *QUIET])
+        assert code == 0, capsys.readouterr().err
+        assert "resumed from" in capsys.readouterr().out
+        saved = torch.load(out / STATE_NAME, weights_only=True)
+        assert saved["select_by"] == "acc" and [r["epoch"] for r in saved["history"]] == [0, 1]
+        assert math.isnan(saved["history"][0]["val_auc"]) and not math.isnan(saved["history"][1]["val_auc"])
+
+    def test_other_select_by_refused(self, run_dir, tmp_path, capsys):
+        data, run = run_dir
+        out = tmp_path / "run"
+        shutil.copytree(run, out)
+        code = train.cli(["--data", str(data), "--output", str(out), "--resume", "--epochs", "2", "--no-pretrained",
+                          "--select-by", "loss", *SIZE, *QUIET])
+        err = capsys.readouterr().err
+        assert code == 2 and "select_by: the checkpoint has 'acc', this run has 'loss'" in err, err
+
+
+class TestFormatVersion:
+    def test_version_1_reads_as_single_label(self, run_dir, tmp_path):
+        """A file written before issue 20: format_version 1, no task, thresholds or val_auc."""
+        _, run = run_dir
+        _, meta = read_checkpoint(run / "best.safetensors")
+        assert meta["format_version"] == 2
+        old = {k: v for k, v in meta.items() if k not in ("task", "thresholds", "val_auc")}
+        path = tmp_path / "v1.safetensors"
+        _write_safetensors(run / "best.safetensors", path, {**old, "format_version": 1})
+        model = load_model(path)
+        assert (model.task, model.thresholds, model.num_classes) == ("single", None, 3)
+
+
 class TestCheckpointPathPayload:
     def test_checkpoint_path_refused_and_payload_never_runs(self, run_dir, tmp_path):
         """timm_kwargs naming a pickle beside the file: refused before timm, so the pickle is never opened."""
@@ -179,7 +307,7 @@ def _cli_cases(run_dir, tmp_path, cli: str):
     if cli == "resume":  # the state file's own fields too
         cases += [("state-epoch-type", ("epoch", "1")), ("state-history", ("history", [{"epoch": 0}])),
                   ("state-optimizer", ("optimizer", [1])), ("state-rng", ("rng", {"torch": 1})),
-                  ("state-best", ("best_val_acc", "x")), ("state-model-missing", ("model", None))]
+                  ("state-select-by", ("select_by", "x")), ("state-model-missing", ("model", None))]
     for case, bad in cases:
         out = tmp_path / case
         out.mkdir()

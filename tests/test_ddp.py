@@ -17,8 +17,9 @@ from PIL import Image
 from torch import nn
 
 from gray_effnet.augment import build_transforms
-from gray_effnet.data import GrayImageFolder, make_loader, set_loader_epoch
+from gray_effnet.data import Batch, GrayImageFolder, make_loader, set_loader_epoch
 from gray_effnet.engine import evaluate
+from gray_effnet.metrics import finding_metrics
 
 WORLD = 2
 SEED = 3
@@ -34,6 +35,27 @@ def write_samples(root: Path, n: int, start: int = 0) -> list[tuple[str, int]]:
         Image.fromarray(np.full((8, 8), 12 * i, np.uint8)).save(path)
         samples.append((str(path), label))
     return samples
+
+
+def multi_label_rows() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """9 images' ids, logits and labels of 2 findings (NaN: unknown), for a multi-label evaluation split over ranks."""
+    g = torch.Generator().manual_seed(SEED)
+    logits = torch.randn(9, 2, generator=g)
+    labels = (torch.rand(9, 2, generator=g) < 0.5).float()
+    labels[torch.rand(9, 2, generator=g) < 0.2] = float("nan")
+    labels[0], labels[1] = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])  # both classes in each finding
+    return torch.arange(9, dtype=torch.uint8), logits, labels
+
+
+class Lookup(nn.Module):
+    """Image ``i`` (its first pixel holds ``i``) gets row ``i`` of a fixed logit table."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[x[:, 0, 0, 0].long()]
 
 
 class MeanClassifier(nn.Module):
@@ -59,8 +81,16 @@ def _rank(rank: int, store: str, train: list, val: list, out: str) -> None:
         val_loader = make_loader(val_ds, 2, train=False, workers=0, world_size=WORLD, rank=dist.get_rank())
         result = evaluate(MeanClassifier(), val_loader, device=torch.device("cpu"), num_classes=2,
                           keep_predictions=True, progress=False)
+        # Multi-label: rank 0 has images 0, 2, 4, 6, 8 and rank 1 the others, in batches of 2 (paths out of order).
+        ids, logits, labels = multi_label_rows()
+        mine = ids[rank::WORLD]
+        batches = [Batch(mine[i:i + 2].view(-1, 1, 1, 1).expand(-1, 1, 2, 2), labels[mine[i:i + 2].long()],
+                         [f"{8 - int(j):02d}" for j in mine[i:i + 2]], 0) for i in range(0, len(mine), 2)]
+        multi = evaluate(Lookup(logits), batches, device=torch.device("cpu"), num_classes=2, task="multi",
+                         progress=False)
         with open(Path(out) / f"rank{rank}.pkl", "wb") as f:
-            pickle.dump({"epochs": epochs, "predictions": result.predictions, "confusion": result.confusion}, f)
+            pickle.dump({"epochs": epochs, "predictions": result.predictions, "confusion": result.confusion,
+                         "multi": multi}, f)
     finally:
         dist.destroy_process_group()
 
@@ -89,3 +119,18 @@ class TestTwoRanks:
         for s in seen:
             assert [p[:3] for p in s["predictions"]] == sorted(want)
             assert int(s["confusion"].sum()) == len(val)
+
+        # Multi-label: every rank computes the ranking metrics over every image's probabilities, gathered and
+        # sorted by path, and gets the numbers of one process that saw all nine.
+        _, logits, labels = multi_label_rows()
+        whole = finding_metrics(labels.numpy(), logits.sigmoid().numpy())
+        order = list(range(8, -1, -1))  # path f"{8 - i:02d}" sorts image 8 first
+        for s in seen:
+            multi = s["multi"]
+            assert multi.paths == [f"{i:02d}" for i in range(9)]
+            torch.testing.assert_close(multi.scores, logits.sigmoid()[order])
+            torch.testing.assert_close(multi.targets, labels[order], equal_nan=True)
+            assert multi.findings.auc.tolist() == pytest.approx(whole.auc.tolist())
+            assert multi.thresholds == pytest.approx(whole.threshold.tolist())
+            assert multi.auc == pytest.approx(whole.macro_auc)
+            assert int(multi.confusion.sum()) == int((~labels.isnan()).sum())

@@ -11,12 +11,15 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 
 from gray_effnet import GrayEfficientNet
 from gray_effnet.data import Batch
 from gray_effnet.engine import EvalResult, amp_setup, evaluate, train_one_epoch
 from gray_effnet.evaluation import format_eval, write_predictions
+from gray_effnet.metrics import youden_threshold
+from gray_effnet.tasks import MaskedBCEWithLogitsLoss
 
 CPU = torch.device("cpu")
 
@@ -237,3 +240,158 @@ class TestEvaluate:
                 assert row["target"] == names[self.targets[i]]
                 assert row["correct"] == str(int(pred == self.targets[i]))
         assert [r["correct"] for r in rows] == ["1", "1", "0", "1", "1", "1", ""]
+
+    def test_binary_auc_sensitivity_specificity(self):
+        """Two classes: ROC AUC and AP of class 1's probability; sensitivity and specificity at the argmax."""
+        result = self._evaluate()
+        p1 = self.table[:6].softmax(1)[:, 1].numpy()
+        assert result.auc == pytest.approx(roc_auc_score(self.targets[:6].numpy(), p1))
+        assert result.ap == pytest.approx(average_precision_score(self.targets[:6].numpy(), p1))
+        lines = format_eval(result, ["cat", "dog"]).splitlines()
+        # confusion [[2, 1], [0, 3]]: all 3 dogs found (sensitivity 1), 2 of 3 cats called cats (specificity 2/3)
+        assert (f"ROC AUC {result.auc:.3f}, average precision {result.ap:.3f}, sensitivity 1.000, specificity "
+                "0.667 (positive class: 'dog')") in lines
+
+    def test_more_classes_one_against_the_rest(self):
+        table = torch.tensor([[2.0, 0.1, -1.0], [0.2, 1.0, 0.4], [0.1, 0.3, 1.2], [0.9, 1.1, 0.0], [0.0, 0.2, 0.5],
+                              [1.5, 0.3, 0.2]])
+        targets = torch.tensor([0, 1, 2, 0, 2, 1])
+        images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 1, 4, 4).contiguous()
+        result = evaluate(Lookup(table), [Batch(images, targets, [str(i) for i in range(6)], 0)], device=CPU,
+                          num_classes=3, progress=False)
+        expected = roc_auc_score(targets.numpy(), table.softmax(1).numpy(), multi_class="ovr", average="macro")
+        assert result.auc == pytest.approx(expected)
+        assert f"macro ROC AUC, each class against the rest: {expected:.3f}" in format_eval(result, ["a", "b", "c"])
+
+
+NAN = math.nan
+
+
+class RecordingMaskedLoss(MaskedBCEWithLogitsLoss):
+    def __init__(self):
+        super().__init__()
+        self.steps: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+
+    def forward(self, logits, targets):
+        loss = super().forward(logits, targets)
+        if torch.is_grad_enabled():
+            self.steps.append((logits.detach().clone(), targets.clone(), loss.item()))
+        return loss
+
+
+def multi_label_batches(n_batches: int, b: int, k: int = 3, seed: int = 0) -> list[Batch]:
+    """uint8 batches with float (B, K) targets: 1, 0, or NaN for about a third of the entries."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for i in range(n_batches):
+        targets = (torch.rand(b, k, generator=g) < 0.4).float()
+        targets[torch.rand(b, k, generator=g) < 0.33] = NAN
+        images = torch.randint(0, 256, (b, 1, 32, 32), generator=g, dtype=torch.uint8)
+        batches.append(Batch(images, targets, [f"b{i}/{j}.png" for j in range(b)], 0))
+    return batches
+
+
+class TestTrainOneEpochMultiLabel:
+    def test_loss_and_accuracy_per_known_entry(self):
+        torch.manual_seed(0)
+        model = GrayEfficientNet("tf_efficientnet_lite0", adapter="fold", num_classes=3, task="multi").train()
+        batches = multi_label_batches(3, 4)
+        batches[1] = batches[1]._replace(targets=torch.full((4, 3), NAN))  # a batch with nothing known
+        criterion = RecordingMaskedLoss()
+        stats = train_one_epoch(model, batches, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                scheduler=None, criterion=criterion, device=CPU, epoch=0, progress=False)
+        known = [(~t.isnan()).sum().item() for _, t, _ in criterion.steps]
+        assert len(known) == 3 and known[1] == 0
+        loss = sum(step_loss * n for (_, _, step_loss), n in zip(criterion.steps, known)) / sum(known)
+        right = sum((((x >= 0) == (t == 1)) & ~t.isnan()).sum().item() for x, t, _ in criterion.steps)
+        assert stats["train_loss"] == pytest.approx(loss, rel=1e-6)
+        assert stats["train_acc"] == pytest.approx(right / sum(known), abs=1e-12)
+        assert criterion.steps[1][2] == 0.0
+
+    def test_nothing_known_is_nan(self):
+        model = GrayEfficientNet("tf_efficientnet_lite0", adapter="fold", num_classes=2, task="multi").train()
+        batches = [Batch(torch.zeros(2, 1, 32, 32, dtype=torch.uint8), torch.full((2, 2), NAN), ["a", "b"], 0)]
+        stats = train_one_epoch(model, batches, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                scheduler=None, criterion=MaskedBCEWithLogitsLoss(), device=CPU, epoch=0,
+                                progress=False)
+        assert math.isnan(stats["train_loss"]) and math.isnan(stats["train_acc"])
+
+
+class TestEvaluateMultiLabel:
+    # 7 images, 3 findings. Finding 1 has only positives among its known labels (no ROC AUC); image 6 is all unknown.
+    table = torch.tensor([[2.0, -1.0, 0.5], [0.3, 1.5, -2.0], [-0.7, 0.2, 1.0], [1.2, -0.4, -0.1], [-1.5, 0.9, 0.8],
+                          [0.1, 2.2, -0.6], [0.4, -0.3, 0.0]])
+    targets = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, NAN], [NAN, NAN, 1.0], [1.0, 1.0, 0.0], [0.0, NAN, 1.0],
+                            [1.0, 1.0, 1.0], [NAN, NAN, NAN]])
+    names = ["edema", "effusion", "nodule"]
+
+    def _batches(self) -> list[Batch]:
+        images = torch.arange(7, dtype=torch.uint8).view(7, 1, 1, 1).expand(7, 1, 4, 4).contiguous()
+        paths = [f"img{i}.png" for i in range(7)]
+        return [Batch(images[:4], self.targets[:4], paths[:4], 0), Batch(images[4:], self.targets[4:], paths[4:], 1)]
+
+    def _evaluate(self) -> EvalResult:
+        return evaluate(Lookup(self.table), self._batches(), device=CPU, num_classes=3, task="multi", progress=False)
+
+    def test_against_independent_values(self):
+        result = self._evaluate()
+        known = ~self.targets.isnan()
+        y, x = self.targets[known], self.table[known]
+        assert result.loss == pytest.approx(F.binary_cross_entropy_with_logits(x.double(), y.double()).item())
+        assert result.acc == pytest.approx(((x >= 0) == (y == 1)).double().mean().item())
+        for k in range(3):
+            yk, xk = self.targets[known[:, k], k], self.table[known[:, k], k]
+            cells = [[((yk == t) & ((xk >= 0) == p)).sum().item() for p in (0, 1)] for t in (0, 1)]
+            assert result.confusion[k].tolist() == cells
+        assert result.skipped == 1 and result.paths == [f"img{i}.png" for i in range(7)]
+        torch.testing.assert_close(result.scores, self.table.sigmoid())
+        torch.testing.assert_close(result.targets, self.targets, equal_nan=True)
+
+    def test_ranking_metrics_per_finding(self):
+        result = self._evaluate()
+        m = result.findings
+        for k in (0, 2):
+            known = ~self.targets[:, k].isnan()
+            y, s = self.targets[known, k].numpy(), self.table[known, k].sigmoid().numpy()
+            assert m.auc[k] == pytest.approx(roc_auc_score(y, s))
+            assert m.ap[k] == pytest.approx(average_precision_score(y, s))
+            assert result.thresholds[k] == pytest.approx(youden_threshold(y, s))
+        assert math.isnan(m.auc[1]) and m.why_undefined(1) == "one class" and result.thresholds[1] == 0.5
+        assert result.auc == pytest.approx((m.auc[0] + m.auc[2]) / 2)
+        assert m.labelled.tolist() == [5, 4, 5]
+
+    def test_report(self):
+        result = self._evaluate()
+        lines = format_eval(result, self.names).splitlines()
+        assert lines[0].startswith(f"macro ROC AUC {result.auc:.3f}, macro average precision {result.ap:.3f} over 2 "
+                                   "of 3 findings (1 without both classes among the known labels, left out); 7 "
+                                   "images, 14 known labels")
+        rows = {line.split()[0]: line for line in lines[3:]}
+        m = result.findings
+        assert rows["edema"].split()[1:] == [f"{m.auc[0]:.3f}", f"{m.ap[0]:.3f}", f"{result.thresholds[0]:.3f}",
+                                             "0.600", "5"]
+        assert rows["effusion"].split()[1:] == ["n/a", "(one", "class)", "n/a", "0.500", "1.000", "4"]
+
+    def test_predictions_csv(self, tmp_path):
+        result = self._evaluate()
+        result.thresholds = [0.5, 0.8, 0.6]  # a checkpoint's, as evaluate_checkpoint sets them
+        with open(write_predictions(tmp_path / "p.csv", result, self.names)) as f:
+            rows = list(csv.DictReader(f))
+        assert list(rows[0]) == ["path", "p_edema", "p_effusion", "p_nodule", "y_edema", "y_effusion", "y_nodule",
+                                 "findings"]
+        probs = self.table.sigmoid()
+        for i, row in enumerate(rows):
+            assert row["path"] == f"img{i}.png"
+            assert [float(row[f"p_{n}"]) for n in self.names] == pytest.approx(probs[i].tolist(), abs=1e-6)
+            assert [row[f"y_{n}"] for n in self.names] == ["" if math.isnan(t) else str(int(t))
+                                                           for t in self.targets[i].tolist()]
+        # at or above 0.5, 0.8, 0.6: sigmoid of 2.0, -1.0, 0.5 is 0.88, 0.27, 0.62; of 0.3, 1.5, -2.0: 0.57, 0.82, 0.12
+        assert [r["findings"] for r in rows[:2]] == ["edema|nodule", "edema|effusion"]
+
+    def test_unlabelled_images_count_in_no_metric(self):
+        """Targets of -1 (a flat folder) with a multi-label model: predicted, every finding unknown."""
+        images = torch.arange(3, dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 1, 4, 4).contiguous()
+        batch = Batch(images, torch.full((3,), -1), ["a", "b", "c"], 0)
+        result = evaluate(Lookup(self.table), [batch], device=CPU, num_classes=3, task="multi", progress=False)
+        assert int(result.confusion.sum()) == 0 and math.isnan(result.loss) and math.isnan(result.auc)
+        assert result.targets.isnan().all() and result.scores.shape == (3, 3)
