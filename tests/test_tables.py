@@ -478,7 +478,7 @@ class TestPack:
         root, options = chexpert
         write_pack(root, tmp_path / "p", (16, 16), table=options, progress=False, workers=1)
         np.save(tmp_path / "p" / "labels.npy", labels)
-        with pytest.raises(DataError, match=r"labels.npy is .*; pack.json \(multi-label\) says float32 \(16, 2\) "
+        with pytest.raises(DataError, match=r"labels.npy holds .*; pack.json \(multi-label\) says float32 \(16, 2\) "
                                             r"of 1, 0 or NaN"):
             open_pack(tmp_path / "p", check_stale=False)
 
