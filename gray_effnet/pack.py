@@ -306,12 +306,20 @@ def _is_column_or_none(v: Any) -> bool:
     return v is None or _is_column(v)
 
 
+def _is_columns(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= MAX_CLASSES and all(_is_column(c) for c in v)
+
+
+_TEXT = f"a string of 1 to {MAX_PATH_CHARS} characters"
+_TEXT_OR_NULL = f"null or {_TEXT}"
 # The fields of TableOptions.to_json(), each with its type: checked before TableOptions checks the values.
 _TABLE_OPTIONS = {
-    "labels": _is_column, "path_column": _is_column, "label_column": _is_column_or_none,
-    "label_columns": lambda v: isinstance(v, list) and len(v) <= MAX_CLASSES and all(_is_column(c) for c in v),
-    "label_sep": _is_column_or_none, "uncertain": _is_column, "group_column": _is_column_or_none,
-    "split_column": _is_column_or_none, "multi_label": lambda v: isinstance(v, bool),
+    "labels": (_is_column, _TEXT), "path_column": (_is_column, _TEXT),
+    "label_column": (_is_column_or_none, _TEXT_OR_NULL),
+    "label_columns": (_is_columns, f"a list of at most {MAX_CLASSES} strings of 1 to {MAX_PATH_CHARS} characters"),
+    "label_sep": (_is_column_or_none, _TEXT_OR_NULL), "uncertain": (_is_column, _TEXT),
+    "group_column": (_is_column_or_none, _TEXT_OR_NULL), "split_column": (_is_column_or_none, _TEXT_OR_NULL),
+    "multi_label": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -339,9 +347,9 @@ def _check_table(meta: dict, source: Any) -> None:
     options = table["options"]
     if not isinstance(options, dict) or set(options) != set(_TABLE_OPTIONS):
         raise bad("options", f"an object of {list(_TABLE_OPTIONS)}", options)
-    wrong = next((k for k, ok in _TABLE_OPTIONS.items() if not ok(options[k])), None)
+    wrong = next((k for k, (ok, _) in _TABLE_OPTIONS.items() if not ok(options[k])), None)
     if wrong is not None:
-        raise bad("options", f"table options with {wrong!r} of its type", options[wrong])
+        raise bad("options", f"table options whose {wrong!r} is {_TABLE_OPTIONS[wrong][1]}", options[wrong])
     try:
         parsed = TableOptions.from_json(options)
     except (InputError, DataError) as e:
@@ -358,7 +366,7 @@ def _check_table(meta: dict, source: Any) -> None:
     if not (_is_int(table["test_rows"]) and 0 <= table["test_rows"] < MAX_INT):
         raise bad("test_rows", "a count of rows, 0 or more", table["test_rows"])
     if not _is_text(table["split"], MAX_TEXT_CHARS):
-        raise bad("split", f"a string of at most {MAX_TEXT_CHARS} characters", table["split"])
+        raise bad("split", f"a string of 1 to {MAX_TEXT_CHARS} characters", table["split"])
     groups = table["groups"]
     if not (isinstance(groups, list) and len(groups) == n and all(_is_text(g, MAX_TEXT_CHARS) for g in groups)):
         raise bad("groups", f"a list of {n} group names, one per entry of 'rows'", groups)
