@@ -5,10 +5,13 @@ it as the validation transform does, and writes the folder ``P``:
 
 * ``images.npy``: (N, 1, H, W), uint8 for 8-bit data, uint16 (``round(x * 65535)``) or float16 for deeper data;
   opened as a memory map, so only the rows a batch needs are read.
-* ``labels.npy``: (N,) int64 class indices.
-* ``pack.json``: the signature (``"format": "gray_effnet.pack"``, the format version, the files it wrote), classes,
-  size, dtype, intensity mapping, the split (row indices of train and val), the source folder with each file's size
-  and mtime, the skipped files and why, the command and time it was made.
+* ``labels.npy``: (N,) int64 class indices, or for multi-label data (N, K) float32 findings: 1, 0, or NaN (not
+  known: left out of the loss and the metrics).
+* ``pack.json``: the signature (``"format": "gray_effnet.pack"``, the format version, the files it wrote), the
+  task (``single`` or ``multi``), the classes (or findings), size, dtype, intensity mapping, the split (row indices
+  of train and val), the source folder with each file's size and mtime, the skipped files and why, the command and
+  time it was made. A pack of a label table (``--labels``) records the table too: its path, size and mtime (a
+  changed table makes the pack stale), how it was read, its bad rows, and each row's group.
 
 ``train.py --data P``, ``--evaluate`` and ``predict`` read a pack instead of the files. Training augmentation
 then runs on whole batches on the training device (``BatchAugment``, kornia.augmentation). A pack is built in a
@@ -45,12 +48,14 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .augment import build_transforms
-from .data import Batch
+from .data import Batch, remap_target
 from .errors import DataError, GrayEffnetError, InputError
 from .files import LOCK_NAME, output_lock, pid_alive
 from .folders import FolderData, find_images, load_folder
 from .images import ScanResult, UnreadableImageWarning, read_gray
 from .intensity import Intensity, parse_intensity
+from .table_options import TableOptions
+from .tables import TableData, load_table
 
 __all__ = ["DTYPES", "Pack", "PackedDataset", "has_pack_json", "is_pack", "open_pack", "validate_pack_meta",
            "write_pack"]
@@ -89,12 +94,14 @@ class Pack:
         img_size: (H, W) of every stored image.
         dtype: the stored dtype: ``uint8``, ``uint16`` or ``float16``.
         intensity: the mapping the images were read with (see ``gray_effnet.intensity``).
-        rows: (source path, label) of each row of ``images.npy``; a row whose file failed to decode is in no split.
+        rows: (source path, target) of each row of ``images.npy``; a row whose file failed to decode is in no split.
+            A target is a class index, or (multi-label) a (K,) float32 tensor.
         train_rows: the rows of the training split.
         val_rows: the rows of the validation split.
         note: what the staleness check found (or why it could not check).
         meta: ``pack.json`` as read (and validated).
-        labels: ``labels.npy``, checked against ``rows``.
+        task: ``single`` or ``multi``.
+        labels: ``labels.npy``, checked against ``pack.json``: (N,) int64, or (N, K) float32 for multi-label.
         images_offset: the byte offset of the data in ``images.npy``.
     """
 
@@ -105,23 +112,23 @@ class Pack:
     dtype: str
     intensity: str
     presplit: bool
-    rows: list[tuple[str, int]]
+    rows: list[tuple[str, int | Tensor]]
     train_rows: list[int]
     val_rows: list[int]
     scan: ScanResult
     ignored: list[str] = field(default_factory=list)
     note: str = ""
     meta: dict = field(default_factory=dict)
-    task: str = "single"  # packs of multi-label tables: see the pack-tables port
-    labels: np.ndarray | None = field(default=None, repr=False)  # (N,) int64, checked against pack.json
+    task: str = "single"
+    labels: np.ndarray | None = field(default=None, repr=False)  # checked against pack.json
     images_offset: int = 0  # where the data of images.npy starts, after its checked header
 
     @property
-    def train(self) -> list[tuple[str, int]]:
+    def train(self) -> list[tuple[str, int | Tensor]]:
         return [self.rows[i] for i in self.train_rows]
 
     @property
-    def val(self) -> list[tuple[str, int]]:
+    def val(self) -> list[tuple[str, int | Tensor]]:
         return [self.rows[i] for i in self.val_rows]
 
     @property
@@ -179,6 +186,8 @@ def _command(source: Path, output: Path, img_size: Sequence[int], meta: dict) ->
         args += ["--intensity", meta["intensity"]]
     if meta.get("dtype_requested", "auto") != "auto":
         args += ["--dtype", meta["dtype_requested"]]
+    if meta.get("table"):
+        args += TableOptions.from_json(meta["table"]["options"]).flags()
     return shlex.join(args)
 
 
@@ -193,12 +202,43 @@ def _listing(source: Path, presplit: bool) -> list[str]:
     return [p for tree in trees for p, _ in find_images(tree, min_classes=1).samples]
 
 
+def _changes(root: Path, source: Path, recorded: dict, now: dict, refresh: str) -> None:
+    """``DataError`` counting and naming the files added, removed or modified since packing."""
+    added = sorted(set(now) - set(recorded))
+    removed = sorted(set(recorded) - set(now))
+    modified = sorted(p for p in now if p in recorded and now[p] != list(recorded[p]))
+    if added or removed or modified:
+        parts = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                 for what, names in (("added", added), ("removed", removed), ("modified", modified)) if names]
+        raise DataError(f"pack {root} is stale: since it was made, files of {source} were {'; '.join(parts)}; "
+                        f"{refresh}")
+
+
+def _table_staleness(root: Path, meta: dict, refresh: str) -> str:
+    """A pack of a label table: the table unchanged, and each file it named as it was (the table lists the files,
+    so files added to the folder do not matter)."""
+    source, table = Path(meta["source"]), Path(meta["table"]["path"])
+    if not table.is_file():
+        return f"label table {table} is gone: could not check whether the pack is stale"
+    st = table.stat()
+    if [st.st_size, st.st_mtime_ns] != [meta["table"]["size"], meta["table"]["mtime_ns"]]:
+        raise DataError(f"pack {root} is stale: its label table {table} changed since it was made; {refresh}")
+    now = {}
+    for p in meta["files"]:
+        with contextlib.suppress(OSError):  # gone: counted as removed
+            now[p] = _stat(os.path.join(source, p))
+    _changes(root, source, meta["files"], now, refresh)
+    return f"label table {table.name} and its files unchanged since packing"
+
+
 def _staleness(root: Path, meta: dict) -> str:
     """A note when the source cannot be checked; ``DataError`` naming the changes when the pack is stale."""
     source = Path(meta["source"])
     refresh = f"refresh it with: {_command(source, root, meta['img_size'], meta)}"
     if not source.is_dir():
         return f"source folder {source} is gone: could not check whether the pack is stale"
+    if meta["table"] is not None:
+        return _table_staleness(root, meta, refresh)
     presplit = (source / "train").is_dir() and (source / "val").is_dir()
     if presplit != meta["presplit"]:
         raise DataError(f"pack {root} is stale: {source} {'now has' if presplit else 'no longer has'} train/ and "
@@ -208,15 +248,7 @@ def _staleness(root: Path, meta: dict) -> str:
     except (DataError, OSError) as e:
         raise DataError(f"pack {root} is stale: its source {source} cannot be listed as it was ({e}); {refresh}") \
             from None
-    recorded = meta["files"]
-    added = sorted(set(now) - set(recorded))
-    removed = sorted(set(recorded) - set(now))
-    modified = sorted(p for p in now if p in recorded and now[p] != list(recorded[p]))
-    if added or removed or modified:
-        parts = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-                 for what, names in (("added", added), ("removed", removed), ("modified", modified)) if names]
-        raise DataError(f"pack {root} is stale: since it was made, files of {source} were {'; '.join(parts)}; "
-                        f"{refresh}")
+    _changes(root, source, meta["files"], now, refresh)
     return f"source {source} unchanged since packing"
 
 
@@ -259,9 +291,85 @@ def _check_int_list(meta: dict, key: str, n: int, source: Any) -> list[int]:
     return rows
 
 
-_FIELDS = ("format", "format_version", "written", "classes", "img_size", "dtype", "dtype_requested", "intensity",
-           "val_split", "seed", "presplit", "source", "rows", "train", "val", "files", "skipped", "ignored", "modes",
-           "wide_source", "command", "created", "seconds")
+_FIELDS = ("format", "format_version", "written", "task", "classes", "img_size", "dtype", "dtype_requested",
+           "intensity", "val_split", "seed", "presplit", "source", "rows", "train", "val", "files", "skipped",
+           "ignored", "modes", "wide_source", "table", "command", "created", "seconds")
+TASKS = ("single", "multi")
+_TABLE_FIELDS = ("path", "size", "mtime_ns", "options", "bad_rows", "test_rows", "split", "groups")
+
+
+def _is_column(v: Any) -> bool:
+    return _is_text(v, MAX_PATH_CHARS)
+
+
+def _is_column_or_none(v: Any) -> bool:
+    return v is None or _is_column(v)
+
+
+def _is_columns(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= MAX_CLASSES and all(_is_column(c) for c in v)
+
+
+_TEXT = f"a string of 1 to {MAX_PATH_CHARS} characters"
+_TEXT_OR_NULL = f"null or {_TEXT}"
+# The fields of TableOptions.to_json(), each with its type: checked before TableOptions checks the values.
+_TABLE_OPTIONS = {
+    "labels": (_is_column, _TEXT), "path_column": (_is_column, _TEXT),
+    "label_column": (_is_column_or_none, _TEXT_OR_NULL),
+    "label_columns": (_is_columns, f"a list of at most {MAX_CLASSES} strings of 1 to {MAX_PATH_CHARS} characters"),
+    "label_sep": (_is_column_or_none, _TEXT_OR_NULL), "uncertain": (_is_column, _TEXT),
+    "group_column": (_is_column_or_none, _TEXT_OR_NULL), "split_column": (_is_column_or_none, _TEXT_OR_NULL),
+    "multi_label": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _check_table(meta: dict, source: Any) -> None:
+    """``table``: null for a pack of class folders; for a pack of a label table, its record, every part typed."""
+    table, task, n = meta["table"], meta["task"], len(meta["rows"])
+    if table is None:
+        if task == "multi":
+            raise _fail(source, "table", "the label table's record: a multi-label pack is made from a label table",
+                        table)
+        return
+
+    def bad(part: str, expected: str, got: Any) -> DataError:
+        return _fail(source, "table", f"null or a label table's record, whose {part!r} is {expected}", got)
+
+    if not isinstance(table, dict) or set(table) != set(_TABLE_FIELDS):
+        raise _fail(source, "table", f"null or an object of {list(_TABLE_FIELDS)}", table)
+    path = table["path"]
+    if not (_is_text(path, MAX_PATH_CHARS) and os.path.isabs(path)):
+        raise bad("path", f"an absolute path of at most {MAX_PATH_CHARS} characters", path)
+    if not (_is_int(table["size"]) and 0 <= table["size"] < MAX_INT):
+        raise bad("size", "a size in bytes", table["size"])
+    if not (_is_int(table["mtime_ns"]) and -MAX_INT <= table["mtime_ns"] < MAX_INT):
+        raise bad("mtime_ns", "a modification time in ns", table["mtime_ns"])
+    options = table["options"]
+    if not isinstance(options, dict) or set(options) != set(_TABLE_OPTIONS):
+        raise bad("options", f"an object of {list(_TABLE_OPTIONS)}", options)
+    wrong = next((k for k, (ok, _) in _TABLE_OPTIONS.items() if not ok(options[k])), None)
+    if wrong is not None:
+        raise bad("options", f"table options whose {wrong!r} is {_TABLE_OPTIONS[wrong][1]}", options[wrong])
+    try:
+        parsed = TableOptions.from_json(options)
+    except (InputError, DataError) as e:
+        raise bad("options", f"table options that can be used ({e})", options) from None
+    if parsed.labels != path:
+        raise bad("options", f"table options whose 'labels' is its 'path', {path!r}", parsed.labels)
+    if parsed.task != task:
+        raise bad("options", f"table options of a {task}-label table (the pack's 'task')", options)
+    rows = table["bad_rows"]
+    if not isinstance(rows, list) or not all(
+            isinstance(r, list) and len(r) == 2 and _is_int(r[0]) and 1 <= r[0] < MAX_INT
+            and _is_text(r[1], MAX_TEXT_CHARS) for r in rows):
+        raise bad("bad_rows", "a list of [row number, reason]", rows)
+    if not (_is_int(table["test_rows"]) and 0 <= table["test_rows"] < MAX_INT):
+        raise bad("test_rows", "a count of rows, 0 or more", table["test_rows"])
+    if not _is_text(table["split"], MAX_TEXT_CHARS):
+        raise bad("split", f"a string of 1 to {MAX_TEXT_CHARS} characters", table["split"])
+    groups = table["groups"]
+    if not (isinstance(groups, list) and len(groups) == n and all(_is_text(g, MAX_TEXT_CHARS) for g in groups)):
+        raise bad("groups", f"a list of {n} group names, one per entry of 'rows'", groups)
 
 
 def validate_pack_meta(meta: Any, source: Any) -> dict[str, Any]:
@@ -269,8 +377,10 @@ def validate_pack_meta(meta: Any, source: Any) -> dict[str, Any]:
 
     Every field is required and typed; numbers are range-checked (``img_size`` within PIL's decompression-bomb
     limit), lists and strings bounded. The split is checked as a split: ``train`` and ``val`` are non-empty,
-    distinct, disjoint row indices in range, and every row's label is a class index. ``source`` must be an
-    absolute path: the staleness check lists that folder.
+    distinct, disjoint row indices in range, and every row's label is a class index (single-label) or null
+    (multi-label: the findings are in ``labels.npy`` only). ``source`` must be an absolute path: the staleness
+    check lists that folder. ``table`` is null (class folders) or the record of a label table, each part typed,
+    its options ``TableOptions``' and of the pack's task, and one group per row; a multi-label pack has one.
 
     Args:
         meta: the parsed ``pack.json`` (anything: it comes from the file).
@@ -304,6 +414,8 @@ def validate_pack_meta(meta: Any, source: Any) -> dict[str, Any]:
                         f"{FORMAT_VERSION}: {remedy}")
     if meta["written"] != list(WRITTEN):
         raise _fail(source, "written", f"the files of a pack, {list(WRITTEN)}", meta["written"])
+    if meta["task"] not in TASKS:
+        raise _fail(source, "task", f"one of {', '.join(TASKS)}", meta["task"])
 
     classes = meta["classes"]
     if (not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES
@@ -342,12 +454,13 @@ def validate_pack_meta(meta: Any, source: Any) -> dict[str, Any]:
     rows = meta["rows"]
     if not isinstance(rows, list) or len(rows) < 2:
         raise _fail(source, "rows", "a list of [path, label] (at least one training and one validation image)", rows)
-    n, n_classes = len(rows), len(classes)
+    n, n_classes, multi = len(rows), len(classes), meta["task"] == "multi"
     for i, row in enumerate(rows):
-        if not (isinstance(row, list) and len(row) == 2 and _is_relpath(row[0]) and _is_int(row[1])
-                and 0 <= row[1] < n_classes):
-            raise _fail(source, "rows", f"[relative path, label] with labels in [0, {n_classes}) (one per entry "
-                        f"of 'classes'); row {i} is not", row)
+        if not (isinstance(row, list) and len(row) == 2 and _is_relpath(row[0])
+                and (row[1] is None if multi else _is_int(row[1]) and 0 <= row[1] < n_classes)):
+            want = ("[relative path, null] (with 'task' multi, the findings are in labels.npy)" if multi else
+                    f"[relative path, label] with labels in [0, {n_classes}) (one per entry of 'classes')")
+            raise _fail(source, "rows", f"{want}; row {i} is not", row)
     train = _check_int_list(meta, "train", n, source)
     val = _check_int_list(meta, "val", n, source)
     both = set(train) & set(val)
@@ -370,6 +483,7 @@ def validate_pack_meta(meta: Any, source: Any) -> dict[str, Any]:
     if not isinstance(modes, dict) or not all(_is_text(k, MAX_NAME_CHARS) and _is_int(v) and 0 <= v < MAX_INT
                                               for k, v in modes.items()):
         raise _fail(source, "modes", "an object of image mode: count", modes)
+    _check_table(meta, source)
     for key, limit in (("command", MAX_TEXT_CHARS), ("created", MAX_NAME_CHARS)):
         if not _is_text(meta[key], limit, empty=True):
             raise _fail(source, key, f"a string of at most {limit} characters", meta[key])
@@ -394,8 +508,9 @@ def _read_meta(root: Path) -> dict[str, Any]:
 
 
 # -- the arrays: headers checked before anything is mapped ------------------------------------------------
-def _npy_offset(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> int:
-    """The data offset of ``path``, once its header is ``shape`` and ``dtype`` (C order) and its size fits them.
+def _npy_offset(path: Path, shape: tuple[int, ...], dtype: np.dtype, says: str = "") -> int:
+    """The data offset of ``path``, once its header is ``shape`` and ``dtype`` (C order) and its size fits them;
+    ``says`` is what ``pack.json`` says it is, for the message (default: the dtype and shape).
 
     Only the header is read (``np.lib.format``'s own parser, which evaluates literals only), so a header that
     claims 2**40 rows costs nothing: it is refused before any array exists.
@@ -420,29 +535,50 @@ def _npy_offset(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> int:
             raise DataError(f"{path} is not an array file of a pack ({str(e)[:200]})") from None
         offset = f.tell()
     if got_dtype != dtype or fortran or tuple(got_shape) != shape:
+        says = says or f"{path.parent / META} says {dtype} {shape}"
         raise DataError(f"{path} holds {_short.repr(str(got_dtype))} {_short.repr(tuple(got_shape))}"
-                        f"{' in Fortran order' if fortran else ''}; {path.parent / META} says {dtype} {shape}")
+                        f"{' in Fortran order' if fortran else ''}; {says}")
     expected = offset + math.prod(shape) * dtype.itemsize
     if st.st_size != expected:
         raise DataError(f"{path} is {st.st_size} bytes; its header and {META} make it {expected}")
     return offset
 
 
+def _check_labels(root: Path, meta: dict[str, Any]) -> np.ndarray:
+    """``labels.npy``, header checked before it is read, then its values: (N,) int64 class indices equal to the
+    labels of the rows (single-label), or (N, K) float32 of 1, 0 or NaN (multi-label)."""
+    path, n, k, task = root / "labels.npy", len(meta["rows"]), len(meta["classes"]), meta["task"]
+    if task == "multi":
+        shape, dtype, want = (n, k), np.dtype(np.float32), f"float32 ({n}, {k}) of 1, 0 or NaN"
+    else:
+        shape, dtype, want = (n,), np.dtype(np.int64), f"int64 ({n},) class indices below {k}"
+    says = f"{META} ({task}-label) says {want}"
+    offset = _npy_offset(path, shape, dtype, says)
+    labels = np.array(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape))
+    if task == "multi":
+        bad = ~((labels == 0) | (labels == 1) | np.isnan(labels))
+        if bad.any():
+            row, col = (int(i) for i in np.argwhere(bad)[0])
+            raise DataError(f"{path} holds {labels[row, col]} in row {row} ({meta['rows'][row][0]}), finding "
+                            f"{meta['classes'][col]!r}; {says}")
+        return labels
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= k:
+        raise DataError(f"{path} holds labels from {low} to {high}; {says} (the pack has {k} classes: labels in "
+                        f"[0, {k}))")
+    if not np.array_equal(labels, np.fromiter((label for _, label in meta["rows"]), np.int64, n)):
+        raise DataError(f"{path} differs from the labels of the rows of {root / META}")
+    return labels
+
+
 def _check_arrays(root: Path, meta: dict[str, Any]) -> tuple[np.ndarray, int]:
-    """``labels.npy`` (checked against the rows of ``pack.json``) and the data offset of ``images.npy`` (checked:
-    header, size, and for float16 every value finite)."""
+    """``labels.npy`` (``_check_labels``) and the data offset of ``images.npy`` (checked: header, size, and for
+    float16 every value finite)."""
     n = len(meta["rows"])
     h, w = meta["img_size"]
     dtype = np.dtype(meta["dtype"])
     offset = _npy_offset(root / "images.npy", (n, 1, h, w), dtype)
-    labels_offset = _npy_offset(root / "labels.npy", (n,), np.dtype(np.int64))
-    labels = np.array(np.memmap(root / "labels.npy", dtype=np.int64, mode="r", offset=labels_offset, shape=(n,)))
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= len(meta["classes"]):
-        raise DataError(f"{root / 'labels.npy'} holds labels from {low} to {high}; the pack has "
-                        f"{len(meta['classes'])} classes, so labels in [0, {len(meta['classes'])})")
-    if not np.array_equal(labels, np.fromiter((label for _, label in meta["rows"]), np.int64, n)):
-        raise DataError(f"{root / 'labels.npy'} differs from the labels of the rows of {root / META}")
+    labels = _check_labels(root, meta)
     if dtype == np.float16:  # NaN would pass through training as NaN losses; refuse the pack instead
         images = np.memmap(root / "images.npy", dtype=dtype, mode="r", offset=offset, shape=(n, 1, h, w))
         step = max(1, _FINITE_CHUNK_BYTES // (h * w * dtype.itemsize))
@@ -462,11 +598,12 @@ def open_pack(path: str | os.PathLike, check_stale: bool = True) -> Pack:
 
     Nothing of it is trusted: ``pack.json`` is checked field by field (``validate_pack_meta``), the ``.npy``
     headers against it and the file sizes before any array is mapped, the labels against the rows and the
-    classes, and a float16 pack for NaN and infinity.
+    classes (or, multi-label, for 1, 0 or NaN), and a float16 pack for NaN and infinity.
 
     Args:
         path: the pack folder.
-        check_stale: compare the source folder's image files (paths, sizes, mtimes) with those recorded.
+        check_stale: compare the source folder's image files (paths, sizes, mtimes) with those recorded; for a
+            pack of a label table, the table's size and mtime, and the files it named.
 
     Raises:
         DataError: not a pack, a format this version does not read, a field or an array that does not match, or
@@ -485,11 +622,14 @@ def open_pack(path: str | os.PathLike, check_stale: bool = True) -> Pack:
     source = Path(meta["source"])
     bad = [(str(source / p), why) for p, why in meta["skipped"]]
     scan = ScanResult(bad=bad, modes=Counter(meta["modes"]), wide=meta["wide_source"])
+    if meta["task"] == "multi":
+        rows = [(str(source / p), torch.from_numpy(labels[i].copy())) for i, (p, _) in enumerate(meta["rows"])]
+    else:
+        rows = [(str(source / p), int(label)) for p, label in meta["rows"]]
     return Pack(root=root, source=source, classes=meta["classes"], img_size=(h, w), dtype=meta["dtype"],
-                intensity=meta["intensity"], presplit=meta["presplit"],
-                rows=[(str(source / p), int(label)) for p, label in meta["rows"]], train_rows=meta["train"],
+                intensity=meta["intensity"], presplit=meta["presplit"], rows=rows, train_rows=meta["train"],
                 val_rows=meta["val"], scan=scan, ignored=[str(source / p) for p in meta["ignored"]], note=note,
-                meta=meta, labels=labels, images_offset=offset)
+                meta=meta, task=meta["task"], labels=labels, images_offset=offset)
 
 
 # -- writing ----------------------------------------------------------------------------------------
@@ -601,11 +741,12 @@ def write_pack(
     workers: int | None = None,
     progress: bool = True,
     command: str = "",
-    table=None,
+    table: TableOptions | None = None,
 ) -> Pack:
     """Decode and resize every image of ``data`` once into the pack folder ``output``; return it opened.
 
-    The files, split and bad-file checks are ``load_folder``'s, and each image goes through ``read_gray`` and
+    The files, split and bad-file checks are ``load_folder``'s (``load_table``'s with ``table``), and each image
+    goes through ``read_gray`` and
     the validation transform (``build_transforms(img_size, train=False)``), so a pack's validation images are
     what ``GrayImageFolder`` gives for them: equal for 8-bit data, within uint16 rounding for deeper data.
     Files that fail to decode are skipped and named (``UnreadableImageWarning``, and ``pack.json``).
@@ -617,7 +758,8 @@ def write_pack(
     only then, and its files (``WRITTEN``) removed. Leftovers of an interrupted run are removed the next time.
 
     Args:
-        data: an ImageFolder tree, or one with ``train/`` and ``val/``.
+        data: an ImageFolder tree, or one with ``train/`` and ``val/``; with ``table``, the folder its paths are
+            relative to.
         output: the pack folder to write.
         img_size: (H, W) to resize to.
         val_split: the validation fraction when ``data`` is not split already.
@@ -628,14 +770,14 @@ def write_pack(
         workers: decoding threads (default: the CPU count).
         progress: show a progress bar.
         command: the command line, recorded in ``pack.json``.
+        table: read the images and labels from this label table (``tables.load_table``) instead of class folders;
+            its test rows are not packed.
 
     Raises:
         DataError: an output that is not ours to replace, a source inside it (or it inside the source), a
             folder that cannot be packed.
         InputError: a size, dtype, split or seed that cannot be used; ``output`` in use by another run.
     """
-    if table is not None:
-        raise InputError("packing a label table is being ported onto the signed pack format; pack class folders")
     start = time.perf_counter()
     source, output = Path(data), Path(output)
     intensity = parse_intensity(intensity)
@@ -648,11 +790,14 @@ def write_pack(
         raise InputError(f"--val-split must be between 0 and 1; got {val_split}")
     if not (_is_int(seed) and -MAX_INT <= seed < MAX_INT):
         raise InputError(f"--seed must be a 64-bit integer; got {seed}")
+    if table is not None:  # the table's path is kept absolute: the pack checks it for staleness from anywhere
+        table = TableOptions(**{**table.to_json(), "labels": str(Path(table.labels).resolve())})
     _check_output(source, output)  # before any work, and again below once no other run can change it
     with output_lock(output, "pack"):
         _check_output(source, output)
         clean_leftovers(output)
-        folder = load_folder(source, val_split=val_split, seed=seed, strict=strict)
+        folder = (load_table(source, table, val_split=val_split, seed=seed, strict=strict) if table is not None
+                  else load_folder(source, val_split=val_split, seed=seed, strict=strict))
         wide = folder.scan.wide or intensity.kind != "full"
         stored = ("uint16" if wide else "uint8") if dtype == "auto" else dtype
         if stored == "uint8" and wide:
@@ -671,6 +816,7 @@ def write_pack(
             meta = _write_partial(partial, source, folder, rows, (h, w), stored=stored, intensity=intensity,
                                   strict=strict, workers=workers, progress=progress)
             meta.update(dtype_requested=dtype, val_split=val_split, seed=seed, files=files,
+                        table=_table_record(folder, rows) if isinstance(folder, TableData) else None,
                         command=command[:MAX_TEXT_CHARS], created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         seconds=round(time.perf_counter() - start, 3))
             validate_pack_meta(meta, partial / META)  # what we write is what open_pack accepts
@@ -685,7 +831,16 @@ def write_pack(
     return open_pack(output, check_stale=False)
 
 
-def _write_partial(partial: Path, source: Path, folder: FolderData, rows: list[tuple[str, int]],
+def _table_record(data: TableData, rows: list[tuple[str, int | Tensor]]) -> dict[str, Any]:
+    """``pack.json``'s ``table``: what was read (path, size, mtime, options), what it found, each row's group."""
+    groups = {r.file: r.group for r in data.rows}
+    return {"path": data.options.labels, "size": data.stat[0], "mtime_ns": data.stat[1],
+            "options": data.options.to_json(), "bad_rows": [[row, why[:MAX_TEXT_CHARS]] for row, why in data.bad_rows],
+            "test_rows": len(data.split_rows("test")), "split": data.split_text[:MAX_TEXT_CHARS],
+            "groups": [groups[p] for p, _ in rows]}
+
+
+def _write_partial(partial: Path, source: Path, folder: FolderData | TableData, rows: list[tuple[str, int | Tensor]],
                    size: tuple[int, int], *, stored: str, intensity: Intensity, strict: bool, workers: int | None,
                    progress: bool) -> dict[str, Any]:
     """Decode ``rows`` into ``partial/images.npy``, write ``labels.npy``; return ``pack.json``'s fields so far."""
@@ -718,18 +873,24 @@ def _write_partial(partial: Path, source: Path, folder: FolderData, rows: list[t
     val_rows = [i for i in range(n_train, len(rows)) if not errors[i]]
     if not train_rows or not val_rows:
         raise DataError(f"{source}: no readable images left for {'training' if not train_rows else 'validation'}")
-    np.save(partial / "labels.npy", np.array([label for _, label in rows], dtype=np.int64))
+    if folder.task == "multi":  # (N, K) float32, NaN where the finding is not known; in labels.npy only
+        np.save(partial / "labels.npy", np.stack([np.asarray(y, dtype=np.float32) for _, y in rows]))
+        row_labels = [None] * len(rows)
+    else:
+        row_labels = [int(y) for _, y in rows]
+        np.save(partial / "labels.npy", np.array(row_labels, dtype=np.int64))
     return {
         "format": PACK_FORMAT,
         "format_version": FORMAT_VERSION,
         "written": list(WRITTEN),
+        "task": folder.task,
         "classes": folder.classes,
         "img_size": [h, w],
         "dtype": stored,
         "intensity": str(intensity),
         "presplit": folder.presplit,
         "source": str(source.resolve()),
-        "rows": [[os.path.relpath(p, source), label] for p, label in rows],
+        "rows": [[os.path.relpath(p, source), label] for (p, _), label in zip(rows, row_labels)],
         "train": train_rows,
         "val": val_rows,
         "skipped": [[os.path.relpath(p, source), why[:MAX_TEXT_CHARS]] for p, why in folder.scan.bad + failed],
@@ -765,14 +926,17 @@ class PackedDataset(Dataset):
     """The images of one split of a pack, with ``GrayImageFolder``'s item contract.
 
     ``dataset[i]`` is ``(image, label, source path)``: (1, H, W) uint8 for a uint8 pack, float32 in [0, 1]
-    otherwise. A ``DataLoader`` with automatic batching calls ``__getitems__`` instead, which reads the whole
-    batch with one sorted fancy index into the memory map and returns a collated ``Batch`` (``data.collate``
-    passes it through), so there is no per-image work in Python and a worker process buys little.
+    otherwise; the label is a class index, or (multi-label) a (K,) float32 tensor of 1, 0 or NaN. A
+    ``DataLoader`` with automatic batching calls ``__getitems__`` instead, which reads the whole batch with one
+    sorted fancy index into the memory map and returns a collated ``Batch`` (``data.collate`` passes it through),
+    so there is no per-image work in Python and a worker process buys little.
 
     Args:
         pack: an opened pack.
         split: ``train``, ``val`` or ``all`` (every readable image, train first).
         label_map: new label of each pack class (e.g. the class index in a checkpoint); default unchanged.
+        num_classes: with ``label_map`` on multi-label data, the number of findings to count in (those the pack
+            lacks are NaN).
     """
 
     def __init__(self, pack: Pack, split: str = "val", *, label_map: Sequence[int] | None = None,
@@ -781,9 +945,11 @@ class PackedDataset(Dataset):
         if split not in splits:
             raise InputError(f"split must be one of {', '.join(splits)}; got {split!r}")
         self.rows = np.asarray(splits[split], dtype=np.int64)
-        labels = pack.labels[self.rows]  # checked by open_pack against pack.json
-        self.labels = torch.from_numpy(np.asarray(label_map, dtype=np.int64)[labels] if label_map is not None
-                                       else labels)
+        self.task = pack.task
+        labels = torch.from_numpy(pack.labels[self.rows])  # (N,) int64 or (N, K) float32, checked by open_pack
+        if label_map is not None:
+            labels = remap_target(labels, label_map, num_classes if num_classes is not None else len(label_map))
+        self.labels = labels
         self.paths = [pack.rows[i][0] for i in self.rows]
         self.file = pack.root / "images.npy"
         self.offset, self.shape = pack.images_offset, (len(pack.rows), 1, *pack.img_size)  # its checked header
@@ -810,8 +976,9 @@ class PackedDataset(Dataset):
         scale = 1 / 65535 if self.dtype == "uint16" else 1.0
         return torch.from_numpy(block.astype(np.float32) * np.float32(scale))
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, str]:
-        return self._read([index])[0], int(self.labels[index]), self.paths[index]
+    def __getitem__(self, index: int) -> tuple[Tensor, int | Tensor, str]:
+        label = self.labels[index] if self.task == "multi" else int(self.labels[index])
+        return self._read([index])[0], label, self.paths[index]
 
     def __getitems__(self, indices: Sequence[int]) -> Batch:
         return Batch(self._read(indices), self.labels[list(indices)], [self.paths[i] for i in indices], 0)

@@ -24,6 +24,7 @@ from gray_effnet.data import GrayImageFolder, collate, make_loader, set_loader_e
 from gray_effnet.folders import load_folder
 from gray_effnet.images import UnreadableImageWarning
 from gray_effnet.pack import WRITTEN, PackedDataset, has_pack_json, is_pack, open_pack, validate_pack_meta, write_pack
+from gray_effnet.table_options import TableOptions
 
 from .helpers import tree_digest
 from .test_train import FAST, assert_same_run, metrics
@@ -426,11 +427,35 @@ def _repath(path):
     return lambda meta: [[path, meta["rows"][0][1]], *meta["rows"][1:]]
 
 
+def _table(**change):
+    """A function of pack.json: a well-formed 'table' record for its rows, with ``change`` applied (a value, a
+    function of the record, or ``...`` to drop the key)."""
+    def make(meta):
+        path = os.path.join(meta["source"], "labels.csv")
+        record = {"path": path, "size": 120, "mtime_ns": 10**18, "bad_rows": [[3, "missing file: 'x.png'"]],
+                  "options": TableOptions(labels=path, label_column="y").to_json(), "test_rows": 0,
+                  "split": "seeded stratified split by image, 20% of the images to val",
+                  "groups": [p for p, _ in meta["rows"]]}
+        for key, value in change.items():
+            if value is ...:
+                del record[key]
+            else:
+                record[key] = value(record) if callable(value) else value
+        return record
+    return make
+
+
+def _options(**change):
+    return lambda record: {**record["options"], **change}
+
+
 # field -> bad values: (label, value, or a function of the written pack.json). A missing field is added below.
 PACK_BAD_FIELDS: dict[str, list[tuple[str, object]]] = {
     "format": [("type", 1), ("other", "npz"), ("null", None)],
     "format_version": [("type", "2"), ("older", 1), ("newer", 3), ("zero", 0), ("bool", True)],
     "written": [("type", "images.npy"), ("extra", [*WRITTEN, "../../home"]), ("fewer", ["pack.json"])],
+    "task": [("type", 1), ("null", None), ("unknown", "regression"), ("case", "Single"),
+             ("multi", "multi")],  # multi-label: class indices in 'rows', and no table
     "classes": [("type", "ab"), ("empty", []), ("duplicate", ["a", "a"]), ("items", [1, 2]), ("long", ["x" * 300, "b"]),
                 ("shorter", ["a"]), ("huge", [str(i) for i in range(100_001)])],
     "img_size": [("type", "32x32"), ("zero", [0, 32]), ("length", [32]), ("huge", [2**70, 1]),
@@ -455,6 +480,28 @@ PACK_BAD_FIELDS: dict[str, list[tuple[str, object]]] = {
     "ignored": [("type", "x"), ("item", [1])],
     "modes": [("type", []), ("count", {"L": -1}), ("key", {"x" * 300: 1})],
     "wide_source": [("type", "yes")],
+    "table": [("type", "labels.csv"), ("list", []), ("unknown-key", _table(evil=1)),
+              ("missing-key", _table(groups=...)),
+              ("path-relative", _table(path="labels.csv")), ("path-nul", _table(path="/t\x00.csv")),
+              ("size-negative", _table(size=-1)), ("size-float", _table(size=1.5)),
+              ("mtime-type", _table(mtime_ns="1")), ("options-type", _table(options="--labels t.csv")),
+              ("options-unknown", _table(options=_options(evil=1))),
+              ("options-missing", _table(options=lambda r: {k: v for k, v in r["options"].items() if k != "labels"})),
+              ("options-column-type", _table(options=_options(label_column=5))),
+              ("options-columns-type", _table(options=_options(label_columns="ab"))),
+              ("options-no-label", _table(options=_options(label_column=None))),
+              ("options-uncertain", _table(options=_options(uncertain="maybe"))),
+              ("options-control", _table(options=_options(group_column="p\x1b[2J"))),
+              ("options-flag-type", _table(options=_options(multi_label="yes"))),
+              ("options-other-table", _table(options=_options(labels="/other.csv"))),
+              ("options-multi", _table(options=_options(label_column="y", label_sep="|"))),
+              ("bad_rows-type", _table(bad_rows={})), ("bad_rows-row", _table(bad_rows=[[0, "x"]])),
+              ("bad_rows-bool", _table(bad_rows=[[True, "x"]])), ("bad_rows-reason", _table(bad_rows=[[3, 4]])),
+              ("bad_rows-long", _table(bad_rows=[[3, "x" * 200_000]])),
+              ("test_rows-negative", _table(test_rows=-1)), ("test_rows-type", _table(test_rows="0")),
+              ("split-type", _table(split=None)), ("split-empty", _table(split="")),
+              ("groups-short", _table(groups=lambda r: r["groups"][:-1])), ("groups-type", _table(groups="p1")),
+              ("groups-item", _table(groups=lambda r: [1] * len(r["groups"])))],
     "command": [("type", 1), ("long", "x" * 200_000)],
     "created": [("type", 1), ("long", "x" * 300)],
     "seconds": [("type", "1"), ("negative", -1), ("inf", math.inf)],
@@ -489,6 +536,15 @@ class TestValidatePackMeta:
         meta = json.loads((small_pack / "pack.json").read_text())
         assert validate_pack_meta(meta, "p") is meta
         assert meta["format"] == "gray_effnet.pack" and meta["written"] == list(WRITTEN) and is_pack(small_pack)
+        assert (meta["task"], meta["table"]) == ("single", None)
+        with_table = {**meta, "table": _table()(meta)}  # what the 'table' cases spoil is a valid record
+        assert validate_pack_meta(with_table, "p") is with_table
+
+    def test_table_options_are_checked_field_by_field(self):
+        """Each field TableOptions writes has its type check in the validator (a new option needs one)."""
+        import gray_effnet.pack as pack_module
+
+        assert set(pack_module._TABLE_OPTIONS) == set(TableOptions(labels="/t.csv", label_column="y").to_json())
 
     def test_every_case_names_its_field(self, small_pack):
         meta = json.loads((small_pack / "pack.json").read_text())

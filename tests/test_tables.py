@@ -19,7 +19,7 @@ import train
 from gray_effnet import DataError, InputError
 from gray_effnet.__main__ import main as gray_main
 from gray_effnet.data import GrayImageFolder, collate, make_loader
-from gray_effnet.pack import PackedDataset, open_pack, write_pack
+from gray_effnet.pack import PackedDataset, open_pack, validate_pack_meta, write_pack
 from gray_effnet.predict import predict
 from gray_effnet.sources import PackSource, TableSource, open_source
 from gray_effnet.tables import BadRowWarning, TableOptions, load_table, prepare_digits_table, read_csv, split_groups
@@ -478,9 +478,31 @@ class TestPack:
         root, options = chexpert
         write_pack(root, tmp_path / "p", (16, 16), table=options, progress=False, workers=1)
         np.save(tmp_path / "p" / "labels.npy", labels)
-        with pytest.raises(DataError, match=r"labels.npy is .*; pack.json \(multi-label\) says float32 \(16, 2\) "
+        with pytest.raises(DataError, match=r"labels.npy holds .*; pack.json \(multi-label\) says float32 \(16, 2\) "
                                             r"of 1, 0 or NaN"):
             open_pack(tmp_path / "p", check_stale=False)
+
+    def test_pack_json_of_a_table_validated(self, chexpert, tmp_path):
+        """The record of the table is what validate_pack_meta accepts, and what contradicts it is refused."""
+        root, options = chexpert
+        write_pack(root, tmp_path / "p", (16, 16), table=options, progress=False, workers=1)
+        meta = json.loads((tmp_path / "p" / "pack.json").read_text())
+        assert validate_pack_meta(meta, "p") is meta and all(label is None for _, label in meta["rows"])
+        record = meta["table"]
+        assert record["path"] == str(Path(options.labels).resolve())
+        assert TableOptions.from_json(record["options"]).flags() == options.flags()
+        assert (record["test_rows"], record["bad_rows"], len(record["groups"])) == (0, [], 16)
+        for change, message in [
+            ({"task": "single"}, r"'rows' must be \[relative path, label\]"),
+            ({"rows": [[meta["rows"][0][0], 0], *meta["rows"][1:]]}, r"'rows' must be \[relative path, null\]"),
+            ({"table": None}, "'table' must be the label table's record: a multi-label pack is made from a label "
+                              "table"),
+            ({"table": {**record, "groups": record["groups"][1:]}}, "'groups' is a list of 16 group names"),
+            ({"table": {**record, "options": {**record["options"], "label_column": "edema", "label_columns": []}}},
+             r"table options of a multi-label table \(the pack's 'task'\)"),
+        ]:
+            with pytest.raises(DataError, match=message):
+                validate_pack_meta({**meta, **change}, "p")
 
     def test_single_label_pack_labels_in_range(self, tmp_path):
         labels = table(tmp_path / "d", ["path", "y"], [[f"{i}.png", "ab"[i % 2]] for i in range(6)])
