@@ -235,6 +235,11 @@ class EvalResult:
         tp = c.diag()
         return tp / c.sum(0), tp / c.sum(1)
 
+    @property
+    def count(self) -> int:
+        """How many images were predicted: the rows of ``predictions`` (single-label) or of ``scores`` (multi)."""
+        return len(self.paths) if self.task == "multi" else len(self.predictions)
+
     def present(self) -> Tensor:
         """Multi-label: (N, K), whether each image's probability of each finding is at or above its threshold."""
         return self.scores.double() >= torch.tensor(self.thresholds, dtype=torch.float64)

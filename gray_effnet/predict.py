@@ -55,7 +55,7 @@ def predict(weights: str | Path, data: str | Path, *, output: str | Path | None 
     ev = evaluate_checkpoint(weights, source, split="all", batch_size=batch_size, workers=workers, device=device,
                              img_size=img_size, intensity=intensity, amp=amp, channels_last=channels_last,
                              threads=threads, progress=progress)
-    if not ev.result.predictions:  # every file passed the header scan and failed to decode: no CSV to write
+    if not ev.result.count:  # every file passed the header scan and failed to decode: no CSV to write
         raise DataError(f"none of the {len(source.samples('all'))} image file(s) in {data} could be decoded (named "
                         "in the warnings above); no predictions written")
     report_predictions(ev.result, ev.class_names, out, labelled=source.labelled)

@@ -582,7 +582,10 @@ def report_after_training(output: Path, loader, dataset: Dataset, *, device: tor
     start = time.perf_counter()
     if dist.is_initialized():
         dist.barrier()  # the first process wrote best.safetensors
-    model = load_model(output / "best.safetensors").to(device)
+    best = output / "best.safetensors"
+    if not best.is_file():  # a resumed run whose best epoch was written elsewhere
+        return f"report: not written: {best} does not exist" if primary else None
+    model = load_model(best).to(device)
     result = evaluate(model, loader, device=device, num_classes=num_classes, autocast=autocast,
                       keep_predictions=True, progress=progress and sys.stderr.isatty(), desc="report: evaluate best")
     if not primary:

@@ -272,8 +272,9 @@ class TestPredict:
         rows = write_findings(tmp_path / "images", 16, seed=1)
         source = FindingsSource(tmp_path / "images", ["dotted", "bright", "striped"],  # another order of columns
                                 {"train": [], "val": [(p, [y[2], y[0], y[1]]) for p, y in rows]})
-        result, names = evaluate_checkpoint(checkpoint, source, split="all", workers=0, channels_last="off",
-                                            progress=False, log=lambda *_: None)
+        ev = evaluate_checkpoint(checkpoint, source, split="all", workers=0, channels_last="off", progress=False,
+                                 log=lambda *_: None)
+        result, names = ev.result, ev.class_names
         printed = []
         out = report_predictions(result, names, tmp_path / "p.csv", labelled=True, log=printed.append)
         with open(out) as f:

@@ -98,9 +98,18 @@ def workdir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return root, env
 
 
+ASSIGNMENT = re.compile(r"^(\w+)=\$\((.*)\)$")  # NAME=$(command): later lines use "$NAME"
+
+
 def _run(line: str, root: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     for old, new in SUBSTITUTIONS.items():
         line = line.replace(old, new.format(data=root / "data", new=root / "new", ct=root / "ct"))
+    assignment = ASSIGNMENT.match(line)
+    if assignment:  # run the command, and keep its output for the lines that name the variable
+        res = _run(assignment.group(2), root, env)
+        env[assignment.group(1)] = res.stdout.strip()
+        return res
+    line = re.sub(r"\$(\w+)", lambda m: env.get(m.group(1), m.group(0)), line)
     argv = shlex.split(line)
     if len(argv) > 1 and argv[1].startswith("benchmarks/"):
         argv[1] = str(ROOT / argv[1])

@@ -622,4 +622,4 @@ class TestTrainOnATable:
         line = cli_error(["predict", "--weights", tmp_path / "w.safetensors", "--data", digits_table, "--labels",
                           digits_table / "labels.csv", "--label-columns", "even", "gt4", "loop", "--workers", "0",
                           "--channels-last", "off", "--threads", "1"], capsys, entry=gray_main)
-        assert "the checkpoint is single-label and the data" in line and "is multi-label" in line
+        assert "is labelled with findings (multi-label), the checkpoint predicts one class per image" in line
