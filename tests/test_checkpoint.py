@@ -23,12 +23,12 @@ from gray_effnet import GrayEfficientNet, InputError, WeightsError, load_model, 
 from gray_effnet.__main__ import main as gray_effnet_main
 from gray_effnet.checkpoint import (
     META_KEY,
-    SAFE_TIMM_KWARGS,
     STATE_NAME,
     best_epoch,
     read_checkpoint,
     validate_metadata,
 )
+from gray_effnet.metadata import SAFE_TIMM_KWARGS
 
 from .helpers import PicklePayload
 
