@@ -13,7 +13,8 @@ Each file is written to a temporary name and renamed, so a ``kill -9`` leaves th
 
 A checkpoint is untrusted input. No pickled code runs (safetensors, or ``torch.load(weights_only=True)``),
 and its metadata is checked field by field (``validate_metadata``) against types, ranges, an allowlist of
-timm options and the shapes of the tensors in the file, before any model is built.
+timm options and the shapes of the tensors in the file, before any model is built. The fields, what is written
+and how each is checked, are one table: ``gray_effnet.metadata.CHECKPOINT_FIELDS``.
 """
 
 import csv
@@ -22,24 +23,27 @@ import json
 import math
 import os
 import random
-import reprlib
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .adapters import get_adapter_class, list_adapters
-from .errors import GrayEffnetError, InputError, WeightsError
+from .errors import GrayEffnetError, WeightsError
 from .files import atomic_write
-from .intensity import parse_intensity
-from .limits import MAX_NESTING, input_size_limit, nesting_depth, unprintable
+from .metadata import (
+    EXTRA_FIELDS,
+    FORMAT_VERSION,
+    META_KEY,
+    describe,
+    field_error,
+    is_int,
+    is_number,
+    validate_metadata,
+)
 from .model import GrayEfficientNet
-from .tasks import TASKS
 from .weights import read_weights_file, safe_torch_load
 
 __all__ = [
@@ -61,21 +65,7 @@ __all__ = [
     "write_metrics",
 ]
 
-META_KEY = "gray_effnet"
-# 2 (issue 20): task, thresholds and val_auc, which a reader of version 1 refuses as unknown fields; a version 1
-# file is a single-label checkpoint and reads as one.
-FORMAT_VERSION = 2
 STATE_NAME = "last.state.pt"
-MAX_CLASSES = 100_000
-MAX_NAME_CHARS = 256
-MAX_IMG_SIDE = 16_384
-MAX_OPTION_NUMBERS = 64  # an adapter's options: a few windows and a range
-# timm options a checkpoint may carry to timm.create_model: plain numbers this project itself writes, and
-# nothing that makes timm open a file (checkpoint_path), fetch weights (pretrained*) or take a config.
-SAFE_TIMM_KWARGS: dict[str, tuple[float, float]] = {
-    "drop_rate": (0.0, 1.0),
-    "drop_path_rate": (0.0, 1.0),
-}
 
 
 @dataclasses.dataclass
@@ -116,192 +106,6 @@ def best_epoch(history: list[dict[str, Any]], select_by: str) -> int:
     return max(range(len(history)), key=key)
 
 
-# -- metadata: written, then validated on every read ---------------------------------------------------
-_SHOW = reprlib.Repr()  # a bounded repr: a few levels and items, so a hostile value cannot flood or recurse
-_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxstring, _SHOW.maxother = 3, 6, 6, 60, 60
-
-
-def _fail(source: Any, field: str, expected: str, got: Any) -> WeightsError:
-    shown = _SHOW.repr(got)
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
-    return WeightsError(f"{source}: checkpoint field {field!r} must be {expected}; got {shown}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
-def _plain_numbers(value: Any, budget: list[int] | None = None) -> bool:
-    """A finite number, or (nested) lists of them, with at most ``MAX_OPTION_NUMBERS`` numbers in all."""
-    budget = [MAX_OPTION_NUMBERS] if budget is None else budget
-    if isinstance(value, list):
-        return all(_plain_numbers(v, budget) for v in value)
-    budget[0] -= 1
-    return budget[0] >= 0 and _is_number(value)
-
-
-def _check_optional_number(meta, key, lo, hi, source) -> None:
-    v = meta.get(key)
-    if v is not None and not (_is_number(v) and lo <= v <= hi) and not (isinstance(v, float) and math.isnan(v)):
-        raise _fail(source, key, f"null or a number in [{lo}, {hi}]", v)
-
-
-def validate_metadata(meta: Any, state_dict: Mapping[str, Tensor], source: Any) -> dict[str, Any]:
-    """Check a checkpoint's metadata field by field, and against the tensors it comes with.
-
-    Nothing of the file reaches timm before this passes: the model name must be one of timm's, the adapter a
-    registered one, ``timm_kwargs`` a subset of ``SAFE_TIMM_KWARGS``, ``num_classes`` the classifier's rows
-    in the file, the stem's input channels the adapter's. Numbers are checked for type and range, names for
-    type, length and count.
-
-    Args:
-        meta: the parsed metadata (anything: it comes from the file).
-        state_dict: the file's tensors, under timm's names.
-        source: the file, for messages.
-
-    Returns:
-        The keyword arguments of ``GrayEfficientNet`` that rebuild the model.
-
-    Raises:
-        WeightsError: naming the first field that is wrong, and what was expected.
-    """
-    if meta is None:
-        raise WeightsError(
-            f"{source} is not a gray_effnet checkpoint (no '{META_KEY}' metadata); load a plain timm state dict "
-            "with GrayEfficientNet(model_name, weights=PATH, num_classes=...)"
-        )
-    if not isinstance(meta, dict):
-        raise _fail(source, META_KEY, "a JSON object", meta)
-    if nesting_depth(meta) > MAX_NESTING:  # before anything walks it: deeper values would end in a RecursionError
-        raise WeightsError(f"{source}: checkpoint metadata nested more than {MAX_NESTING} levels deep; this project "
-                           "writes 3")
-    known = {"format_version", "model_name", "adapter", "num_classes", "class_names", "img_size", "mean", "std",
-             "timm_kwargs", "intensity", "adapter_kwargs", "task", "thresholds", "epoch", "val_acc", "val_loss",
-             "val_auc"}
-    unknown = sorted(str(k) for k in meta if k not in known)
-    if unknown:
-        raise WeightsError(f"{source}: unknown checkpoint field(s) {unknown[:5]}; expected only {sorted(known)}")
-    missing = [k for k in ("format_version", "model_name", "adapter", "num_classes", "mean", "std") if k not in meta]
-    if missing:
-        raise WeightsError(f"{source}: checkpoint field {missing[0]!r} is missing")
-
-    version = meta["format_version"]
-    if not _is_int(version) or version < 1:
-        raise _fail(source, "format_version", f"an integer from 1 to {FORMAT_VERSION}", version)
-    if version > FORMAT_VERSION:
-        raise WeightsError(f"{source}: checkpoint field 'format_version' is {version}: the file was written by a "
-                           f"newer gray_effnet (this one reads up to {FORMAT_VERSION}); upgrade gray_effnet")
-
-    name = meta["model_name"]
-    if not isinstance(name, str) or len(name) > MAX_NAME_CHARS or not timm.is_model(name):
-        raise _fail(source, "model_name", "the name of a timm model", name)
-    adapter = meta["adapter"]
-    if not isinstance(adapter, str) or adapter not in list_adapters():
-        raise _fail(source, "adapter", f"one of {', '.join(list_adapters())}", adapter)
-
-    n = meta["num_classes"]
-    if not _is_int(n) or not 1 <= n <= MAX_CLASSES:
-        raise _fail(source, "num_classes", f"an integer from 1 to {MAX_CLASSES}", n)
-    classifier = timm.models.get_pretrained_cfg_value(name, "classifier")
-    head = state_dict.get(f"{classifier}.weight") if isinstance(classifier, str) else None
-    if head is None or head.ndim != 2 or head.shape[0] != n:
-        rows = "no classifier" if head is None else f"a classifier of shape {tuple(head.shape)}"
-        raise WeightsError(f"{source}: checkpoint field 'num_classes' says {n} but the file holds {rows}")
-    first_conv = timm.models.get_pretrained_cfg_value(name, "first_conv")
-    stem = state_dict.get(f"{first_conv}.weight") if isinstance(first_conv, str) else None
-    in_chans = get_adapter_class(adapter).in_chans
-    if stem is None or stem.ndim != 4 or stem.shape[1] != in_chans:
-        got = "no stem weight" if stem is None else f"a stem weight of shape {tuple(stem.shape)}"
-        raise WeightsError(f"{source}: checkpoint field 'adapter' is {adapter!r}, whose stem takes {in_chans} "
-                           f"input channel(s), but the file holds {got}")
-
-    names = meta.get("class_names")
-    if names is not None:
-        if (not isinstance(names, list) or len(names) != n
-                or not all(isinstance(c, str) and 0 < len(c) <= MAX_NAME_CHARS for c in names)):
-            raise _fail(source, "class_names", f"null or a list of {n} non-empty strings (num_classes)", names)
-        shady = [c for c in names if unprintable(c)]
-        if shady:  # they are printed in tables and written to CSVs
-            raise _fail(source, "class_names", "names without control characters", shady[0])
-        if len(set(names)) != len(names):
-            raise _fail(source, "class_names", "a list of distinct names", names)
-    size = meta.get("img_size")
-    if size is not None and (not isinstance(size, list) or len(size) != 2
-                             or not all(_is_int(s) and 1 <= s <= MAX_IMG_SIDE for s in size)):
-        raise _fail(source, "img_size", f"null or [H, W] with integers from 1 to {MAX_IMG_SIDE}", size)
-    if size is not None and size[0] * size[1] > input_size_limit():
-        raise _fail(source, "img_size", f"[H, W] with H x W at most the pixel limit {input_size_limit()} "
-                    "(--max-pixels)", size)
-    for key in ("mean", "std"):
-        v = meta[key]
-        if not isinstance(v, list) or len(v) != 3 or not all(_is_number(x) and abs(x) <= 1e3 for x in v):
-            raise _fail(source, key, "a list of 3 finite numbers (one per RGB channel)", v)
-    if not all(s > 0 for s in meta["std"]):
-        raise _fail(source, "std", "3 positive numbers", meta["std"])
-
-    kwargs = meta.get("timm_kwargs", {})
-    if not isinstance(kwargs, dict):
-        raise _fail(source, "timm_kwargs", "a JSON object", kwargs)
-    for key, value in kwargs.items():
-        if key not in SAFE_TIMM_KWARGS:
-            raise WeightsError(
-                f"{source}: checkpoint field 'timm_kwargs' holds {key!r}, which gray_effnet does not pass to timm "
-                f"from a file (allowed: {', '.join(SAFE_TIMM_KWARGS)}); options such as checkpoint_path or "
-                "pretrained_cfg would make timm open other files"
-            )
-        lo, hi = SAFE_TIMM_KWARGS[key]
-        if not (_is_number(value) and lo <= value < hi):
-            raise _fail(source, f"timm_kwargs.{key}", f"a number in [{lo}, {hi})", value)
-
-    intensity = meta.get("intensity", "full")
-    try:
-        if not isinstance(intensity, str) or len(intensity) > 64:
-            raise InputError("not a short string")
-        parse_intensity(intensity)
-    except InputError as e:
-        raise _fail(source, "intensity", f"an intensity mapping such as 'full' or 'range:-1024:3071' ({e})",
-                    intensity) from None
-    options = meta.get("adapter_kwargs") or {}
-    allowed = get_adapter_class(adapter).option_names
-    if not isinstance(options, dict) or not all(k in allowed for k in options):
-        raise _fail(source, "adapter_kwargs", f"null or an object with the options of {adapter!r} "
-                    f"({', '.join(allowed) or 'none'})", options)
-    for key, value in options.items():
-        if not _plain_numbers(value):
-            raise _fail(source, f"adapter_kwargs.{key}",
-                        f"finite numbers or lists of them (at most {MAX_OPTION_NUMBERS})", value)
-
-    task = meta.get("task", "single")  # files written before issue 20 are single-label
-    if task not in TASKS:
-        raise _fail(source, "task", f"one of {', '.join(TASKS)}", task)
-    if task == "multi" and names is not None and any("|" in c for c in names):
-        raise _fail(source, "class_names", "finding names without '|' (it joins them in predictions.csv)", names)
-    thresholds = meta.get("thresholds")
-    if thresholds is not None and (task != "multi" or not isinstance(thresholds, list) or len(thresholds) != n
-                                   or not all(_is_number(t) and 0 <= t <= 1 for t in thresholds)):
-        raise _fail(source, "thresholds", f"null, or for task 'multi' a list of {n} numbers in [0, 1] (num_classes)",
-                    thresholds)
-
-    epoch = meta.get("epoch")
-    if epoch is not None and not (_is_int(epoch) and epoch >= 0):
-        raise _fail(source, "epoch", "null or an integer >= 0", epoch)
-    _check_optional_number(meta, "val_acc", 0.0, 1.0, source)
-    _check_optional_number(meta, "val_loss", 0.0, 1e6, source)
-    _check_optional_number(meta, "val_auc", 0.0, 1.0, source)
-    return {"model_name": name, "adapter": adapter, "num_classes": n, "class_names": names, "img_size": size,
-            "mean": meta["mean"], "std": meta["std"], "intensity": intensity, "adapter_kwargs": options or None,
-            "task": task, "thresholds": thresholds, **kwargs}
-
-
-def describe(model: GrayEfficientNet, **extra: Any) -> dict[str, Any]:
-    """The metadata written with ``model``'s weights; ``extra`` adds epoch, val_acc, val_loss, val_auc."""
-    return {"format_version": FORMAT_VERSION, **model.describe(), **extra}
-
-
 # -- weights files ------------------------------------------------------------------------------------
 def save_weights(model: GrayEfficientNet, path: str | os.PathLike, **extra: Any) -> Path:
     """Write ``model``'s weights as a timm-native ``.safetensors`` file that ``load_model`` can rebuild.
@@ -312,7 +116,8 @@ def save_weights(model: GrayEfficientNet, path: str | os.PathLike, **extra: Any)
     Args:
         model: a ``GrayEfficientNet`` (unwrapped from DDP / ``torch.compile``).
         path: the file to write, atomically.
-        **extra: ``epoch``, ``val_acc``, ``val_loss``, ``val_auc``.
+        **extra: what a model does not know (``gray_effnet.metadata.EXTRA_FIELDS``): ``epoch``, ``val_acc``,
+            ``val_loss``, ``val_auc``.
     """
     meta = describe(model, **extra)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.timm_state_dict().items()}
@@ -403,7 +208,7 @@ def save_checkpoint(
         is_best: the epoch just finished is the best so far (``best_epoch``): write ``best.safetensors`` too.
     """
     row = history[-1]
-    extra = {"epoch": row["epoch"], "val_acc": row["val_acc"], "val_loss": row["val_loss"], "val_auc": row["val_auc"]}
+    extra = {name: row[name] for name in EXTRA_FIELDS}  # epoch, val_acc, ...: metrics.csv columns of the same names
     save_weights(model, output / "last.safetensors", **extra)
     if is_best:
         save_weights(model, output / "best.safetensors", **extra)
@@ -446,29 +251,29 @@ def _validate_state(state: Any, path: Path) -> None:
     """Check the fields of a training-state file that resume uses, beyond its model metadata."""
     for key, kind in (("optimizer", dict), ("scaler", dict), ("rng", dict), ("history", list), ("model", dict)):
         if not isinstance(state.get(key), kind):
-            raise _fail(path, key, f"a {kind.__name__}", type(state.get(key)).__name__)
+            raise field_error(path, key, f"a {kind.__name__}", type(state.get(key)).__name__)
     epoch = state.get("epoch")
-    if not _is_int(epoch) or epoch < 0:
-        raise _fail(path, "epoch", "an integer >= 0", epoch)
+    if not is_int(epoch) or epoch < 0:
+        raise field_error(path, "epoch", "an integer >= 0", epoch)
     history = state["history"]
     if len(history) != epoch + 1:
-        raise _fail(path, "history", f"{epoch + 1} rows (one per finished epoch)", f"{len(history)} rows")
+        raise field_error(path, "history", f"{epoch + 1} rows (one per finished epoch)", f"{len(history)} rows")
     for row in history:
         if not isinstance(row, dict) or sorted(row) != sorted(METRIC_COLUMNS):
-            raise _fail(path, "history", f"rows with the columns {METRIC_COLUMNS}", row)
-        if not all(_is_number(v) or (isinstance(v, float) and math.isnan(v)) for v in row.values()):
-            raise _fail(path, "history", "rows of numbers", row)
+            raise field_error(path, "history", f"rows with the columns {METRIC_COLUMNS}", row)
+        if not all(is_number(v) or (isinstance(v, float) and math.isnan(v)) for v in row.values()):
+            raise field_error(path, "history", "rows of numbers", row)
     if state.get("select_by") not in SELECT_BY:
-        raise _fail(path, "select_by", f"one of {', '.join(SELECT_BY)}", state.get("select_by"))
+        raise field_error(path, "select_by", f"one of {', '.join(SELECT_BY)}", state.get("select_by"))
     rng = state["rng"]
     numpy_state = rng.get("numpy")
     if (not isinstance(rng.get("torch"), Tensor) or rng["torch"].dtype != torch.uint8
             or not isinstance(rng.get("python"), tuple) or not isinstance(numpy_state, tuple)
             or len(numpy_state) != 5 or not isinstance(numpy_state[1], Tensor)):
-        raise _fail(path, "rng", "the RNG states this project writes", "another structure")
+        raise field_error(path, "rng", "the RNG states this project writes", "another structure")
     optimizer = state["optimizer"]
     if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
-        raise _fail(path, "optimizer", "an optimizer state dict (state, param_groups)", sorted(optimizer)[:4])
+        raise field_error(path, "optimizer", "an optimizer state dict (state, param_groups)", sorted(optimizer)[:4])
 
 
 def load_state(path: Path, expect: dict[str, Any]) -> dict[str, Any]:

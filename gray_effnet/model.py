@@ -10,6 +10,7 @@ import torch
 from timm.models.efficientnet import EfficientNet
 from torch import Tensor, nn
 
+from . import metadata
 from .adapters import ADAPTERS, FoldStem, StemAdapter, create_adapter, list_adapters
 from .errors import InputError, WeightsError
 from .intensity import parse_intensity
@@ -310,21 +311,9 @@ class GrayEfficientNet(nn.Module):
         return head_loaded
 
     def describe(self) -> dict[str, Any]:
-        """What a checkpoint needs to rebuild this model (``gray_effnet.load_model``)."""
-        return {
-            "model_name": self.model_name,
-            "adapter": self.adapter,
-            "num_classes": self.num_classes,
-            "class_names": self.class_names,
-            "img_size": list(self.img_size) if self.img_size else None,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "timm_kwargs": self.timm_kwargs,
-            "intensity": self.intensity,
-            "adapter_kwargs": self.stem.options(),
-            "task": self.task,
-            "thresholds": self.thresholds,
-        }
+        """What a checkpoint needs to rebuild this model (``gray_effnet.load_model``): the written fields of
+        ``gray_effnet.metadata.CHECKPOINT_FIELDS``, ``format_version`` included."""
+        return metadata.describe(self)
 
     def extra_repr(self) -> str:
         return f"model_name={self.model_name!r}, adapter={self.adapter!r}, num_classes={self.num_classes}"

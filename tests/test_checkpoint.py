@@ -6,6 +6,7 @@ a wrong value, or a missing field. Each must end in one ``error:`` line and exit
 created outside the output folder.
 """
 
+import inspect
 import json
 import math
 import os
@@ -23,19 +24,19 @@ from gray_effnet import GrayEfficientNet, InputError, WeightsError, load_model, 
 from gray_effnet.__main__ import main as gray_effnet_main
 from gray_effnet.checkpoint import (
     META_KEY,
-    SAFE_TIMM_KWARGS,
     STATE_NAME,
     best_epoch,
     read_checkpoint,
     validate_metadata,
 )
+from gray_effnet.metadata import CHECKPOINT_FIELDS, EXTRA_FIELDS, SAFE_TIMM_KWARGS, describe
 
 from .helpers import PicklePayload
 
 SIZE = ["--img-size", "32", "32"]
 QUIET = ["--workers", "0", "--no-progress"]
 
-# field -> bad values: (label, value). A missing required field is added below.
+# field -> bad values: (label, value), for every field of CHECKPOINT_FIELDS. A missing required field is added below.
 BAD_FIELDS: dict[str, list[tuple[str, object]]] = {
     "format_version": [("type", "1"), ("newer", 99), ("zero", 0), ("bool", True)],
     "model_name": [("type", ["x"]), ("unknown", "not_a_timm_model"), ("long", "x" * 10_000)],
@@ -58,16 +59,18 @@ BAD_FIELDS: dict[str, list[tuple[str, object]]] = {
     "adapter_kwargs": [("type", [1]), ("foreign-option", {"windows": [[40, 80]]}),
                        ("not-numbers", {"windows": "x"})],
 }
-REQUIRED = ["format_version", "model_name", "adapter", "num_classes", "mean", "std"]
-OPTIONAL = ["class_names", "img_size", "timm_kwargs", "intensity", "adapter_kwargs", "epoch", "val_acc", "val_loss",
-            "val_auc", "task", "thresholds"]
+# The fields come from the one table that writes and reads them: a new field without bad values fails _cases.
+FIELDS = [f.name for f in CHECKPOINT_FIELDS]
+REQUIRED = [f.name for f in CHECKPOINT_FIELDS if f.required]
+OPTIONAL = [f.name for f in CHECKPOINT_FIELDS if not f.required]
 
 
 def _cases(meta: dict) -> list[tuple[str, object]]:
     """(name, metadata) pairs; metadata is a dict, or a str for the raw JSON text."""
     cases = []
-    assert set(meta) <= set(BAD_FIELDS) | {"format_version"} | set(REQUIRED), (
-        f"fields written but not fuzzed: {sorted(set(meta) - set(BAD_FIELDS))}")
+    assert set(FIELDS) <= set(BAD_FIELDS), (
+        f"fields of CHECKPOINT_FIELDS not fuzzed: {sorted(set(FIELDS) - set(BAD_FIELDS))}: add their bad values")
+    assert set(meta) <= set(BAD_FIELDS), f"fields written but not fuzzed: {sorted(set(meta) - set(BAD_FIELDS))}"
     for field, bad in BAD_FIELDS.items():
         assert field in meta, f"the written checkpoint has no {field!r}: update BAD_FIELDS"
         cases += [(f"{field}-{label}", {**meta, field: value}) for label, value in bad]
@@ -161,6 +164,40 @@ class TestValidateMetadata:
         _write_safetensors(run / "best.safetensors", path, {k: v for k, v in meta.items() if k != field})
         model = load_model(path)
         assert model.num_classes == 3
+
+    @pytest.mark.parametrize("field", [f for f in CHECKPOINT_FIELDS if not f.required and f.kwarg],
+                             ids=lambda f: f.name)
+    def test_missing_field_rebuilds_the_models_default(self, run_dir, field):
+        """A file without an optional field (an older one) rebuilds what GrayEfficientNet does without it."""
+        _, run = run_dir
+        tensors, meta = read_checkpoint(run / "best.safetensors")
+        kwargs = validate_metadata({k: v for k, v in meta.items() if k != field.name}, tensors, "f")
+        if field.kwarg.startswith("**"):  # timm_kwargs: no option at all
+            assert not set(kwargs) & set(SAFE_TIMM_KWARGS), kwargs
+        else:
+            assert kwargs[field.kwarg] == inspect.signature(GrayEfficientNet).parameters[field.kwarg].default
+
+
+class TestFieldTable:
+    """CHECKPOINT_FIELDS is what describe writes and validate_metadata turns into GrayEfficientNet's arguments."""
+
+    def test_kwargs_are_the_models_arguments(self):
+        params = inspect.signature(GrayEfficientNet).parameters
+        kwargs = [f.kwarg.removeprefix("**") for f in CHECKPOINT_FIELDS if f.kwarg]
+        assert kwargs and all(k in params for k in kwargs), [k for k in kwargs if k not in params]
+        assert params["timm_kwargs"].kind is inspect.Parameter.VAR_KEYWORD
+
+    def test_describe_writes_the_table_in_order(self):
+        model = GrayEfficientNet("tf_efficientnet_lite0", num_classes=2, class_names=["x", "y"])
+        written = [f.name for f in CHECKPOINT_FIELDS if f.write is not None]
+        assert list(model.describe()) == written and written[0] == "format_version"
+        assert EXTRA_FIELDS == ("epoch", "val_acc", "val_loss", "val_auc")
+        meta = describe(model, val_auc=0.5, epoch=3)
+        assert list(meta) == [*written, "epoch", "val_auc"] and (meta["epoch"], meta["val_auc"]) == (3, 0.5)
+        assert meta["class_names"] == ["x", "y"] and meta["adapter"] == "broadcast"
+        with pytest.raises(TypeError, match=r"describe\(\) takes only epoch, val_acc, val_loss, val_auc as extras; "
+                                            r"got \['model_name'\]"):
+            describe(model, model_name="efficientnet_b0")
 
 
 # A multi-label checkpoint's own fields: thresholds (one per finding, in [0, 1]) and finding names.
