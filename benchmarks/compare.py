@@ -667,7 +667,7 @@ def what_to_pick(summary: Sequence[dict], n_seeds: int, metric: str, alpha: floa
     compared = [r for r in summary if "diff" in r and not math.isnan(r.get("diff_low", math.nan))]
     if not compared:
         return ("Not enough paired runs for intervals yet (at least 2 seeds of an arm and of `repeat` per size): "
-                "no difference can be claimed.")
+                "no difference can be claimed.\n\n" + budget_note(summary))
     family = [r for r in compared if r["arm"] != SCRATCH]
     lines, gains, losses = [], [], []
 

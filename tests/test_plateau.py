@@ -3,6 +3,7 @@ the texture patches' disjoint regions, and compare_report.py's combined paragrap
 
 import argparse
 import csv
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -396,3 +397,27 @@ class TestWhatToPickBudget:
         assert compare.budget_note([{"arm": "sum", "per_class": "5", "n": 4, "budget_stops": 0}]) == \
             "All 4 runs stopped on a validation-loss plateau, before their step budget."
         assert "recorded before compare.py trained to a plateau" in compare.budget_note([{"budget_stops": None}])
+
+
+class TestReadmeRegions:
+    """tools/readme.py renders compare_report.py's combined.json into docs/adapters.md and the README."""
+
+    def test_combined_report_renders_without_machine_paths(self, tmp_path, monkeypatch):
+        spec = importlib.util.spec_from_file_location("readme_tool", compare.ROOT / "tools" / "readme.py")
+        readme = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(readme)
+        monkeypatch.setattr(compare_report, "command_line", lambda: "python benchmarks/compare_report.py A B")
+        own = write_sweep(tmp_path / "own", "model", {"sum": [0.0, 0.01, -0.01, 0.0]})
+        imnet = write_sweep(tmp_path / "in", "imagenet-synthetic", {"sum": [-0.05, -0.055, -0.048, -0.052]})
+        compare_report.combine([own, imnet], tmp_path / "out")
+        monkeypatch.setattr(readme, "COMBINED", tmp_path / "out" / "combined.json")
+        region = readme.compare()
+        assert region.startswith("`python benchmarks/compare_report.py A B` sets 2 sweeps of `benchmarks/compare.py`")
+        assert "**digits, imagenet-synthetic statistics**. `python benchmarks/compare.py --stats imagenet-synthetic`" \
+            in region  # a folder outside the repository is named, not linked
+        assert "| sum | 0.699 (**-5.1 [" in region and region.endswith(readme.pick())  # repeat's mean is 0.75
+        page = "".join(f"<!-- generated:{n} -->\n<!-- /generated:{n} -->\n" for n in ("compare", "pick"))
+        rendered = readme.render(page, compare.ROOT / "docs" / "adapters.md")
+        assert "avoid `sum`" in rendered
+        assert "([results.md](../benchmarks/results/adapter_choice/results.md))" in rendered  # relative to the page
+        assert str(tmp_path) not in rendered
