@@ -10,7 +10,7 @@
 #                synthetic 16-bit X-ray-like PNGs (synthetic.py), packed by python -m gray_effnet pack
 #   4. loop      loop.py: the bare training step against train.py's img/s from the files and from the pack
 #   5. adapters  adapters.py at 224x224, every adapter, NHWC, bf16
-#   6. compare   a slice of compare.py --gpu (2 seeds, 2 sizes); the same --output resumes it (README)
+#   6. compare   a slice of compare.py --gpu (repeat and sum, 2 seeds, 2 sizes); the same --output resumes it (README)
 #
 # Each step has a planned time. Before a step, the time left in the budget is checked: a step whose plan does not
 # fit is skipped and recorded so; one that runs is interrupted (SIGINT) at twice its plan or the end of the
@@ -49,7 +49,7 @@ profile() {
     adapters_args=(--device cpu --img-size 32 32 --batch-size 2 --repeats 1 --iters 1 --stem-iters 1 --warmup 1
                    --threads 1)
     compare_args=(--gpu --device cpu --seeds 1 --per-class 2 --adapters repeat fold --no-scratch --epochs 1
-                  --min-steps 1 --evals 1 --img-size 32 32 --batch-size 8)
+                  --min-steps 1 --max-steps 2 --eval-every 1 --img-size 32 32 --batch-size 8)
   else  # the GPU profile, also what --dry checks
     planned=("${gpu_planned[@]}")
     device=cuda
@@ -60,7 +60,7 @@ profile() {
     loop_args=(--device cuda --n-images 2048 --source-size 512 --bits 16 --img-size 224 224 --batch-size 64
                --workers 8 --epochs 3)
     adapters_args=(--device cuda --img-size 224 224 --batch-size 128 --repeats 5 --iters 10 --warmup 5)
-    compare_args=(--gpu --seeds 2 --per-class 10 100)
+    compare_args=(--gpu --seeds 2 --per-class 10 100 --adapters repeat sum --no-scratch)
   fi
 }
 

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, StepLRScheduler
+from timm.scheduler.scheduler import Scheduler
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -372,7 +373,8 @@ def make_optimizer_and_schedule(
     epochs: int,
     steps_per_epoch: int,
     warmup_epochs: float,
-) -> tuple[torch.optim.Optimizer, CosineLRScheduler, float]:
+    decay: bool = True,
+) -> tuple[torch.optim.Optimizer, Scheduler, float]:
     """The one training recipe: timm's AdamW, a linear warmup then cosine decay per step, the LR scaled to the batch.
 
     ``lr`` is for a global batch of 64 and scales linearly with ``batch_size * world_size`` (Goyal et al. 2017,
@@ -391,13 +393,19 @@ def make_optimizer_and_schedule(
         epochs: the length of the schedule.
         steps_per_epoch: optimizer steps in an epoch.
         warmup_epochs: the linear warmup, in epochs (fractions count to the step).
+        decay: False holds the peak after the warmup instead, for runs that end when the validation loss stops
+            improving rather than at a planned length (``benchmarks/compare.py``): where such a run stops then
+            does not depend on how long it could have been.
 
     Returns:
         ``(optimizer, scheduler, lr)``, ``lr`` the scaled peak learning rate.
     """
     lr = lr * batch_size * world_size / 64  # lr is for a global batch of 64; scale linearly
     optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay)
+    warmup_t = int(warmup_epochs * steps_per_epoch)
+    if not decay:  # timm's step schedule with a decay rate of 1: the warmup, then the peak
+        return optimizer, StepLRScheduler(optimizer, decay_t=1, decay_rate=1.0, warmup_t=warmup_t,
+                                          warmup_lr_init=lr * 0.01, t_in_epochs=False), lr
     scheduler = CosineLRScheduler(optimizer, t_initial=epochs * steps_per_epoch, lr_min=lr * 0.01,
-                                  warmup_t=int(warmup_epochs * steps_per_epoch), warmup_lr_init=lr * 0.01,
-                                  t_in_epochs=False)
+                                  warmup_t=warmup_t, warmup_lr_init=lr * 0.01, t_in_epochs=False)
     return optimizer, scheduler, lr

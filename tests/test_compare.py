@@ -1,6 +1,7 @@
 """benchmarks/compare.py: paired subsets, intervals, the generated paragraph, and a tiny resumable sweep."""
 
 import csv
+import json
 import math
 import sys
 from pathlib import Path
@@ -62,36 +63,62 @@ class TestStatistics:
 
 class TestWhatToPick:
     @staticmethod
-    def cell(arm, pc, diff, low, high):
-        return {"arm": arm, "per_class": pc, "diff": diff, "diff_low": low, "diff_high": high}
+    def cell(arm, pc, diff, low, high, p_holm=None):
+        return {"arm": arm, "per_class": pc, "n": 5, "diff": diff, "diff_low": low, "diff_high": high,
+                "p_holm": p_holm, "budget_stops": 0}
 
-    def test_claims_only_what_the_intervals_support(self):
+    def test_claims_only_what_survives_the_correction(self):
         summary = [
-            {"arm": "repeat", "per_class": "5"},
-            self.cell("affine", "5", 0.04, 0.01, 0.07),  # excludes 0: better
-            self.cell("affine", "all", 0.01, -0.01, 0.03),  # includes 0
-            self.cell("sum", "5", 0.05, -0.01, 0.11),  # larger mean, but the interval includes 0
-            self.cell("sum", "all", -0.03, -0.05, -0.01),  # worse
-            self.cell("scratch", "5", -0.4, -0.5, -0.3),
+            {"arm": "repeat", "per_class": "5", "n": 5, "budget_stops": 0},
+            self.cell("affine", "5", 0.04, 0.01, 0.07, p_holm=0.01),  # survives Holm: better
+            self.cell("affine", "all", 0.01, -0.01, 0.03, p_holm=0.6),  # includes 0
+            self.cell("sum", "5", 0.05, 0.01, 0.09, p_holm=0.12),  # excludes 0, but not after the correction
+            self.cell("sum", "all", -0.03, -0.05, -0.01, p_holm=0.02),  # worse
+            self.cell("scratch", "5", -0.4, -0.5, -0.3),  # not in the family
         ]
         text = compare.what_to_pick(summary, 5, "best_val_acc")
-        assert "- `affine`: above `repeat` at 5 (+4.0 points, [+1.0, +7.0]) images per class" in text
-        assert "no difference the intervals can detect at all" in text
-        assert "- `sum`: below `repeat` at all (-3.0 points" in text
+        assert "- `affine`: above `repeat` at 5 (+4.0 points, [+1.0, +7.0], Holm p 0.010) images per class" in text
+        assert "no detectable difference at all (largest mean difference +1.0 points, at all)." in text
+        assert ("- `sum`: below `repeat` at all (-3.0 points, [-5.0, -1.0], Holm p 0.020) images per class; no "
+                "detectable difference at 5 (largest mean difference +5.0 points, at 5); at 5 its 95% interval alone "
+                "excludes 0, but the difference does not survive the correction.") in text
         assert "`sum`: above" not in text
-        assert "- from random init: below `repeat` at 5" in text
-        assert "The intervals support an accuracy gain over `repeat` for `affine` at 5 images per class." in text
-        assert "4 adapter intervals at 95%" in text  # scratch is not counted among the adapters
+        assert "- from random init (not in the family; 95% intervals): below `repeat` at 5 (-40.0 points" in text
+        assert ("After Holm's correction, the runs support an accuracy gain over `repeat` for `affine` at 5 images "
+                "per class.") in text
+        assert "The family is the 4 adapter-vs-`repeat` comparisons of this sweep" in text  # scratch is not in it
+        assert "median half-width is 2.5 points" in text  # of 3, 2, 4 and 2
+        assert "All 30 runs stopped on a validation-loss plateau" in text
 
-    def test_no_winner(self):
-        summary = [self.cell("fold", "5", 0.0, -0.01, 0.01), self.cell("sum", "5", 0.02, -0.01, 0.05)]
+    def test_no_detectable_difference(self):
+        summary = [self.cell("fold", "5", 0.0, -0.01, 0.01, 0.9), self.cell("sum", "5", 0.02, -0.01, 0.05, 0.4)]
         text = compare.what_to_pick(summary, 5, "best_val_acc")
-        assert "No adapter beat `repeat` on this data with 95% confidence at any size" in text
-        assert "above" not in text
+        assert "No detectable difference between any adapter and `repeat` at any size" in text
+        assert "above `repeat`" not in text and "below `repeat`" not in text
+
+    def test_only_worse(self):
+        text = compare.what_to_pick([self.cell("sum", "5", -0.05, -0.08, -0.02, 0.01)], 5, "best_val_acc")
+        assert "No adapter beat `repeat` detectably at any size, and `sum` at 5 images per class did worse" in text
 
     def test_too_few_seeds(self):
         text = compare.what_to_pick([self.cell("fold", "5", 0.0, math.nan, math.nan)], 1, "best_val_acc")
         assert "no difference can be claimed" in text
+
+    def test_summary_adjusts_over_the_adapter_family(self):
+        rows = []
+        for seed, (rep, aff, sm, scr) in enumerate([(0.50, 0.55, 0.50, 0.1), (0.70, 0.74, 0.71, 0.2),
+                                                    (0.60, 0.66, 0.59, 0.1)]):
+            for arm, acc in (("repeat", rep), ("affine", aff), ("sum", sm), ("scratch", scr)):
+                rows.append({"arm": arm, "per_class": "5", "seed": seed, "train_images": 50, "best_val_acc": acc,
+                             "final_val_loss": 1.0, "img_per_s": 1.0, "stem_drift": 0.1, "stop": "plateau",
+                             "steps": 50, "budget": 120})
+        summary = {r["arm"]: r for r in compare.summarise(rows, "best_val_acc")}
+        aff, sm = summary["affine"], summary["sum"]
+        assert compare.holm([aff["p"], sm["p"]]) == pytest.approx([aff["p_holm"], sm["p_holm"]])
+        assert aff["p_holm"] == pytest.approx(2 * aff["p"])  # the smaller of two: times 2
+        assert "p_holm" not in summary["scratch"] and summary["scratch"]["p"] < 0.05
+        assert (summary["repeat"]["budget_stops"], summary["repeat"]["steps"], summary["repeat"]["budget"]) == \
+            (0, 50, 120)
 
 
 class TestPairing:
@@ -189,8 +216,9 @@ class TestRecipe:
 
 @pytest.mark.slow
 class TestSweep:
-    ARGS = ["--adapters", "repeat", "broadcast", "--per-class", "2", "all", "--seeds", "2", "--epochs", "1",
-            "--min-steps", "2", "--evals", "1", "--batch-size", "8", "--img-size", "32", "32", "--jobs", "1"]
+    ARGS = ["--adapters", "repeat", "broadcast", "--scratch", "--per-class", "2", "all", "--seeds", "2",
+            "--epochs", "1", "--min-steps", "2", "--max-steps", "4", "--eval-every", "2", "--patience", "1",
+            "--batch-size", "8", "--img-size", "32", "32", "--jobs", "1"]
 
     def run(self, data: Path, out: Path, *extra: str):
         args = compare.get_args_parser().parse_args([*self.ARGS, "--data", str(data), "--output", str(out), *extra])
@@ -200,39 +228,70 @@ class TestSweep:
         data = write_folder(tmp_path / "data")
         out = tmp_path / "out"
         summary = self.run(data, out)
+        assert "step budgets: 2/class (6 images): 2; all (24 images): 4" in capsys.readouterr().out
         rows = compare.read_rows(out / "results.csv")
         assert len(rows) == 3 * 2 * 2  # (repeat, broadcast, scratch) x (2, all) x 2 seeds
         for col in ("adapter", "per_class", "seed", "pretrained", "best_val_acc", "final_val_loss", "epochs",
-                    "seconds", "img_per_s"):
+                    "seconds", "img_per_s", "stop", "steps", "budget", "best_step", "evals", "val_acc_at_best_loss"):
             assert all(r[col] not in ("", None) for r in rows), col
         assert {r["train_images"] for r in rows if r["per_class"] == "2"} == {"6"}
+        assert all(r["stop"] in ("plateau", "budget") and int(r["steps"]) <= int(r["budget"]) for r in rows)
+        assert {r["budget"] for r in rows if r["per_class"] == "all"} == {"4"}
         # Paired: broadcast is bitwise repeat, so with the same subset, order, crops, head and dropout it trains
-        # to the very same numbers; any unpaired randomness would show here.
+        # to the very same numbers and stops at the same step; any unpaired randomness would show here.
         by = {(r["arm"], r["per_class"], r["seed"]): r for r in rows}
         for pc in ("2", "all"):
             for seed in ("0", "1"):
                 rep, bro = by[("repeat", pc, seed)], by[("broadcast", pc, seed)]
-                assert (rep["final_val_loss"], rep["stem_drift"]) == (bro["final_val_loss"], bro["stem_drift"])
+                assert (rep["final_val_loss"], rep["stem_drift"], rep["steps"], rep["stop"]) == \
+                    (bro["final_val_loss"], bro["stem_drift"], bro["steps"], bro["stop"])
         assert by[("scratch", "2", "0")]["pretrained"] == "False"
         assert {r["arm"] for r in summary} == {"repeat", "broadcast", "scratch"}
         assert (out / "summary.csv").is_file() and (out / "learning_curve.png").stat().st_size > 10_000
         md = (out / "results.md").read_text()
-        assert "**What to pick.**" in md and "| arm | per_class | n | mean |" in md
-        with open(out / "epochs.csv") as f:
-            assert len(list(csv.DictReader(f))) >= len(rows)
+        assert "**What to pick.**" in md and "**How sure.**" in md and "| arm | per_class | n | mean |" in md
+        with open(out / "evals.csv") as f:
+            evals = list(csv.DictReader(f))
+        assert len(evals) == sum(int(r["evals"]) for r in rows)
 
         # Interrupted after all but one run: the same command runs that one only.
         lines = (out / "results.csv").read_text().splitlines()
         (out / "results.csv").write_text("\n".join(lines[:-1]) + "\n")
         capsys.readouterr()
         self.run(data, out)
-        assert "11 runs done, 1 to run" in capsys.readouterr().out
+        assert "11 done, 1 to run" in capsys.readouterr().out
         assert len(compare.read_rows(out / "results.csv")) == 12
         self.run(data, out)
-        assert "12 runs done, 0 to run" in capsys.readouterr().out
+        assert "12 done, 0 to run" in capsys.readouterr().out
 
         with pytest.raises(SystemExit, match="holds runs made with other settings"):
-            self.run(data, out, "--epochs", "2")
+            self.run(data, out, "--patience", "2")
         (out / "results.md").unlink()
-        self.run(data, out, "--epochs", "2", "--report-only")  # the folder's settings, not the command line's
+        self.run(data, out, "--patience", "2", "--report-only")  # the folder's settings, not the command line's
         assert "**What to pick.**" in (out / "results.md").read_text()
+
+    def test_plan_only_writes_nothing(self, tmp_path, capsys):
+        data = write_folder(tmp_path / "data")
+        assert self.run(data, tmp_path / "out", "--plan-only") == []
+        out = capsys.readouterr().out
+        assert "3 arms (repeat, broadcast, scratch) x 2 sizes x 2 seeds = 12 runs" in out
+        assert "time: at most" in out and "ms a step at batch 8" in out
+        assert not (tmp_path / "out").exists()
+
+    def test_presplit_texture_folder(self, tmp_path, capsys):
+        """--data with train/ and val/ (benchmarks/textures.py's layout): its split, and its parameters recorded."""
+        pytest.importorskip("skimage")
+        from benchmarks import textures
+
+        params = textures.Params(images=("brick", "gravel"), patch=32, n_train=4, n_val=3)
+        root = textures.generate(tmp_path / "tex", params)
+        args = compare.get_args_parser().parse_args(
+            ["--adapters", "repeat", "--per-class", "all", "--seeds", "1", "--min-steps", "2", "--max-steps", "2",
+             "--eval-every", "2", "--batch-size", "4", "--jobs", "1", "--data", str(root), "--output",
+             str(tmp_path / "out")])
+        compare.main(args)
+        assert "2 classes, 8 train / 6 val images" in capsys.readouterr().out
+        settings = json.loads((tmp_path / "out" / "sweep.json").read_text())
+        assert settings["data_params"]["patch"] == 32 and settings["data_params"]["seed"] == 0
+        md = (tmp_path / "out" / "results.md").read_text()
+        assert "textures (`benchmarks/textures.py`: 2 classes, brick, gravel" in md

@@ -49,7 +49,8 @@ SUBSTITUTIONS = {
 # Appended to every training command (argparse keeps the last value).
 FAST = ["--epochs", "1", "--img-size", "32", "32", "--batch-size", "16", "--workers", "0", "--no-progress"]
 # Appended to every compare.py sweep: 2 adapters, 2 seeds, one tiny size, one epoch.
-COMPARE_FAST = ["--per-class", "3", "--seeds", "2", "--epochs", "1", "--min-steps", "1", "--evals", "1",
+COMPARE_FAST = ["--per-class", "3", "--seeds", "2", "--epochs", "1", "--min-steps", "1", "--max-steps", "2",
+                "--eval-every", "1",
                 "--adapters", "repeat", "fold", "--no-scratch", "--img-size", "32", "32", "--jobs", "1"]
 
 

@@ -197,8 +197,25 @@ def fidelity() -> str:
     )
 
 
+COMBINED = RESULTS / "adapter_choice" / "combined.json"  # benchmarks/compare_report.py's output
+
+
 def compare() -> str:
-    """The adapter comparison: accuracy along the learning curve, paired differences, the generated verdict."""
+    """The adapter comparison: the sweeps side by side and the generated verdict (benchmarks/compare_report.py), or,
+    before any combined report is committed, the single fixed-budget sweep in learning_curve/."""
+    if COMBINED.is_file():
+        combined = json.loads(COMBINED.read_text())
+        lines = [
+            f"`{combined['command']}` sets {len(combined['sweeps'])} sweeps of `benchmarks/compare.py` side by side "
+            f"([results.md](benchmarks/results/adapter_choice/results.md)). Each cell: mean {combined['metric']} over "
+            "the seeds and, in brackets, the paired difference to `repeat` in accuracy points with its 95% interval; "
+            "**bold** where it survives Holm's correction over the sweep's adapter comparisons.",
+        ]
+        for sweep in combined["sweeps"]:
+            # A sweep folder inside the repository is linked; one outside it is named only (compare_report.shown).
+            link = f" ([report]({sweep['folder']}/results.md))" if sweep["folder"].startswith("benchmarks/") else ""
+            lines += ["", f"**{sweep['label']}**{link}. {sweep['header']}", "", *sweep["table"]]
+        return "\n".join([*lines, "", combined["paragraph"]])
     folder = RESULTS / "learning_curve"
     summary = _rows("learning_curve/summary.csv")
     runs = _rows("learning_curve/results.csv")
@@ -231,6 +248,16 @@ def compare() -> str:
     return "\n".join([*lines, "", verdict])
 
 
+def pick() -> str:
+    """The comparison's verdict in one paragraph, for the README: compare_report.py's, or the single sweep's."""
+    if COMBINED.is_file():
+        return json.loads(COMBINED.read_text())["paragraph"]
+    report = (RESULTS / "learning_curve" / "results.md").read_text()
+    verdict = re.search(r"^\*\*What to pick\.\*\*.*$", report, flags=re.M).group(0)
+    return (f"{verdict} (The [learning-curve comparison](docs/adapters.md#which-adapter-to-pick) of the demo digits, "
+            "Lite0's own statistics, a fixed step budget per run.)")
+
+
 def windows() -> str:
     """The window adapters on the SYNTHETIC CT-like set of benchmarks/windows.py."""
     rows = _rows("windows/results.csv")
@@ -250,7 +277,7 @@ def windows() -> str:
 
 
 REGIONS: dict[str, Callable[[], str]] = {
-    "demo": demo, "speed": speed, "pipeline": pipeline, "fidelity": fidelity, "compare": compare,
+    "demo": demo, "speed": speed, "pipeline": pipeline, "fidelity": fidelity, "compare": compare, "pick": pick,
     "windows": windows, "threads": threads, "peer": peer, "pack": pack,
 }
 
