@@ -10,7 +10,7 @@ import random
 import stat
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +23,8 @@ from .images import ScanResult, drop_unreadable, file_kind, is_image_file
 from .limits import unprintable
 
 __all__ = ["SKIP_KINDS", "FolderData", "FolderSplit", "Listing", "SkippedFileWarning", "class_folders",
-           "default_cache_dir", "describe_skipped", "find_images", "load_folder", "prepare_digits", "split_samples",
-           "walk_images", "warn_skipped"]
+           "default_cache_dir", "demo_digits", "describe_skipped", "find_images", "load_folder", "prepare_digits",
+           "split_samples", "walk_images", "warn_skipped"]
 
 
 SKIP_KINDS = ("not a regular file", "symlink loop", "permission denied", "already seen", "broken symlink",
@@ -332,6 +332,25 @@ def load_folder(
     return FolderData(classes, train, val, scan, ignored, presplit, skipped)
 
 
+def demo_digits(per_class: int | None = None) -> Iterator[tuple[int, np.ndarray, int]]:
+    """scikit-learn's bundled 8x8 digits as (index, uint8 pixels scaled from 0..16 to 0..255, digit), the first
+    ``per_class`` of each digit; the demo data of the class folders and of the label table."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError(
+            "the demo data set needs scikit-learn (from a checkout: pip install -e '.[demo]'; otherwise: "
+            "pip install scikit-learn), or pass --data DIR"
+        ) from None
+    digits = load_digits()
+    counts: Counter = Counter()
+    for i, (image, target) in enumerate(zip(digits.images, digits.target)):
+        if per_class is not None and counts[target] >= per_class:
+            continue
+        counts[target] += 1
+        yield i, np.round(image * (255.0 / 16.0)).astype(np.uint8), int(target)
+
+
 def prepare_digits(cache_dir: str | os.PathLike | None = None, per_class: int | None = None) -> Path:
     """Write scikit-learn's bundled 8x8 digits once as 8-bit PNG class folders; return the folder.
 
@@ -342,27 +361,16 @@ def prepare_digits(cache_dir: str | os.PathLike | None = None, per_class: int | 
         cache_dir: where to write (default: ``$GRAY_EFFNET_CACHE`` or ``~/.cache/gray_effnet``).
         per_class: keep only the first N images of each class (for quick tests).
     """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise DataError(
-            "the demo data set needs scikit-learn (from a checkout: pip install -e '.[demo]'; otherwise: "
-            "pip install scikit-learn), or pass --data DIR"
-        ) from None
     name = "digits" if per_class is None else f"digits-{per_class}"
     root = Path(cache_dir or default_cache_dir()) / name
     marker = root / ".complete"
     if marker.is_file():
         return root
-    digits = load_digits()
     counts: Counter = Counter()
-    for i, (image, target) in enumerate(zip(digits.images, digits.target)):
-        if per_class is not None and counts[target] >= per_class:
-            continue
+    for i, pixels, target in demo_digits(per_class):
         counts[target] += 1
         folder = root / str(target)
         folder.mkdir(parents=True, exist_ok=True)
-        pixels = np.round(image * (255.0 / 16.0)).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"{i:04d}.png")
     marker.write_text(f"{sum(counts.values())} images\n")
     return root

@@ -4,11 +4,11 @@ This module imports nothing heavy, so that ``cli.table_options`` can build and c
 imported and before any file is read.
 """
 
-import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass
 
 from .errors import DataError, InputError
+from .limits import unprintable
 
 __all__ = ["UNCERTAIN_POLICIES", "TableOptions", "has_control"]
 
@@ -16,8 +16,8 @@ UNCERTAIN_POLICIES = ("ignore", "ones", "zeros")  # CheXpert's U-Ignore, U-Ones,
 
 
 def has_control(text: str) -> bool:
-    """Control, format (bidi overrides, zero-width), surrogate, private-use or unassigned characters."""
-    return any(unicodedata.category(c)[0] == "C" for c in text)
+    """Whether ``text`` holds characters a terminal or a spreadsheet would act on (``limits.unprintable``)."""
+    return bool(unprintable(text))
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ import torch
 
 from .errors import DataError
 from .files import atomic_write, default_cache_dir
+from .folders import demo_digits
 from .images import ScanResult, drop_unreadable, is_image_file
 from .table_options import UNCERTAIN_POLICIES, TableOptions, has_control
 
@@ -478,11 +479,6 @@ def prepare_digits_table(cache_dir: str | os.PathLike | None = None, per_class: 
         cache_dir: where to write (default: ``$GRAY_EFFNET_CACHE`` or ``~/.cache/gray_effnet``).
         per_class: keep only the first N images of each digit (for quick tests).
     """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise DataError("the demo data set needs scikit-learn (pip install scikit-learn), or pass --data DIR") \
-            from None
     from PIL import Image
 
     name = "digits-table" if per_class is None else f"digits-table-{per_class}"
@@ -490,18 +486,12 @@ def prepare_digits_table(cache_dir: str | os.PathLike | None = None, per_class: 
     marker = root / ".complete"
     if marker.is_file():
         return root
-    digits = load_digits()
     (root / "images").mkdir(parents=True, exist_ok=True)
-    counts: Counter = Counter()
     lines = []
-    for i, (image, target) in enumerate(zip(digits.images, digits.target)):
-        digit = int(target)
-        if per_class is not None and counts[digit] >= per_class:
-            continue
-        counts[digit] += 1
+    for i, pixels, digit in demo_digits(per_class):
         n = len(lines)
         path = f"images/{i:04d}.png"
-        Image.fromarray(np.round(image * (255.0 / 16.0)).astype(np.uint8)).save(root / path)
+        Image.fromarray(pixels).save(root / path)
         found = _digit_findings(digit)
         findings = "|".join(f for f in DIGITS_FINDINGS if found[f] == 1) or NO_FINDING
         patient = n // 5
