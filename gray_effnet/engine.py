@@ -255,7 +255,7 @@ def _ranking(task: str, scores: Tensor, targets: Tensor, num_classes: int) -> Fi
     return finding_metrics(torch.nn.functional.one_hot(targets, num_classes).numpy(), scores.numpy())
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all, not only no gradients
 def evaluate(
     model: nn.Module,
     loader: Iterable,
