@@ -378,7 +378,7 @@ def run_training(args, held: contextlib.ExitStack) -> None:
             log(f"split: {split_csv}")
     board = None
     if primary and args.tensorboard is not None:
-        board = EpochLog(args.tensorboard or output / "tensorboard", val_ds)
+        board = EpochLog(args.tensorboard or output / "tensorboard", val_ds, task=task)
 
     # -- train ----------------------------------------------------------------------------------------------
     log(f"training {args.model} with the {args.adapter!r} stem on {device} x{world}: "
