@@ -368,7 +368,8 @@ def run_training(args, held: contextlib.ExitStack) -> None:
                                "device": str(device), "threads": threads.threads,
                                "channels_last": channels_last,
                                "device_name": device_name(device), "command": command_line(args),
-                               "commit": git_commit(Path(__file__))},
+                               "commit": git_commit(Path(__file__)),
+                               **({"labels": str(Path(args.labels).resolve())} if args.labels else {})},
                   "versions": {"gray_effnet": gray_effnet.__version__, "torch": torch.__version__,
                                "timm": timm.__version__, "python": platform.python_version()}}
         with atomic_write(output / "config.json") as tmp:
@@ -378,7 +379,7 @@ def run_training(args, held: contextlib.ExitStack) -> None:
             log(f"split: {split_csv}")
     board = None
     if primary and args.tensorboard is not None:
-        board = EpochLog(args.tensorboard or output / "tensorboard", val_ds)
+        board = EpochLog(args.tensorboard or output / "tensorboard", val_ds, task=task)
 
     # -- train ----------------------------------------------------------------------------------------------
     log(f"training {args.model} with the {args.adapter!r} stem on {device} x{world}: "

@@ -22,8 +22,8 @@ def _report(args: argparse.Namespace) -> None:
     from .run_report import report_run
 
     start = time.perf_counter()
-    path = report_run(args.run_dir, data=args.data, device=args.device, batch_size=args.batch_size,
-                      workers=args.workers, progress=not args.no_progress)
+    path = report_run(args.run_dir, data=args.data, labels=args.labels, device=args.device,
+                      batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
     print(f"report: {path} ({time.perf_counter() - start:.1f}s)")
 
 
@@ -151,6 +151,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        "validation split")
     p.add_argument("run_dir", help="a train.py output folder (config.json, metrics.csv, best.safetensors)")
     p.add_argument("--data", default=None, help="the data folder or pack, if it moved since training")
+    p.add_argument("--labels", default=None, metavar="FILE.csv",
+                   help="the run's label table, if it moved since training (its other flags are config.json's)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
     p.add_argument("--device", default=None)

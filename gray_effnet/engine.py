@@ -225,8 +225,10 @@ class EvalResult:
     scores: Tensor | None = None  # (N, K)
     targets: Tensor | None = None  # (N, K)
     thresholds: list[float] | None = None
-    # With keep_predictions, row i belongs to predictions[i]: (N, K) softmax probabilities, and (N,) the
-    # cross-entropy of each image (NaN where unlabelled), whose mean over the labelled images is ``loss``.
+    # With keep_predictions, single-label: row i belongs to predictions[i]: (N, K) softmax probabilities, and (N,)
+    # the cross-entropy of each image (NaN where unlabelled), whose mean over the labelled images is ``loss``.
+    # Multi-label: no ``probs`` (``scores`` are the probabilities), and row i of ``losses`` belongs to paths[i]: the
+    # binary cross-entropy of the image, its mean over the image's known labels (NaN where none is known).
     probs: Tensor | None = None
     losses: Tensor | None = None
 
@@ -308,6 +310,10 @@ def evaluate(
             paths += batch.paths
             scores.append(logits.sigmoid().cpu())
             kept_targets.append(targets.cpu())
+            if keep_predictions:  # each image's mean over its known entries; NaN where none is known
+                entries = F.binary_cross_entropy_with_logits(logits, torch.where(known, targets, 0.0),
+                                                             reduction="none")
+                losses.append((torch.where(known, entries, 0.0).sum(1) / known.sum(1)).cpu())
             continue
         pred = logits.argmax(-1)
         labelled = targets >= 0
@@ -343,6 +349,7 @@ def evaluate(
         if multi:
             order = sorted(range(len(paths)), key=paths.__getitem__)
             paths, scores, targets = [paths[i] for i in order], scores[order], targets[order]
+            losses = torch.cat([part[5] for part in parts])[order]
     ranking = _ranking(task, scores, targets, num_classes)
     confusion = confusion.view(num_classes, 2, 2).cpu() if multi else confusion.view(num_classes, num_classes).cpu()
     total = int(confusion.sum())
@@ -353,7 +360,7 @@ def evaluate(
         confusion=confusion,
         skipped=skipped,
         predictions=predictions,
-        probs=probs if keep_predictions else None,
+        probs=probs if keep_predictions and not multi else None,
         losses=losses if keep_predictions else None,
         task=task,
         auc=ranking.macro_auc,

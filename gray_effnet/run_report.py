@@ -3,6 +3,11 @@
 It holds the run's settings and data, the machine it ran on, loss and accuracy per epoch with the best epoch
 marked, and the best checkpoint on the validation split: per-class precision and recall, the confusion matrix,
 ROC curves, the 16 images with the highest loss, and class-activation maps of right and wrong predictions.
+A multi-label run (a sigmoid per finding, labels 1, 0 or unknown) gets the same page for its findings: the macro
+ROC AUC per epoch beside the loss and accuracy, the best epoch by the run's --select-by; per finding its ROC AUC,
+average precision, threshold and prevalence, a 2x2 confusion at its threshold and its ROC curve; the 16 images of
+highest binary cross-entropy (over their known labels) with their labels and predicted findings; and maps of each
+image's most probable finding.
 The figures are embedded as base64 PNG and also written beside the page (``RUN/report/*.png``); the page has
 no script and loads nothing, so it opens offline and can be mailed.
 
@@ -12,8 +17,10 @@ run folder alone by ``python -m gray_effnet report RUN_DIR``, which evaluates ``
 validation split that config.json describes. Needs the optional extra: ``pip install "gray_effnet[report]"``.
 """
 
+import argparse
 import base64
 import csv
+import dataclasses
 import html
 import io
 import json
@@ -37,8 +44,9 @@ from tqdm import tqdm
 import gray_effnet
 
 from .cam import grad_cam, overlay
-from .checkpoint import METRIC_COLUMNS, load_model
-from .cli import resolve_device
+from .checkpoint import METRIC_COLUMNS, SELECT_BY, load_model
+from .checkpoint import best_epoch as checkpoint_best_epoch
+from .cli import resolve_device, table_options
 from .engine import EvalResult, evaluate
 from .errors import DataError, InputError
 from .evaluation import evaluate_checkpoint
@@ -46,6 +54,7 @@ from .files import atomic_write
 from .folders import prepare_digits
 from .model import GrayEfficientNet
 from .sources import open_source
+from .table_options import TableOptions
 
 __all__ = ["REPORT_HINT", "RocCurve", "read_metrics", "report_after_training", "report_line", "report_run",
            "report_unavailable", "roc_curves", "single_label_roc", "write_report"]
@@ -159,11 +168,22 @@ def read_metrics(path: Path) -> tuple[list[dict[str, float]], list[str]]:
     return rows, notes
 
 
-def best_epoch(history: Sequence[dict[str, float]]) -> int | None:
-    """The position of the first row with the highest val_acc: the epoch train.py saved as best."""
-    accs = [r["val_acc"] for r in history]
-    finite = [a for a in accs if not math.isnan(a)]
-    return accs.index(max(finite)) if finite else None
+def best_epoch(history: Sequence[dict[str, float]], select_by: str = "acc") -> int | None:
+    """The position of the row train.py saved as best by ``select_by`` (``checkpoint.SELECT_BY``: the first of the
+    highest val_acc or val_auc, or of the lowest val_loss); None when that column has no number."""
+    column = SELECT_BY[select_by][0]
+    if all(math.isnan(r[column]) for r in history):
+        return None
+    return checkpoint_best_epoch(list(history), select_by)
+
+
+def run_select_by(config: dict | None, task: str) -> str:
+    """The metric that picked the run's best.safetensors: its --select-by, else train.py's default for the task."""
+    args, resolved = (config or {}).get("args") or {}, (config or {}).get("resolved") or {}
+    for value in (args.get("select_by"), resolved.get("select_by")):
+        if value in SELECT_BY:
+            return value
+    return "auc" if task == "multi" else "acc"
 
 
 # -- figures: matplotlib's object interface, the Agg canvas, no pyplot state ------------------------------
@@ -173,16 +193,24 @@ def _figure(width: float, height: float, layout: str | None = "constrained"):
     return Figure(figsize=(width, height), dpi=DPI, layout=layout)
 
 
-def curves_figure(history: Sequence[dict[str, float]], label_smoothing: float | None = None):
-    fig = _figure(10, 3.6)
-    loss_ax, acc_ax = fig.subplots(1, 2)
+def curves_figure(history: Sequence[dict[str, float]], label_smoothing: float | None = None, select_by: str = "acc",
+                  multi: bool = False):
+    """Loss and accuracy per epoch, train and validation; multi-label adds the validation macro ROC AUC. The best
+    epoch by ``select_by`` is starred."""
+    panels = [("loss", "loss"), ("acc", "accuracy")]
+    if multi:
+        panels = [("loss", "loss"), ("acc", "accuracy per label at probability 0.5"), ("auc", "macro ROC AUC")]
+    fig = _figure(10 if len(panels) == 2 else 13.5, 3.6)
+    axes = fig.subplots(1, len(panels))
     epochs = [int(r["epoch"]) for r in history]
-    best = best_epoch(history)
+    best = best_epoch(history, select_by)
     smoothing = f", label smoothing {label_smoothing}" if label_smoothing else ""
-    for ax, key, title in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy")):
-        train_label = f"train{smoothing}" if key == "loss" else "train"
-        ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", ms=3, label=train_label)
-        ax.plot(epochs, [r[f"val_{key}"] for r in history], "o-", ms=3, label="validation")
+    for ax, (key, title) in zip(axes, panels):
+        if key != "auc":  # metrics.csv has no training AUC
+            train_label = f"train{smoothing}" if key == "loss" else "train"
+            ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", ms=3, label=train_label)
+        ax.plot(epochs, [r[f"val_{key}"] for r in history], "o-", ms=3, label="validation",
+                color="C1" if key == "auc" else None)
         if best is not None:
             ax.axvline(epochs[best], color="0.5", ls="--", lw=1)
             ax.plot([epochs[best]], [history[best][f"val_{key}"]], "*", ms=14, color="C3",
@@ -192,8 +220,9 @@ def curves_figure(history: Sequence[dict[str, float]], label_smoothing: float | 
         ax.grid(alpha=0.3)
         if len(epochs) < 12:
             ax.set_xticks(epochs)
-    acc_ax.set_ylim(-0.02, 1.02)
-    loss_ax.legend(fontsize=8)
+        if key != "loss":
+            ax.set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=8)
     return fig
 
 
@@ -291,6 +320,10 @@ SETTINGS = ("model", "adapter", "pretrained", "weights", "img_size", "intensity"
             "rotate", "amp", "seed", "val_split", "data")
 
 
+MULTI_SETTINGS = ("labels", "label_column", "label_columns", "label_sep", "uncertain", "group_column", "split_column",
+                  "pos_weight")
+
+
 class _Page:
     """The HTML being written, and the figure files beside it."""
 
@@ -335,7 +368,11 @@ def _settings_section(page: _Page, config: dict | None, data_note: str | None, r
     page.add('<section id="settings"><h2>Run settings and data</h2>')
     args = (config or {}).get("args") or {}
     resolved = (config or {}).get("resolved") or {}
-    if args:
+    if args and result.task == "multi":  # no label smoothing (single-label only); the table, the weights, the metric
+        keys = [k for k in SETTINGS if k != "label_smoothing"] + list(MULTI_SETTINGS)
+        rows = [(k, args[k]) for k in keys if k in args and args[k] is not None and args[k] != []]
+        page.add(_table(rows + [("select_by", run_select_by(config, "multi"))]))
+    elif args:
         page.add(_table([(k, args[k]) for k in SETTINGS if k in args and args[k] is not None]))
     if resolved.get("command"):
         page.add(f"<p>Command: <code>{_e(resolved['command'])}</code></p>")
@@ -343,9 +380,12 @@ def _settings_section(page: _Page, config: dict | None, data_note: str | None, r
         page.add(f"<p>Data: {_e(data_note.removeprefix('data: '))}</p>")
     elif resolved.get("data"):
         page.add(f"<p>Data: {_e(resolved['data'])}</p>")
-    per_class = result.confusion.sum(1).tolist()
-    page.add(f"<p>{len(names)} classes; validation images per class:</p>")
-    page.add(_table([per_class], header=names))
+    if result.task == "multi":
+        _settings_counts_multi(page, result, names)
+    else:
+        per_class = result.confusion.sum(1).tolist()
+        page.add(f"<p>{len(names)} classes; validation images per class:</p>")
+        page.add(_table([per_class], header=names))
     if config:
         page.add("<details><summary>config.json</summary><pre>" + _e(json.dumps(config, indent=2)) + "</pre></details>")
     page.add("</section>")
@@ -364,21 +404,45 @@ def _settings_section(page: _Page, config: dict | None, data_note: str | None, r
     page.add("</section>")
 
 
-def _curves_section(page: _Page, run_dir: Path | None, config: dict | None, bar) -> None:
-    page.add('<section id="curves"><h2>Loss and accuracy per epoch</h2>')
+SELECTED = {"acc": "highest validation accuracy", "auc": "highest validation ROC AUC", "loss": "lowest validation loss"}
+
+
+def _number(v: float, digits: int = 3) -> str:
+    return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
+
+
+def _curves_section(page: _Page, run_dir: Path | None, config: dict | None, bar, task: str = "single") -> None:
+    multi = task == "multi"
+    page.add('<section id="curves"><h2>' + ("Loss, accuracy and ROC AUC" if multi else "Loss and accuracy")
+             + " per epoch</h2>")
     path = run_dir / "metrics.csv" if run_dir is not None else None
     history, notes = read_metrics(path) if path is not None and path.is_file() else ([], [])
     if history:
-        best = best_epoch(history)
-        smoothing = ((config or {}).get("args") or {}).get("label_smoothing")
-        page.figure("curves", curves_figure(history, smoothing),
-                    "Training and validation loss and accuracy; the star marks the best epoch "
-                    "(highest validation accuracy), whose weights are best.safetensors. The validation loss is the "
-                    "cross-entropy without label smoothing.")
+        select_by = run_select_by(config, task)
+        best = best_epoch(history, select_by)
+        if multi:  # label smoothing is for single-label data: train.py does not apply it to findings
+            page.figure("curves", curves_figure(history, None, select_by, multi=True),
+                        "Training and validation loss and accuracy per known label (at probability 0.5), and the "
+                        f"validation macro ROC AUC over the findings; the star marks the best epoch "
+                        f"({SELECTED[select_by]}: --select-by {select_by}), whose weights are best.safetensors. The "
+                        "loss is the binary cross-entropy per known label; the validation loss is without "
+                        "--pos-weight.")
+        else:
+            smoothing = ((config or {}).get("args") or {}).get("label_smoothing")
+            page.figure("curves", curves_figure(history, smoothing, select_by),
+                        "Training and validation loss and accuracy; the star marks the best epoch "
+                        f"({SELECTED[select_by]}), whose weights are best.safetensors. The validation loss is the "
+                        "cross-entropy without label smoothing.")
         if best is not None:
             r = history[best]
-            page.add(f"<p>Best epoch {int(r['epoch'])} of {len(history)}: validation accuracy {r['val_acc']:.4f}, "
-                     f"loss {r['val_loss']:.4f}.</p>")
+            if multi:
+                page.add(f"<p>Best epoch {int(r['epoch'])} of {len(history)} by validation {select_by}: macro ROC AUC "
+                         f"{_number(r['val_auc'], 4)}, accuracy per label {r['val_acc']:.4f}, loss "
+                         f"{r['val_loss']:.4f}.</p>")
+            else:
+                page.add(f"<p>Best epoch {int(r['epoch'])} of {len(history)}: validation accuracy "
+                         f"{r['val_acc']:.4f}, loss {r['val_loss']:.4f}"
+                         + (f" (selected by validation {select_by})" if select_by != "acc" else "") + ".</p>")
     else:
         page.add(f'<p class="note">No metrics.csv in {_e(run_dir)}: no training history to draw.</p>')
     for note in notes:
@@ -496,6 +560,244 @@ def _cam_section(page: _Page, result: EvalResult, names: Sequence[str], model: G
     page.add("</section>")
 
 
+# -- multi-label: a sigmoid per finding, labels 1, 0 or unknown (NaN), a threshold per finding ---------------
+MAX_PANELS = 40  # findings drawn one small panel each (confusion, ROC); with more, the tables only
+
+
+def threshold_confusion(result: EvalResult) -> np.ndarray:
+    """Multi-label: each finding's known labels counted by label (rows: 0, 1) and by prediction at the finding's
+    threshold (columns: absent, present), as ``EvalResult.present`` calls it (not at 0.5 like ``confusion``).
+
+    Shape:
+        - output: (K, 2, 2) int64
+    """
+    targets, present = result.targets.numpy(), result.present().numpy()
+    out = np.zeros((targets.shape[1], 2, 2), dtype=np.int64)
+    for k in range(targets.shape[1]):
+        known = ~np.isnan(targets[:, k])
+        label, called = targets[known, k] > 0.5, present[known, k]
+        for t in (0, 1):
+            for p in (0, 1):
+                out[k, t, p] = int(np.sum((label == t) & (called == p)))
+    return out
+
+
+def _panels(count: int, width: float, height: float, columns: int = 5):
+    """A figure of ``count`` small axes, ``columns`` to a row; the spare ones hidden."""
+    columns = min(count, columns)
+    rows = math.ceil(count / columns)
+    fig = _figure(width * columns, height * rows)
+    axes = np.asarray(fig.subplots(rows, columns, squeeze=False)).ravel()
+    for ax in axes[count:]:
+        ax.set_axis_off()
+    return fig, axes[:count]
+
+
+def finding_confusion_figure(confusion: np.ndarray, names: Sequence[str], thresholds: Sequence[float]):
+    """A 2x2 confusion matrix per finding: (K, 2, 2) counts, rows the label (0, 1), columns the prediction."""
+    fig, axes = _panels(len(names), 2.6, 2.6)
+    for ax, name, counts, threshold in zip(axes, names, confusion, thresholds):
+        rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # each label's row sums to 1
+        ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+        for t in range(2):
+            for p in range(2):
+                n = int(counts[t, p])
+                ax.text(p, t, f"{n}\n{rates[t, p]:.0%}" if n else "0", ha="center", va="center", fontsize=9,
+                        color="white" if rates[t, p] > 0.5 else "black" if n else "0.6")
+        ax.set_xticks([0, 1], ["absent", "present"], fontsize=8)
+        ax.set_yticks([0, 1], ["0", "1"], fontsize=8)
+        ax.set_xlabel("predicted", fontsize=8)
+        ax.set_ylabel("label", fontsize=8)
+        ax.set_title(f"{name[:18]} (p >= {threshold:.3f})", fontsize=9)
+    return fig
+
+
+def finding_roc_figure(curves: Sequence[RocCurve], points: dict[str, tuple[float, float]] | None = None):
+    """One small ROC panel per finding, its AUC in the title; ``points``: name -> (FPR, TPR) at the threshold."""
+    fig, axes = _panels(len(curves), 2.7, 2.8)
+    for ax, c in zip(axes, curves):
+        ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1)
+        ax.plot(c.fpr, c.tpr, lw=1.5, color="C0")
+        if points and c.name in points:
+            ax.plot(*points[c.name], "o", ms=6, color="C3", label="at the threshold")
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_title(f"{c.name[:18]}: AUC {c.auc:.3f}", fontsize=9)
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.01)
+        ax.set_aspect("equal")
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("false positive rate", fontsize=8)
+        ax.set_ylabel("true positive rate", fontsize=8)
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def _short(text: str, width: int = 26) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _multi_arrays(result: EvalResult) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scores (N, K), targets (N, K) with NaN, known (N, K) and present (N, K) at the thresholds, as numpy."""
+    targets = result.targets.numpy()
+    return result.scores.numpy(), targets, ~np.isnan(targets), result.present().numpy()
+
+
+def _settings_counts_multi(page: _Page, result: EvalResult, names: Sequence[str]) -> None:
+    _, targets, known, _ = _multi_arrays(result)
+    positive = (known & (np.nan_to_num(targets) > 0.5)).sum(0)
+    rows = [["positive", *positive.tolist()], ["negative", *(known.sum(0) - positive).tolist()],
+            ["unknown", *(~known).sum(0).tolist()]]
+    page.add(f"<p>Multi-label: {len(names)} findings, a sigmoid each; {len(result.paths)} images evaluated, their "
+             "labels per finding:</p>")
+    page.add(_table(rows, header=("label", *names), attrs=' id="label-counts"'))
+
+
+def _evaluation_section_multi(page: _Page, result: EvalResult, names: Sequence[str], what: str, bar) -> None:
+    m = result.findings
+    k = len(names)
+    undefined = [n for j, n in enumerate(names) if m.why_undefined(j) is not None]
+    page.add(f'<section id="evaluation"><h2>Evaluation: {_e(what)}</h2>')
+    page.add(f"<p>Macro ROC AUC <b>{_number(result.auc, 4)}</b>, macro average precision {_number(result.ap, 4)} "
+             f"over {k - len(undefined)} of {k} findings"
+             + (f" ({_e(', '.join(undefined))}: without both labels among the known ones, left out)" if undefined
+                else "")
+             + f"; {len(result.paths)} images, {int(result.confusion.sum())} known labels, loss {result.loss:.4f} "
+             f"(binary cross-entropy per known label), accuracy per label at probability 0.5 {_number(result.acc, 4)}"
+             + (f"; {result.skipped} unreadable skipped" if result.skipped else "") + ".</p>")
+    rows = []
+    for j, name in enumerate(names):
+        why = m.why_undefined(j)
+        rows.append((name, _number(m.auc[j], 4) if why is None else f"n/a ({why})", _number(m.ap[j], 4),
+                     f"{result.thresholds[j]:.3f}", _number(m.prevalence[j]), int(m.labelled[j])))
+    page.add(_table(rows, header=("finding", "ROC AUC", "average precision", "threshold", "prevalence",
+                                  "labels known"), attrs=' id="findings"'))
+    page.add('<p class="note">Over each finding\'s known labels; the threshold is the probability at or above which '
+             "the finding is called present (below: the confusion counts and the predicted findings).</p>")
+    page.add("</section>")
+    page.add('<section id="confusion"><h2>Confusion at each finding\'s threshold</h2>')
+    confusion = threshold_confusion(result)
+    if 0 < k <= MAX_PANELS:
+        page.figure("confusion", finding_confusion_figure(confusion, names, result.thresholds),
+                    "One 2x2 matrix per finding over its known labels: rows the label (0, 1), columns the prediction "
+                    "at the finding's threshold. Each cell: the count, and the fraction of its row.")
+    elif k:
+        page.add(f'<p class="note">{k} findings: no figure (at most {MAX_PANELS}); the counts are below.</p>')
+    fmt = lambda a, b: _number(a / b) if b else "n/a"  # noqa: E731
+    rows = [(n, f"{t:.3f}", *(int(v) for v in c.ravel()), fmt(c[1, 1], c[1].sum()), fmt(c[0, 0], c[0].sum()))
+            for n, t, c in zip(names, result.thresholds, confusion)]
+    page.add("<details><summary>counts as a table</summary>"
+             + _table(rows, header=("finding", "threshold", "true negative", "false positive", "false negative",
+                                    "true positive", "sensitivity", "specificity"), attrs=' id="confusion-counts"')
+             + "</details>")
+    bar.update()
+    page.add("</section>")
+    page.add('<section id="roc"><h2>ROC curves per finding</h2>')
+    scores, targets, known, _ = _multi_arrays(result)
+    curves, notes = roc_curves(scores, np.nan_to_num(targets) > 0.5, known, names)
+    if curves and len(curves) <= MAX_PANELS:
+        at = {n: (c[0, 1] / max(c[0].sum(), 1), c[1, 1] / max(c[1].sum(), 1)) for n, c in zip(names, confusion)}
+        page.figure("roc", finding_roc_figure(curves, at),
+                    "Receiver operating characteristic of each finding from its sigmoid probability, over its known "
+                    "labels; the dot is the finding's threshold.")
+    elif curves:
+        page.add(f'<p class="note">{len(curves)} curves: no figure (at most {MAX_PANELS}); their AUC is below.</p>')
+    if curves:
+        page.add(_table([(c.name, f"{c.auc:.4f}", c.positives, c.negatives) for c in curves],
+                        header=("finding", "AUC", "positives", "negatives"), attrs=' id="auc"'))
+    for note in notes:
+        page.add(f'<p class="note">{_e(note)}</p>')
+    bar.update()
+    page.add("</section>")
+
+
+def _worst_section_multi(page: _Page, result: EvalResult, names: Sequence[str], dataset: Dataset | None,
+                         bar) -> None:
+    page.add(f'<section id="worst"><h2>The {WORST} images with the highest loss</h2>')
+    losses = result.losses.numpy()
+    scores, targets, known, present = _multi_arrays(result)
+    order = [i for i in np.argsort(-np.nan_to_num(losses, nan=-np.inf), kind="stable") if not math.isnan(losses[i])]
+    worst = order[:WORST]
+    images = _images(dataset, [result.paths[i] for i in worst]) if dataset is not None else {}
+    tiles, rows = [], []
+    for i in worst:
+        path = result.paths[i]
+        labels = ", ".join(f"{n} {int(targets[i, k] > 0.5) if known[i, k] else '?'}" for k, n in enumerate(names))
+        found = [n for k, n in enumerate(names) if present[i, k]]
+        rows.append((path, labels, ", ".join(found) or "none",
+                     ", ".join(f"{n} {scores[i, k]:.3f}" for k, n in enumerate(names)), f"{losses[i]:.4f}"))
+        if path in images:
+            true = [n for k, n in enumerate(names) if known[i, k] and targets[i, k] > 0.5]
+            unknown = int((~known[i]).sum())
+            tiles.append((images[path][0].numpy(),
+                          _short("true " + ("|".join(true) or "none") + (f" +{unknown}?" if unknown else "")) + "\n"
+                          + _short("pred " + ("|".join(found) or "none"))))
+    if tiles:
+        columns = 4
+        page.figure("worst", gallery_figure([tiles[r:r + columns] for r in range(0, len(tiles), columns)], columns),
+                    "Highest binary cross-entropy first (the mean over the image's known labels): the findings "
+                    "labelled present (+n?: n unknown) and those predicted present at their thresholds. The images "
+                    "as the model saw them (resized).")
+    page.add(_table(rows, header=("path", "labels (? unknown)", "predicted findings", "probabilities", "loss"),
+                    attrs=' id="worst-table"'))
+    bar.update()
+    page.add("</section>")
+
+
+def _cam_section_multi(page: _Page, result: EvalResult, names: Sequence[str], model: GrayEfficientNet | None,
+                       dataset: Dataset | None, bar) -> None:
+    page.add('<section id="cam"><h2>Class-activation maps</h2>')
+    if model is None or dataset is None:
+        page.add('<p class="note">No model or images at hand: no maps.</p></section>')
+        bar.update()
+        return
+    scores, targets, known, _ = _multi_arrays(result)
+    top = scores.argmax(1) if len(scores) else np.zeros(0, dtype=np.int64)  # each image's most probable finding
+    rows_of = {}
+    for title, label in (("labelled 1", 1), ("labelled 0", 0)):
+        candidates = sorted((i for i in range(len(top)) if known[i, top[i]] and int(targets[i, top[i]] > 0.5) == label),
+                            key=lambda i: -scores[i, top[i]])
+        chosen, seen = [], set()
+        for i in candidates:  # the most probable of each finding first, findings in turn; then the next most probable
+            if top[i] not in seen:
+                seen.add(top[i])
+                chosen.append(i)
+        chosen += [i for i in candidates if i not in chosen]
+        rows_of[title] = chosen[:CAMS]
+    images = _images(dataset, [result.paths[i] for picked in rows_of.values() for i in picked])
+    rows, titles, note = [], [], ""
+    device = next(model.parameters()).device
+    for title, picked in rows_of.items():
+        picked = [i for i in picked if result.paths[i] in images]
+        if not picked:
+            continue
+        batch = torch.stack([images[result.paths[i]] for i in picked]).to(device)
+        cam = grad_cam(model, batch, torch.as_tensor(top[picked], device=device))
+        row = []
+        for i, img, m in zip(picked, batch.cpu(), cam.maps.cpu()):
+            name = names[top[i]]
+            row += [(img[0].numpy(), _short(f"{name}: label {int(targets[i, top[i]] > 0.5)}")),
+                    (overlay(img[0].numpy(), m.numpy()), _short(f"map of {name} ({scores[i, top[i]]:.2f})"))]
+        rows.append(row)
+        titles.append(title)
+        (h, w), (ih, iw) = cam.raw.shape[-2:], batch.shape[-2:]
+        note = (f"The last feature map is {h}x{w} for {ih}x{iw} inputs: each of its cells covers about "
+                f"{ih // h}x{iw // w} pixels, so the map says which part of the image, not which pixels.")
+        if h * w == 1:
+            note = (f"The last feature map is 1x1 for {ih}x{iw} inputs, so these maps have no detail: red where the "
+                    "finding has positive evidence, blue where it has none. A larger --img-size gives a finer map.")
+    if rows:
+        page.figure("cam", gallery_figure(rows, 2 * CAMS, titles),
+                    "Grad-CAM of each image's most probable finding (red: most evidence), computed through the "
+                    "model's own gray stem. Top: images whose label for that finding is 1, the most probable first, "
+                    "different findings first; bottom: images whose label for it is 0 (evidence for a finding that "
+                    "is absent), the most probable first.")
+        page.add(f'<p class="note">{_e(note)}</p>')
+    else:
+        page.add('<p class="note">No images whose most probable finding has a known label: no maps.</p>')
+    bar.update()
+    page.add("</section>")
+
+
 def write_report(
     path: str | os.PathLike,
     *,
@@ -512,8 +814,12 @@ def write_report(
 
     Args:
         path: the page, e.g. ``RUN/report.html``.
-        result: ``evaluate(..., keep_predictions=True)`` of the images the report is about.
-        class_names: the model's classes, in the order of its outputs.
+        result: ``evaluate(..., keep_predictions=True)`` of the images the report is about. A multi-label one
+            (``task="multi"``) gets sections of its own: the labels per finding, a table of ROC AUC, average
+            precision, threshold and prevalence per finding, a 2x2 confusion and an ROC curve per finding at its
+            threshold (``result.thresholds``), the images of highest binary cross-entropy with their labels and
+            predicted findings, and maps of each image's most probable finding.
+        class_names: the model's classes (or findings), in the order of its outputs.
         model: for the class-activation maps (unwrapped); none without it.
         dataset: the images ``result`` was computed on (``GrayImageFolder`` or ``PackedDataset``), for the
             galleries; none without it.
@@ -521,7 +827,8 @@ def write_report(
         data_note: a line about the data (train.py's ``data:`` line).
         what: what was evaluated, for the heading.
     """
-    if result.probs is None or result.losses is None:
+    multi = result.task == "multi"
+    if result.losses is None or (result.scores is None or result.thresholds is None if multi else result.probs is None):
         raise InputError("write_report needs an EvalResult of evaluate(..., keep_predictions=True)")
     path = Path(path)
     folder = path.with_suffix("")
@@ -535,10 +842,15 @@ def write_report(
     page = _Page(folder, folder.name)
     bar = tqdm(total=5, desc="report", unit="figure", leave=False, disable=None if progress else True)
     _settings_section(page, config, data_note, result, class_names)
-    _curves_section(page, run_dir, config, bar)
-    _evaluation_section(page, result, class_names, what, bar)
-    _worst_section(page, result, class_names, dataset, bar)
-    _cam_section(page, result, class_names, model, dataset, bar)
+    _curves_section(page, run_dir, config, bar, result.task)
+    if multi:
+        _evaluation_section_multi(page, result, class_names, what, bar)
+        _worst_section_multi(page, result, class_names, dataset, bar)
+        _cam_section_multi(page, result, class_names, model, dataset, bar)
+    else:
+        _evaluation_section(page, result, class_names, what, bar)
+        _worst_section(page, result, class_names, dataset, bar)
+        _cam_section(page, result, class_names, model, dataset, bar)
     bar.close()
     title = f"gray_effnet report: {run_dir.name if run_dir is not None else path.stem}"
     nav = "".join(f'<a href="#{s}">{t}</a>' for s, t in (
@@ -586,8 +898,10 @@ def report_after_training(output: Path, loader, dataset: Dataset, *, device: tor
     if not best.is_file():  # a resumed run whose best epoch was written elsewhere
         return f"report: not written: {best} does not exist" if primary else None
     model = load_model(best).to(device)
-    result = evaluate(model, loader, device=device, num_classes=num_classes, autocast=autocast,
+    result = evaluate(model, loader, device=device, num_classes=num_classes, task=model.task, autocast=autocast,
                       keep_predictions=True, progress=progress and sys.stderr.isatty(), desc="report: evaluate best")
+    if model.task == "multi" and model.thresholds is not None:  # those saved with it, as evaluate_checkpoint uses
+        result.thresholds = list(model.thresholds)
     if not primary:
         return None
     path = write_report(output / "report.html", result=result, class_names=class_names, model=model, dataset=dataset,
@@ -613,16 +927,41 @@ def _read_config(run_dir: Path) -> dict:
     return config
 
 
-def report_run(run_dir: str | os.PathLike, *, data: str | None = None, device: str | None = None,
-               batch_size: int = 64, workers: int = 0, progress: bool = True) -> Path:
+def _run_table(args: dict, resolved: dict, labels: str | os.PathLike | None) -> TableOptions | None:
+    """The label table the run was trained on (its --labels flags in config.json), read from ``labels`` when given,
+    else where train.py found it; None for a run without one."""
+    if args.get("labels") is None:
+        if labels is not None:
+            raise InputError("--labels: this run was not trained on a label table (its config.json has no --labels)")
+        return None
+    try:
+        options = table_options(argparse.Namespace(**args))
+    except (AttributeError, InputError) as e:
+        raise DataError(f"config.json: the run's label table flags cannot be read again ({e})") from None
+    if labels is not None:
+        where = Path(labels)
+        if not where.is_file():
+            raise DataError(f"--labels {where}: no such file")
+    else:
+        found = [p for p in (resolved.get("labels"), args["labels"]) if p and Path(p).is_file()]
+        if not found:
+            raise DataError(f"the run's label table {resolved.get('labels') or args['labels']} is not there; name "
+                            "where it is now with --labels FILE.csv")
+        where = Path(found[0])
+    return dataclasses.replace(options, labels=str(where))
+
+
+def report_run(run_dir: str | os.PathLike, *, data: str | None = None, labels: str | os.PathLike | None = None,
+               device: str | None = None, batch_size: int = 64, workers: int = 0, progress: bool = True) -> Path:
     """Write ``RUN_DIR/report.html`` again from the run folder: ``best.safetensors`` on the validation split.
 
-    The split is made again as train.py made it, from ``config.json`` (data folder, val_split, seed); the
-    image size and intensity mapping are the checkpoint's.
+    The split is made again as train.py made it, from ``config.json`` (data folder, val_split, seed, and a label
+    table's flags: columns, groups, split column); the image size and intensity mapping are the checkpoint's.
 
     Args:
         run_dir: a train.py output folder.
         data: the data folder or pack, where it has moved since training.
+        labels: the run's label table (``--labels``), where it has moved since training.
     """
     missing = _missing_packages()
     if missing:
@@ -630,6 +969,7 @@ def report_run(run_dir: str | os.PathLike, *, data: str | None = None, device: s
     run_dir = Path(run_dir)
     config = _read_config(run_dir)
     args, resolved = config["args"], config.get("resolved") or {}
+    table = _run_table(args, resolved, labels)
     if data is not None:
         root = data
     elif resolved.get("data") and Path(resolved["data"]).exists():
@@ -641,7 +981,7 @@ def report_run(run_dir: str | os.PathLike, *, data: str | None = None, device: s
                         "name where it is now with --data DIR")
     if not Path(root).exists():
         raise DataError(f"--data {root}: no such folder")
-    source = open_source(root, val_split=args.get("val_split", 0.2), seed=args.get("seed", 0))
+    source = open_source(root, val_split=args.get("val_split", 0.2), seed=args.get("seed", 0), table=table)
     ev = evaluate_checkpoint(run_dir / "best.safetensors", source, split="val", batch_size=batch_size,
                              workers=workers, device=resolve_device(device), channels_last="off",
                              progress=progress and sys.stderr.isatty(), log=lambda line: None)

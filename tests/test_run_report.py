@@ -6,6 +6,7 @@ import csv
 import html
 import io
 import json
+import math
 import re
 import shutil
 import sys
@@ -252,3 +253,213 @@ class TestWithoutMatplotlib:
         monkeypatch.setitem(sys.modules, "matplotlib", None)
         assert gray_main(["report", str(run[0])]) == 2
         assert capsys.readouterr().err == 'error: the report needs matplotlib: pip install "gray_effnet[report]"\n'
+
+
+# -- multi-label: the digits as a label table (even, gt4, loop; a 4's loop is uncertain, -1: unknown) -------------
+FINDINGS = ["even", "gt4", "loop"]
+TABLE = ["--label-columns", *FINDINGS, "--group-column", "patient"]
+
+
+@pytest.fixture(scope="module")
+def digits_table(tmp_path_factory) -> Path:
+    """100 digits, 10 of each, with labels.csv; no --split-column: 12 patients train, 8 val at --val-split 0.4."""
+    from gray_effnet.tables import prepare_digits_table
+
+    return prepare_digits_table(tmp_path_factory.mktemp("table-cache"), per_class=10)
+
+
+@pytest.fixture(scope="module")
+def multi_run(digits_table, tmp_path_factory) -> tuple[Path, str]:
+    """A 2-epoch multi-label run with --tensorboard; its output folder and what it printed."""
+    out = tmp_path_factory.mktemp("multi") / "out"
+    buf = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "stdout", buf)
+        train.main(train.get_args_parser().parse_args(
+            ["--data", str(digits_table), "--labels", str(digits_table / "labels.csv"), *TABLE, "--epochs", "2",
+             "--output", str(out), "--tensorboard", *FAST]))
+    return out, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def multi_evaluated(multi_run, digits_table):
+    """Computed here file by file, not by evaluate: the validation images (split.csv), their labels (labels.csv,
+    -1 and blank unknown), the best checkpoint's logits, sigmoid probabilities and masked BCE per image."""
+    out = multi_run[0]
+    with open(out / "split.csv") as f:
+        val = [r["path"] for r in csv.DictReader(f) if r["split"] == "val"]
+    with open(digits_table / "labels.csv") as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    paths = [str(digits_table / p) for p in val]
+    targets = torch.tensor([[float(rows[p][n]) if rows[p][n] in ("0", "1") else math.nan for n in FINDINGS]
+                            for p in val])
+    model = load_model(out / "best.safetensors").eval()
+    resize = build_transforms(model.img_size, train=False)
+    with torch.no_grad():
+        logits = model(torch.stack([resize(read_gray(p)) for p in paths]))
+    known = ~targets.isnan()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets.nan_to_num(0), reduction="none")
+    losses = torch.where(known, bce, 0.0).sum(1) / known.sum(1)
+    return model, paths, targets, logits.sigmoid(), losses
+
+
+class TestMultiLabelReport:
+    def test_printed_and_every_section(self, multi_run):
+        out, printed = multi_run
+        assert re.search(rf"^report: {re.escape(str(out))}/report\.html \(\d+\.\ds\)$", printed, re.M)
+        page = (out / "report.html").read_text()
+        for section in SECTIONS:
+            assert re.search(rf'<section id="{section}"><h2>', page), section
+        assert sorted(figures(page)) == sorted(FIGURES)
+        assert "ROC curves per finding" in page and "Confusion at each finding's threshold" in page
+        assert table(page, "findings")[0] == ["finding", "ROC AUC", "average precision", "threshold", "prevalence",
+                                              "labels known"]
+        assert [r[0] for r in table(page, "findings")[1:]] == FINDINGS
+        assert "<td>label_columns</td>" in page and "<td>label_smoothing</td>" not in page  # single-label's only
+
+    def test_images_decode_and_are_not_blank(self, multi_run):
+        page = (multi_run[0] / "report.html").read_text()
+        for name, (data, w, h) in figures(page).items():
+            img = Image.open(io.BytesIO(data))
+            assert img.size == (w, h), name
+            gray = np.asarray(img.convert("L"), dtype=np.float32)
+            assert gray.std() > 10 and (gray < 128).mean() > 0.005, f"{name} looks blank"
+            assert (multi_run[0] / "report" / f"{name}.png").read_bytes() == data
+
+    def test_best_epoch_by_auc(self, multi_run):
+        with open(multi_run[0] / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        aucs = [float(r["val_auc"]) for r in rows]
+        best = int(np.argmax(aucs))
+        page = (multi_run[0] / "report.html").read_text()
+        assert f"Best epoch {best} of 2 by validation auc: macro ROC AUC {aucs[best]:.4f}" in page
+
+    def test_auc_per_finding_is_sklearns(self, multi_run, multi_evaluated):
+        _, _, targets, probs, _ = multi_evaluated
+        page = (multi_run[0] / "report.html").read_text()
+        findings, curves = table(page, "findings")[1:], table(page, "auc")[1:]
+        assert [r[0] for r in curves] == FINDINGS
+        for k, name in enumerate(FINDINGS):
+            known = ~targets[:, k].isnan()
+            y, s = targets[known, k].numpy(), probs[known, k].numpy()
+            want = sklearn_metrics.roc_auc_score(y, s)
+            assert float(findings[k][1]) == pytest.approx(want, abs=1e-4), name
+            assert float(curves[k][1]) == pytest.approx(want, abs=1e-4), name
+            assert float(findings[k][2]) == pytest.approx(sklearn_metrics.average_precision_score(y, s), abs=1e-4)
+            assert (int(curves[k][2]), int(curves[k][3])) == (int(y.sum()), int((1 - y).sum()))
+            assert int(findings[k][5]) == int(known.sum())
+
+    @staticmethod
+    def assert_confusion_close(got: list[str], y: torch.Tensor, scores: torch.Tensor, threshold: float) -> None:
+        """TN, FP, FN, TP of ``got`` are those of ``scores >= threshold``, but for scores within float noise of
+        the threshold: Youden's threshold is a validation image's own score, which another batch size can move by
+        1e-7 to either side."""
+        called = scores >= threshold
+        want = [int((~y & ~called).sum()), int((~y & called).sum()), int((y & ~called).sum()), int((y & called).sum())]
+        got = [int(v) for v in got]
+        edge = int(((scores - threshold).abs() < 1e-5).sum())
+        assert got[0] + got[1] == int((~y).sum()) and got[2] + got[3] == int(y.sum())
+        assert sum(abs(g - w) for g, w in zip(got, want)) <= 2 * edge, (got, want)
+
+    def test_confusion_is_at_the_checkpoints_thresholds(self, multi_run, multi_evaluated):
+        model, _, targets, probs, _ = multi_evaluated
+        rows = table((multi_run[0] / "report.html").read_text(), "confusion-counts")[1:]
+        assert [r[0] for r in rows] == FINDINGS
+        for k, row in enumerate(rows):
+            known = ~targets[:, k].isnan()
+            assert float(row[1]) == pytest.approx(model.thresholds[k], abs=1e-3)
+            self.assert_confusion_close(row[2:6], targets[known, k] > 0.5, probs[known, k], model.thresholds[k])
+
+    def test_worst_are_the_highest_masked_bce(self, multi_run, multi_evaluated):
+        model, paths, targets, probs, losses = multi_evaluated
+        order = sorted(range(len(paths)), key=lambda i: -losses[i].item())[:16]
+        rows = table((multi_run[0] / "report.html").read_text(), "worst-table")[1:]
+        assert [r[0] for r in rows] == [paths[i] for i in order]
+        assert [float(r[4]) for r in rows] == pytest.approx([losses[i].item() for i in order], abs=1e-4)
+        for r, i in zip(rows, order):
+            labels = ", ".join(f"{n} {'?' if math.isnan(t) else int(t)}" for n, t in zip(FINDINGS, targets[i].tolist()))
+            assert r[1] == labels
+            near = [abs(probs[i, k].item() - t) < 1e-5 for k, t in enumerate(model.thresholds)]
+            if not any(near):  # else one finding is called or not by float noise (see assert_confusion_close)
+                assert r[2] == (", ".join(n for k, n in enumerate(FINDINGS) if probs[i, k] >= model.thresholds[k])
+                                or "none")
+            assert [float(v.split()[1]) for v in r[3].split(", ")] == pytest.approx(probs[i].tolist(), abs=1e-3)
+
+    def test_evaluate_keeps_each_images_masked_bce(self, multi_run, multi_evaluated, digits_table):
+        from gray_effnet.evaluation import evaluate_checkpoint
+        from gray_effnet.sources import open_source
+        from gray_effnet.tables import TableOptions
+
+        _, paths, _, probs, losses = multi_evaluated
+        source = open_source(digits_table, val_split=0.4, seed=0, table=TableOptions(
+            labels=str(digits_table / "labels.csv"), label_columns=FINDINGS, group_column="patient"))
+        result = evaluate_checkpoint(multi_run[0] / "best.safetensors", source, split="val", workers=0,
+                                     channels_last="off", progress=False, log=lambda line: None).result
+        assert result.probs is None and result.losses.shape == (len(paths),)
+        index = [result.paths.index(p) for p in paths]
+        torch.testing.assert_close(result.losses[index], losses, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(result.scores[index], probs, atol=1e-5, rtol=1e-4)
+
+    def test_report_subcommand_from_the_folder_alone(self, multi_run, digits_table, tmp_path, capsys):
+        out = tmp_path / "copy"
+        shutil.copytree(multi_run[0], out, ignore=shutil.ignore_patterns("report*", "tensorboard"))
+        assert gray_main(["report", str(out), "--no-progress"]) == 0
+        assert re.search(rf"^report: {re.escape(str(out))}/report\.html", capsys.readouterr().out, re.M)
+        page, before = (out / "report.html").read_text(), (multi_run[0] / "report.html").read_text()
+        assert sorted(figures(page)) == sorted(FIGURES)
+        for table_id in ("label-counts", "findings", "auc"):
+            assert table(page, table_id) == table(before, table_id), table_id
+        # Evaluated in batches of 64 here, of 8 in training: the same numbers up to float noise, which can move an
+        # image whose probability is the threshold (Youden's: a validation score) to the other side of it.
+        now, then = table(page, "confusion-counts")[1:], table(before, "confusion-counts")[1:]
+        for a, b in zip(now, then):
+            assert a[:2] == b[:2] and sum(abs(int(x) - int(z)) for x, z in zip(a[2:6], b[2:6])) <= 2, (a, b)
+        now, then = table(page, "worst-table")[1:], table(before, "worst-table")[1:]
+        assert [r[:2] for r in now] == [r[:2] for r in then]
+        assert [float(r[4]) for r in now] == pytest.approx([float(r[4]) for r in then], abs=2e-4)
+
+    def test_report_subcommand_finds_a_moved_table_with_labels(self, multi_run, digits_table, tmp_path, capsys):
+        out = tmp_path / "copy"
+        shutil.copytree(multi_run[0], out, ignore=shutil.ignore_patterns("report*", "tensorboard"))
+        config = json.loads((out / "config.json").read_text())
+        config["args"]["labels"] = config["resolved"]["labels"] = str(tmp_path / "gone.csv")
+        (out / "config.json").write_text(json.dumps(config))
+        assert gray_main(["report", str(out), "--no-progress"]) == 2
+        assert capsys.readouterr().err == (f"error: the run's label table {tmp_path / 'gone.csv'} is not there; name "
+                                           "where it is now with --labels FILE.csv\n")
+        moved = tmp_path / "moved.csv"
+        shutil.copy(digits_table / "labels.csv", moved)
+        assert gray_main(["report", str(out), "--labels", str(moved), "--no-progress"]) == 0
+        before = (multi_run[0] / "report.html").read_text()
+        assert table((out / "report.html").read_text(), "findings") == table(before, "findings")
+
+    def test_evaluate_and_predict_write_theirs(self, multi_run, digits_table, tmp_path, capsys):
+        out = multi_run[0]
+        flags = ["--data", str(digits_table), "--labels", str(digits_table / "labels.csv"), *TABLE]
+        train.main(train.get_args_parser().parse_args(
+            ["--evaluate", "--weights", str(out / "best.safetensors"), "--output", str(tmp_path), *flags, *FAST]))
+        assert re.search(r"^report: .*/eval_report\.html \(\d+\.\ds\)$", capsys.readouterr().out, re.M)
+        page = (tmp_path / "eval_report.html").read_text()
+        assert sorted(figures(page)) == sorted(FIGURES)
+        assert table(page, "findings") == table((out / "report.html").read_text(), "findings")
+        pred_csv = tmp_path / "pred.csv"
+        assert gray_main(["predict", "--weights", str(out / "best.safetensors"), *flags, "--output", str(pred_csv),
+                          "--workers", "0", "--channels-last", "off", "--threads", "1", "--no-progress"]) == 0
+        assert f"report: {tmp_path}/pred_report.html" in capsys.readouterr().out
+        page = (tmp_path / "pred_report.html").read_text()
+        assert sorted(figures(page)) == sorted(FIGURES)
+        assert sum(int(r[5]) for r in table(page, "findings")[1:]) > 200  # every image of the table, test rows too
+
+    def test_tensorboard(self, multi_run):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(multi_run[0] / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        assert {"val/auc", "val/ap", "val/loss"} <= set(acc.Tags()["scalars"])
+        with open(multi_run[0] / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert [e.value for e in acc.Scalars("val/auc")] == pytest.approx([float(r["val_auc"]) for r in rows],
+                                                                          abs=1e-5)
+        assert acc.Tags()["images"] == ["val/cam"] and len(acc.Images("val/cam")) == 2
+        grid = Image.open(io.BytesIO(acc.Images("val/cam")[-1].encoded_image_string))
+        assert grid.size == (8 * 32, 32) and np.asarray(grid).std() > 10
