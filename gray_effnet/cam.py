@@ -48,7 +48,7 @@ class CamResult:
             class has no positive evidence anywhere.
         raw: (B, h, w) at the feature map's size, before upsampling and scaling.
         targets: (B,) the class each map explains.
-        probs: (B, K) the softmax probabilities of the batch.
+        probs: (B, K) the probabilities of the batch: softmax, or a sigmoid per finding for a multi-label model.
     """
 
     maps: Tensor
@@ -118,7 +118,9 @@ def grad_cam(model: GrayEfficientNet, images: Tensor, target: int | Tensor | Non
     maps = F.interpolate(raw[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = maps.amax((1, 2), keepdim=True)
     maps = torch.where(peak > 0, maps / peak.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
-    return CamResult(maps=maps.clamp(0, 1), raw=raw, targets=targets, probs=logits.detach().softmax(-1))
+    # A multi-label model gives each finding its own sigmoid; a single-label one a softmax over the classes.
+    probs = logits.detach().sigmoid() if getattr(model, "task", "single") == "multi" else logits.detach().softmax(-1)
+    return CamResult(maps=maps.clamp(0, 1), raw=raw, targets=targets, probs=probs)
 
 
 # matplotlib's jet: (position, value) breakpoints of red, green and blue, linear in between.

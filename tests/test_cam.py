@@ -204,3 +204,15 @@ class TestCamCommand:
         assert [p.name for p in find_image_files([images])] == ["a.png", "broken.png", "b.png"]
         assert resolve_class("dog", ["cat", "dog"], 2) == 1 and resolve_class("0", ["cat", "dog"], 2) == 0
         assert resolve_class(None, ["cat"], 1) is None
+
+
+class TestMultiLabelProbabilities:
+    def test_sigmoid_per_finding(self):
+        """A multi-label model's CAM reports each finding's own sigmoid, not a softmax over the findings."""
+        torch.manual_seed(0)
+        model = GrayEfficientNet("tf_efficientnet_lite0", num_classes=3, class_names=["a", "b", "c"], task="multi")
+        x = torch.rand(2, 1, 64, 64)
+        cam = grad_cam(model, x)
+        with torch.no_grad():
+            want = model.eval()(x).sigmoid()
+        assert torch.allclose(cam.probs, want, atol=1e-5) and not torch.allclose(cam.probs.sum(-1), torch.ones(2))
