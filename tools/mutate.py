@@ -105,7 +105,8 @@ MUTATIONS = [
              "acc {row.val_acc:.4f}{auc}", "acc {row.train_acc:.4f}{auc}",
              (f"{TT}::TestLearning",)),
     Mutation("predict-ignores-img-size", "predict resizes to 224 whatever the checkpoint says",
-             "gray_effnet/predict.py", "size = model.img_size or tuple(", "size = None or tuple(",
+             "gray_effnet/evaluation.py", "img_size or model.img_size or model.model.pretrained_cfg",
+             "img_size or None or model.model.pretrained_cfg",
              ("tests/test_predict.py",)),
     Mutation("wide-batches-not-scaled", "8-bit images in a 16-bit data set stay 0..255", "gray_effnet/data.py",
              "img = img.float().div_(255)", "img = img.float()",
@@ -146,7 +147,8 @@ MUTATIONS = [
              "gray_effnet/speed.py", "if share < self.min_share * self.threads:", "if share < self.min_share:",
              ("tests/test_speed.py::TestThreadGovernor",)),
     Mutation("resume-intensity-unchecked", "--resume with another --intensity trains on another scale", "train.py",
-             '"num_classes": len(folder.classes), "intensity": intensity}', '"num_classes": len(folder.classes)}',
+             '"num_classes": len(source.classes), "intensity": intensity, "task": task,',
+             '"num_classes": len(source.classes), "task": task,',
              (f"{TT}::TestResume::test_other_intensity_refused",)),
     Mutation("evaluate-reads-full", "--evaluate reads images with 'full', not the checkpoint's mapping",
              "gray_effnet/evaluation.py", "intensity or model.intensity)",
@@ -178,7 +180,7 @@ MUTATIONS = [
              ("tests/test_multilabel.py::TestTrain",)),
     # -- controls: bugs the suite caught before issue 13, to show the harness sees a failing test ------------
     Mutation("control: fold-top-border-dropped", "fold's top border rows are wrong", "gray_effnet/adapters.py",
-             "        if top:\n", "        if False:\n", ("tests/test_adapters.py::TestFold",)),
+             "((slice(0, top), slice(0, w)), top), ", "", ("tests/test_adapters.py::TestFold",)),
     Mutation("control: split-leaks", "validation images are trained on", "gray_effnet/folders.py",
              "        train += items[n_val:]", "        train += items", ("tests/test_data.py::TestSplit",)),
 ]
