@@ -15,14 +15,11 @@ Evaluate a checkpoint on the validation split (accuracy, per-class precision/rec
 Decode and resize the images once into a pack, then train on it (augmentation runs on the device):
     python -m gray_effnet pack --data /path/to/folders --img-size 84 112 --output /path/to/pack
     python train.py --data /path/to/pack
-Labels from a CSV table, split by patient (docs/tables.md):
-    python train.py --data /path/to/images --labels labels.csv --label-column Diagnosis --group-column "Patient ID"
+A CSV label table with several findings per image, split by patient (a sigmoid per finding, best by macro AUC):
+    python train.py --data /path/to/images --labels labels.csv --label-column Findings --label-sep '|' \
+        --group-column "Patient ID" --pos-weight auto
 CT in Hounsfield units (DICOM), with three learnable intensity windows as the stem's channels:
     python train.py --data /path/to/dicom --intensity range -1024 3071 --adapter wso --windows 40:80 80:200 600:2800
-Multi-label data (a source whose task is "multi", such as a label table: several findings per image, some
-unknown): a sigmoid per finding, the binary cross-entropy of the known labels, best.safetensors by macro ROC AUC
-(the default --select-by for it); --pos-weight auto weighs each finding's positives by its rarity:
-    python train.py --data /path/to/labels --pos-weight auto
 """
 
 import argparse
@@ -58,7 +55,16 @@ from gray_effnet.checkpoint import (
     set_rng_state,
     write_metrics,
 )
-from gray_effnet.cli import HelpFormatter, add_data_options, add_speed_options, resolve_device, run_cli, table_options
+from gray_effnet.cli import (
+    HelpFormatter,
+    add_data_options,
+    add_speed_options,
+    command_line,
+    plural,
+    resolve_device,
+    run_cli,
+    table_options,
+)
 from gray_effnet.data import make_loader, set_loader_epoch
 from gray_effnet.engine import amp_setup, evaluate, make_optimizer_and_schedule, process_peak_mem_mb, train_one_epoch
 from gray_effnet.evaluation import evaluate_checkpoint, report_predictions
@@ -135,10 +141,6 @@ def log(*a) -> None:
         print(*a, flush=True)
 
 
-def plural(n: int, word: str, words: str | None = None) -> str:
-    return f"{n} {word if n == 1 else words or word + 's'}"
-
-
 def check_args(args) -> None:
     """Refuse impossible arguments before any work: no data scan, no model, no output folder."""
     checks = [
@@ -183,11 +185,10 @@ def check_args(args) -> None:
 
 def resolve_data(args, primary: bool) -> DataSource:
     """The data source (writing the demo digits once), checked and split before anything trains."""
-    if args.data is None:
-        if primary:
-            prepare_digits()
-        if dist.is_initialized():
-            dist.barrier()  # the other ranks wait for rank 0 to write the PNGs
+    if args.data is None and primary:
+        prepare_digits()  # the demo: written once, by rank 0, while the other ranks wait at the barrier
+    if args.data is None and dist.is_initialized():
+        dist.barrier()
     return open_source(args.data, val_split=args.val_split, seed=args.seed, strict=args.strict_data,
                        table=table_options(args))
 
@@ -231,18 +232,16 @@ def run_evaluate(args, device: torch.device) -> None:
 def lock_output(output: Path, primary: bool, held: contextlib.ExitStack) -> None:
     """One run per output folder: rank 0 holds ``output_lock`` until the run ends. Under DDP every rank learns
     whether it got it, so that all of them stop together instead of waiting for rank 0."""
-    refusal = None
+    refusal = [None]
     if primary:
         try:
             held.enter_context(output_lock(output, "train.py"))
         except GrayEffnetError as e:
-            refusal = str(e)
+            refusal[0] = str(e)
     if dist.is_initialized():
-        shared = [refusal]
-        dist.broadcast_object_list(shared, src=0)
-        refusal = shared[0]
-    if refusal is not None:
-        raise InputError(refusal)
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise InputError(refusal[0])
 
 
 def main(args) -> None:
@@ -365,9 +364,9 @@ def run_training(args, held: contextlib.ExitStack) -> None:
                   "resolved": {"data": str(source.root), "output": str(output), "lr": lr, "world_size": world,
                                "classes": source.classes, "task": task, "select_by": select_by,
                                "pos_weight": None if pos_weight is None else pos_weight.tolist(),
-                               "device": str(device), "threads": threads.threads,
-                               "channels_last": channels_last,
-                               "device_name": device_name(device), "command": command_line(args),
+                               "device": str(device), "threads": threads.threads, "channels_last": channels_last,
+                               "device_name": device_name(device),
+                               "command": command_line(get_args_parser(), args, ["python", "train.py"]),
                                "commit": git_commit(Path(__file__)),
                                **({"labels": str(Path(args.labels).resolve())} if args.labels else {})},
                   "versions": {"gray_effnet": gray_effnet.__version__, "torch": torch.__version__,
@@ -377,9 +376,8 @@ def run_training(args, held: contextlib.ExitStack) -> None:
         split_csv = source.write_split(output / "split.csv")  # sources with groups (label tables) say which went where
         if split_csv is not None:
             log(f"split: {split_csv}")
-    board = None
-    if primary and args.tensorboard is not None:
-        board = EpochLog(args.tensorboard or output / "tensorboard", val_ds, task=task)
+    board = EpochLog(args.tensorboard or output / "tensorboard", val_ds, task=task) \
+        if primary and args.tensorboard is not None else None
 
     # -- train ----------------------------------------------------------------------------------------------
     log(f"training {args.model} with the {args.adapter!r} stem on {device} x{world}: "
@@ -439,21 +437,6 @@ def run_training(args, held: contextlib.ExitStack) -> None:
         log(report_after_training(output, val_loader, val_ds, device=device, num_classes=len(source.classes),
                                   class_names=source.classes, autocast=autocast, progress=progress,
                                   data_note=source.describe(train_ds.wide)))
-
-
-def command_line(args) -> str:
-    """The command as it could be typed again: every argument, defaults resolved."""
-    parts = ["python", "train.py"]
-    for action in get_args_parser()._actions:
-        value = getattr(args, action.dest, None)
-        if not action.option_strings or action.dest == "help" or value == action.default:
-            continue
-        flag = action.option_strings[0]
-        if value is True or value is False:
-            parts.append(flag if value else f"--no-{flag[2:]}")
-        else:
-            parts += [flag, *map(str, value if isinstance(value, (list, tuple)) else [value])]
-    return shlex.join(parts)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ so that ``--help`` answers at once.
 """
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable
 
@@ -14,8 +15,8 @@ from .intensity import INTENSITY_HELP
 from .limits import MAX_PIXELS_HELP
 from .table_options import UNCERTAIN_POLICIES, TableOptions
 
-__all__ = ["CHANNELS_LAST_MODES", "HelpFormatter", "add_data_options", "add_speed_options", "resolve_device",
-           "run_cli", "table_options"]
+__all__ = ["CHANNELS_LAST_MODES", "HelpFormatter", "add_data_options", "add_speed_options", "command_line", "plural",
+           "resolve_device", "run_cli", "table_options"]
 
 CHANNELS_LAST_MODES = ("auto", "on", "off")
 
@@ -90,6 +91,26 @@ def table_options(args: argparse.Namespace) -> TableOptions | None:
             raise InputError(f"{', '.join(given)} read a label table: add --labels FILE.csv")
         return None
     return TableOptions(labels=args.labels, **{k: getattr(args, k) for k in _TABLE_FLAGS})
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 class``, ``3 classes``: a count with its noun."""
+    return f"{n} {word if n == 1 else words or word + 's'}"
+
+
+def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace, prog: list[str]) -> str:
+    """The command as it could be typed again: ``prog`` and every argument that is not at its default."""
+    parts = list(prog)
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest == "help" or value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if value is True or value is False:
+            parts.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            parts += [flag, *map(str, value if isinstance(value, (list, tuple)) else [value])]
+    return shlex.join(parts)
 
 
 def resolve_device(name: str | None) -> str:

@@ -340,16 +340,17 @@ def evaluate(
     parts = _all_gather(mine)  # every rank's probabilities: a ranking metric is not a sum over ranks
     paths = [p for part in parts for p in part[0]]
     scores, targets = torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])
-    if _distributed():
-        predictions = [p for part in parts for p in part[3]]
-        order = sorted(range(len(predictions)), key=predictions.__getitem__)  # sorted by path, as before
-        predictions = [predictions[i] for i in order]
-        probs = torch.cat([part[4] for part in parts])[order]
-        losses = torch.cat([part[5] for part in parts])[order]
+    if _distributed():  # in path order, whichever rank evaluated which image
+        losses = torch.cat([part[5] for part in parts])  # per image: kept with keep_predictions only
         if multi:
             order = sorted(range(len(paths)), key=paths.__getitem__)
             paths, scores, targets = [paths[i] for i in order], scores[order], targets[order]
-            losses = torch.cat([part[5] for part in parts])[order]
+        else:
+            predictions = [p for part in parts for p in part[3]]
+            order = sorted(range(len(predictions)), key=predictions.__getitem__)
+            predictions = [predictions[i] for i in order]
+            probs = torch.cat([part[4] for part in parts])[order]
+        losses = losses[order] if len(losses) else losses
     ranking = _ranking(task, scores, targets, num_classes)
     confusion = confusion.view(num_classes, 2, 2).cpu() if multi else confusion.view(num_classes, num_classes).cpu()
     total = int(confusion.sum())

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .augment import BatchAugment, build_transforms
+from .cli import plural
 from .data import GrayImageFolder, remap_target
 from .errors import DataError, InputError
 from .folders import (
@@ -64,10 +65,6 @@ class Augmentation:
     crop_scale: float = 0.8
     hflip: float = 0.0
     rotate: float = 0.0
-
-
-def _plural(n: int, word: str, words: str | None = None) -> str:
-    return f"{n} {word if n == 1 else words or word + 's'}"
 
 
 def _label_map(source_classes: Sequence[str], class_names: Sequence[str] | None, what: str) -> list[int] | None:
@@ -170,7 +167,7 @@ class DataSource:
         if not self.labelled:
             return f"{len(self.samples('all'))} unlabelled images"
         kind = "given split" if self.presplit else f"seeded stratified split, {self.val_split:.0%} val"
-        return (f"{_plural(len(self.classes), 'class', 'classes')}, {len(self.samples('train'))} train / "
+        return (f"{plural(len(self.classes), 'class', 'classes')}, {len(self.samples('train'))} train / "
                 f"{len(self.samples('val'))} val images ({kind})")
 
 
@@ -264,11 +261,11 @@ class TableSource(DataSource):
         t, options = self.table, self.table.options
         if self.task == "multi":
             names = ", ".join(self.classes[:8]) + (", ..." if len(self.classes) > 8 else "")
-            what = f"multi-label, {_plural(len(self.classes), 'finding')} ({names})"
+            what = f"multi-label, {plural(len(self.classes), 'finding')} ({names})"
             if options.label_columns:
                 what += f", -1 read as {dict(ignore='ignored', ones='1', zeros='0')[options.uncertain]}"
         else:
-            what = _plural(len(self.classes), "class", "classes")
+            what = plural(len(self.classes), "class", "classes")
         rows = {s: t.split_rows(s) for s in ("train", "val", "test")}
         text = (f"data: {self.root}: table {t.table.name}, {what}; {len(rows['train'])} train / {len(rows['val'])} "
                 "val images")
@@ -278,7 +275,7 @@ class TableSource(DataSource):
         if rows["test"]:
             text += f", {len(rows['test'])} test images left out"
             if options.group_column:
-                text += f" ({_plural(groups['test'], 'group')})"
+                text += f" ({plural(groups['test'], 'group')})"
         return (f"{text}; {t.split_text}; {len(t.bad_rows)} bad rows skipped, {t.scan.converted} converted from "
                 f"colour, {len(t.scan.bad)} unreadable skipped; {'float32' if wide else 'uint8'} batches")
 
@@ -332,7 +329,7 @@ class PackSource(DataSource):
         pack = self.pack
         table = pack.meta.get("table")
         of = f"{pack.source} (table {Path(table['path']).name}, {table['split']})" if table else str(pack.source)
-        what = f"multi-label, {_plural(len(self.classes), 'finding')}; " if self.task == "multi" else ""
+        what = f"multi-label, {plural(len(self.classes), 'finding')}; " if self.task == "multi" else ""
         return (f"data: {self.root}: pack of {of}, {pack.dtype}, {pack.note}; {what}{self._split_text()}; "
                 f"{self._counts(wide)}")
 
