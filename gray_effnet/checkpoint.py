@@ -90,6 +90,8 @@ class EpochRow:
 
 
 METRIC_COLUMNS = [f.name for f in dataclasses.fields(EpochRow)]
+# Columns added after metrics.csv and state files were first written: older rows read them as NaN.
+ADDED_COLUMNS = ("data_wait_s", "val_seconds", "val_auc", "val_ap")
 # --select-by: the metrics.csv column that picks best.safetensors, and whether higher is better.
 SELECT_BY: dict[str, tuple[str, bool]] = {"auc": ("val_auc", True), "acc": ("val_acc", True),
                                           "loss": ("val_loss", False)}
@@ -293,10 +295,10 @@ def load_state(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
     validate_metadata(state[META_KEY], model if isinstance(model, dict) else {}, path)
     if "select_by" not in state and "best_val_acc" in state:  # written before --select-by and val_auc (issue 20)
         state["select_by"] = "acc"
-        for row in state["history"] if isinstance(state.get("history"), list) else []:
-            if isinstance(row, dict):
-                row.setdefault("val_auc", math.nan)
-                row.setdefault("val_ap", math.nan)
+    for row in state["history"] if isinstance(state.get("history"), list) else []:
+        if isinstance(row, dict):  # columns that rows written before them lack: unknown, not refused
+            for column in ADDED_COLUMNS:
+                row.setdefault(column, math.nan)
     _validate_state(state, path)
     recorded = {"task": "single", **state[META_KEY], "select_by": state["select_by"]}
     diffs = [f"{k}: the checkpoint has {recorded.get(k)!r}, this run has {v!r}"

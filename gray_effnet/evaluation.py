@@ -30,7 +30,7 @@ from .sources import DataSource
 from .speed import channels_last_cache, choose_channels_last, plan_threads
 
 __all__ = ["Evaluation", "csv_safe", "evaluate_checkpoint", "format_eval", "format_findings", "report_predictions",
-           "write_predictions"]
+           "use_checkpoint_thresholds", "write_predictions"]
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -163,7 +163,7 @@ def _write_findings(path: Path, result: EvalResult, names: Sequence[str]) -> Pat
             for file, scores, targets, present in rows:
                 labels = ["" if math.isnan(t) else int(t > 0.5) for t in targets]
                 found = "|".join(n for n, hit in zip(names, present) if hit)
-                writer.writerow([file, *(f"{p:.6f}" for p in scores), *labels, found])
+                writer.writerow([csv_safe(file), *(f"{p:.6f}" for p in scores), *labels, csv_safe(found)])
     return path
 
 
@@ -229,11 +229,18 @@ def evaluate_checkpoint(
     result = evaluate(model, loader, device=device, num_classes=model.num_classes, task=model.task,
                       autocast=autocast, channels_last=use_nhwc, keep_predictions=True, progress=progress,
                       desc=f"evaluate {split}")
-    if model.task == "multi":  # the thresholds chosen on validation data in training, not on these images
-        if model.thresholds is None:
-            log(f"the checkpoint has no thresholds: a finding is called present at probability {DEFAULT_THRESHOLD}")
-        result.thresholds = model.thresholds or [DEFAULT_THRESHOLD] * model.num_classes
+    use_checkpoint_thresholds(result, model, log)
     return Evaluation(result, names, model, dataset, note)
+
+
+def use_checkpoint_thresholds(result: EvalResult, model: GrayEfficientNet, log: Callable[[str], None]) -> None:
+    """Multi-label: call findings present at the checkpoint's thresholds (chosen on validation data in training), not
+    at those ``evaluate`` would choose on these images; 0.5 where the checkpoint has none."""
+    if model.task != "multi":
+        return
+    if model.thresholds is None:
+        log(f"the checkpoint has no thresholds: a finding is called present at probability {DEFAULT_THRESHOLD}")
+    result.thresholds = list(model.thresholds or [DEFAULT_THRESHOLD] * model.num_classes)
 
 
 def report_predictions(result: EvalResult, class_names: Sequence[str], csv_path: str | Path, *, labelled: bool,

@@ -44,12 +44,12 @@ from tqdm import tqdm
 import gray_effnet
 
 from .cam import grad_cam, overlay
-from .checkpoint import METRIC_COLUMNS, SELECT_BY, load_model
+from .checkpoint import ADDED_COLUMNS, METRIC_COLUMNS, SELECT_BY, load_model
 from .checkpoint import best_epoch as checkpoint_best_epoch
 from .cli import resolve_device, table_options
 from .engine import EvalResult, evaluate
 from .errors import DataError, InputError
-from .evaluation import evaluate_checkpoint
+from .evaluation import evaluate_checkpoint, use_checkpoint_thresholds
 from .files import atomic_write
 from .folders import prepare_digits
 from .model import GrayEfficientNet
@@ -162,7 +162,7 @@ def read_metrics(path: Path) -> tuple[list[dict[str, float]], list[str]]:
     with open(path, newline="") as f:
         for i, row in enumerate(csv.DictReader(f), start=2):
             try:
-                rows.append({k: float(row[k]) for k in METRIC_COLUMNS})
+                rows.append({k: float(row[k] if k in row or k not in ADDED_COLUMNS else "nan") for k in METRIC_COLUMNS})
             except (KeyError, TypeError, ValueError):
                 notes.append(f"{path.name} line {i}: not a row of numbers in the columns {METRIC_COLUMNS}; skipped")
     return rows, notes
@@ -895,13 +895,15 @@ def report_after_training(output: Path, loader, dataset: Dataset, *, device: tor
     if dist.is_initialized():
         dist.barrier()  # the first process wrote best.safetensors
     best = output / "best.safetensors"
-    if not best.is_file():  # a resumed run whose best epoch was written elsewhere
+    there = [best.is_file()]  # rank 0's answer for every rank: the others must not skip the collectives it enters
+    if dist.is_initialized():
+        dist.broadcast_object_list(there, src=0)
+    if not there[0]:  # a resumed run whose best epoch was written elsewhere
         return f"report: not written: {best} does not exist" if primary else None
     model = load_model(best).to(device)
     result = evaluate(model, loader, device=device, num_classes=num_classes, task=model.task, autocast=autocast,
                       keep_predictions=True, progress=progress and sys.stderr.isatty(), desc="report: evaluate best")
-    if model.task == "multi" and model.thresholds is not None:  # those saved with it, as evaluate_checkpoint uses
-        result.thresholds = list(model.thresholds)
+    use_checkpoint_thresholds(result, model, log=lambda line: None)
     if not primary:
         return None
     path = write_report(output / "report.html", result=result, class_names=class_names, model=model, dataset=dataset,

@@ -89,11 +89,9 @@ class DataSource:
             than made.
         scan: what checking the files found (bad files, colour files, bit depth).
         ignored: files that are not images.
-        task: ``single`` or ``multi`` (``gray_effnet.tasks``).
     """
 
     root: Path
-    task: str = "single"
     classes: list[str]
     presplit: bool
     scan: ScanResult

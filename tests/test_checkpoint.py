@@ -280,8 +280,8 @@ class TestLegacyState:
         state["best_val_acc"] = state["history"][0]["val_acc"]
         for key in ("task", "thresholds", "val_auc"):
             del state[META_KEY][key]
-        for row in state["history"]:
-            del row["val_auc"], row["val_ap"]
+        for row in state["history"]:  # and the columns metrics.csv gained in the same release
+            del row["val_auc"], row["val_ap"], row["data_wait_s"], row["val_seconds"]
         out = tmp_path / "run"
         out.mkdir()
         torch.save(state, out / STATE_NAME)

@@ -316,3 +316,21 @@ class TestPredict:
         assert gray_main(["predict", "--weights", str(checkpoint), "--data", str(tmp_path / "data")]) == 2
         err = capsys.readouterr().err
         assert "is labelled with one class per image, the checkpoint predicts findings (multi-label)" in err
+
+
+class TestFindingsCsvIsSafe:
+    def test_formula_cells_escaped(self, tmp_path):
+        """A multi-label predictions CSV escapes cells that start like a formula, as the single-label one does."""
+        import csv as csv_module
+
+        from gray_effnet.engine import EvalResult
+        from gray_effnet.evaluation import write_predictions
+
+        result = EvalResult(loss=0.0, acc=1.0, confusion=torch.zeros(1, 2, 2), task="multi", paths=["=cmd.png"],
+                            scores=torch.tensor([[0.9]]), targets=torch.tensor([[1.0]]), thresholds=[0.5])
+        path = write_predictions(tmp_path / "p.csv", result, ["@finding"])
+        with open(path, newline="") as f:
+            header, row = list(csv_module.reader(f))
+        assert header == ["path", "p_@finding", "y_@finding", "findings"]  # prefixed: never a formula
+        assert row[0] == "'=cmd.png" and row[-1] == "'@finding"
+

@@ -463,3 +463,18 @@ class TestMultiLabelReport:
         assert acc.Tags()["images"] == ["val/cam"] and len(acc.Images("val/cam")) == 2
         grid = Image.open(io.BytesIO(acc.Images("val/cam")[-1].encoded_image_string))
         assert grid.size == (8 * 32, 32) and np.asarray(grid).std() > 10
+
+
+class TestOlderMetrics:
+    def test_rows_without_the_added_columns_are_read(self, tmp_path):
+        """A metrics.csv written before data_wait_s, val_seconds, val_auc and val_ap existed still gives its curves."""
+        from gray_effnet.checkpoint import ADDED_COLUMNS, METRIC_COLUMNS
+        from gray_effnet.run_report import read_metrics
+
+        old = [c for c in METRIC_COLUMNS if c not in ADDED_COLUMNS]
+        path = tmp_path / "metrics.csv"
+        path.write_text(",".join(old) + "\n" + ",".join("1" for _ in old) + "\n")
+        rows, notes = read_metrics(path)
+        assert not notes and len(rows) == 1
+        assert all(math.isnan(rows[0][c]) for c in ADDED_COLUMNS) and rows[0]["val_acc"] == 1.0
+
