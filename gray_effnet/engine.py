@@ -308,12 +308,12 @@ def evaluate(
             cell = finding * 4 + (targets > 0.5).long() * 2 + (logits >= 0).long()  # (k, label, prediction)
             confusion += torch.bincount(cell[known], minlength=num_classes * 4)
             paths += batch.paths
-            scores.append(logits.sigmoid().cpu())
-            kept_targets.append(targets.cpu())
+            scores.append(logits.sigmoid())  # kept on the device: one copy after the loop, not a sync per batch
+            kept_targets.append(targets)
             if keep_predictions:  # each image's mean over its known entries; NaN where none is known
                 entries = F.binary_cross_entropy_with_logits(logits, torch.where(known, targets, 0.0),
                                                              reduction="none")
-                losses.append((torch.where(known, entries, 0.0).sum(1) / known.sum(1)).cpu())
+                losses.append(torch.where(known, entries, 0.0).sum(1) / known.sum(1))
             continue
         pred = logits.argmax(-1)
         labelled = targets >= 0
@@ -321,22 +321,22 @@ def evaluate(
         if labelled.any():
             loss_sum += criterion(logits[labelled], targets[labelled]).double() * labelled.sum()
             confusion += torch.bincount(targets[labelled] * num_classes + pred[labelled], minlength=num_classes**2)
-            scores.append(probs[labelled].cpu())
-            kept_targets.append(targets[labelled].cpu())
+            scores.append(probs[labelled])
+            kept_targets.append(targets[labelled])
         if keep_predictions:
             prob = probs.gather(1, pred[:, None])[:, 0]
             predictions += list(zip(batch.paths, targets.tolist(), pred.tolist(), prob.tolist()))
-            all_probs.append(probs.cpu())
-            losses.append(F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
-                          .masked_fill(~labelled, math.nan).cpu())
+            all_probs.append(probs)
+            image_loss = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+            losses.append(image_loss.masked_fill(~labelled, math.nan))
     _all_reduce(loss_sum)
     _all_reduce(confusion)
     skipped = int(_all_reduce(torch.tensor(skipped, device=device)).item())
     empty = torch.empty(0, num_classes) if multi else torch.empty(0, dtype=torch.long)
-    probs = torch.cat(all_probs) if all_probs else torch.zeros(0, num_classes)
-    losses = torch.cat(losses) if losses else torch.zeros(0)
-    mine = (paths, torch.cat(scores) if scores else torch.empty(0, num_classes),
-            torch.cat(kept_targets) if kept_targets else empty, predictions, probs, losses)
+    probs = torch.cat(all_probs).cpu() if all_probs else torch.zeros(0, num_classes)
+    losses = torch.cat(losses).cpu() if losses else torch.zeros(0)
+    mine = (paths, torch.cat(scores).cpu() if scores else torch.empty(0, num_classes),
+            torch.cat(kept_targets).cpu() if kept_targets else empty, predictions, probs, losses)
     parts = _all_gather(mine)  # every rank's probabilities: a ranking metric is not a sum over ranks
     paths = [p for part in parts for p in part[0]]
     scores, targets = torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])

@@ -29,8 +29,8 @@ from .model import GrayEfficientNet
 from .sources import DataSource
 from .speed import channels_last_cache, choose_channels_last, plan_threads
 
-__all__ = ["Evaluation", "csv_safe", "evaluate_checkpoint", "format_eval", "format_findings", "report_predictions",
-           "use_checkpoint_thresholds", "write_predictions"]
+__all__ = ["Evaluation", "csv_safe", "evaluate_checkpoint", "format_eval", "format_findings", "number_text",
+           "report_predictions", "use_checkpoint_thresholds", "write_predictions"]
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -51,7 +51,8 @@ def csv_safe(cell: object) -> object:
 
 
 
-def _number(v: float, digits: int = 3) -> str:
+def number_text(v: float, digits: int = 3) -> str:
+    """``v`` with ``digits`` decimals, or ``n/a`` for NaN (an undefined metric)."""
     return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
 
 
@@ -79,11 +80,11 @@ def format_eval(result: EvalResult, class_names: Sequence[str]) -> str:
             f"{'n/a' if math.isnan(r) else f'{r:.3f}':>7} {int(counts[i]):>7}"
         )
     if len(class_names) == 2:  # sensitivity and specificity at the predicted class, as the confusion matrix counts
-        lines += ["", f"ROC AUC {_number(result.auc)}, average precision {_number(result.ap)}, sensitivity "
-                      f"{_number(recall[1].item())}, specificity {_number(recall[0].item())} (positive class: "
+        lines += ["", f"ROC AUC {number_text(result.auc)}, average precision {number_text(result.ap)}, sensitivity "
+                      f"{number_text(recall[1].item())}, specificity {number_text(recall[0].item())} (positive class: "
                       f"{class_names[1]!r})"]
     elif len(class_names) > 2:
-        lines += ["", f"macro ROC AUC, each class against the rest: {_number(result.auc)}"]
+        lines += ["", f"macro ROC AUC, each class against the rest: {number_text(result.auc)}"]
     cell = max(5, len(str(int(result.confusion.max()))) + 1)
     lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
     lines.append(" " * width + "".join(f"{name[:cell - 1]:>{cell}}" for name in class_names))
@@ -100,19 +101,19 @@ def format_findings(result: EvalResult, finding_names: Sequence[str]) -> str:
     undefined = sum(m.why_undefined(k) is not None for k in range(len(finding_names)))
     width = max(8, *(len(c) for c in finding_names))
     lines = [
-        f"macro ROC AUC {_number(result.auc)}, macro average precision {_number(result.ap)} over "
+        f"macro ROC AUC {number_text(result.auc)}, macro average precision {number_text(result.ap)} over "
         f"{len(finding_names) - undefined} of {len(finding_names)} findings"
         + (f" ({undefined} without both classes among the known labels, left out)" if undefined else "")
         + f"; {len(result.paths)} images, {int(result.confusion.sum())} known labels, loss {result.loss:.4f}, "
-        f"accuracy per label at 0.5 {_number(result.acc, 4)}"
+        f"accuracy per label at 0.5 {number_text(result.acc, 4)}"
         + (f", {result.skipped} unreadable skipped" if result.skipped else ""),
         "",
         f"{'finding':<{width}} {'ROC AUC':>17} {'AP':>6} {'threshold':>9} {'prevalence':>10} {'labelled':>8}",
     ]
     for k, name in enumerate(finding_names):
         why = m.why_undefined(k)
-        lines.append(f"{name:<{width}} {_number(m.auc[k]) if why is None else f'n/a ({why})':>17} "
-                     f"{_number(m.ap[k]):>6} {result.thresholds[k]:>9.3f} {_number(m.prevalence[k]):>10} "
+        lines.append(f"{name:<{width}} {number_text(m.auc[k]) if why is None else f'n/a ({why})':>17} "
+                     f"{number_text(m.ap[k]):>6} {result.thresholds[k]:>9.3f} {number_text(m.prevalence[k]):>10} "
                      f"{int(m.labelled[k]):>8}")
     return "\n".join(lines)
 

@@ -49,7 +49,7 @@ from .checkpoint import best_epoch as checkpoint_best_epoch
 from .cli import resolve_device, table_options
 from .engine import EvalResult, evaluate
 from .errors import DataError, InputError
-from .evaluation import evaluate_checkpoint, use_checkpoint_thresholds
+from .evaluation import evaluate_checkpoint, number_text, use_checkpoint_thresholds
 from .files import atomic_write
 from .folders import prepare_digits
 from .model import GrayEfficientNet
@@ -407,10 +407,6 @@ def _settings_section(page: _Page, config: dict | None, data_note: str | None, r
 SELECTED = {"acc": "highest validation accuracy", "auc": "highest validation ROC AUC", "loss": "lowest validation loss"}
 
 
-def _number(v: float, digits: int = 3) -> str:
-    return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
-
-
 def _curves_section(page: _Page, run_dir: Path | None, config: dict | None, bar, task: str = "single") -> None:
     multi = task == "multi"
     page.add('<section id="curves"><h2>' + ("Loss, accuracy and ROC AUC" if multi else "Loss and accuracy")
@@ -437,7 +433,7 @@ def _curves_section(page: _Page, run_dir: Path | None, config: dict | None, bar,
             r = history[best]
             if multi:
                 page.add(f"<p>Best epoch {int(r['epoch'])} of {len(history)} by validation {select_by}: macro ROC AUC "
-                         f"{_number(r['val_auc'], 4)}, accuracy per label {r['val_acc']:.4f}, loss "
+                         f"{number_text(r['val_auc'], 4)}, accuracy per label {r['val_acc']:.4f}, loss "
                          f"{r['val_loss']:.4f}.</p>")
             else:
                 page.add(f"<p>Best epoch {int(r['epoch'])} of {len(history)}: validation accuracy "
@@ -657,18 +653,20 @@ def _evaluation_section_multi(page: _Page, result: EvalResult, names: Sequence[s
     k = len(names)
     undefined = [n for j, n in enumerate(names) if m.why_undefined(j) is not None]
     page.add(f'<section id="evaluation"><h2>Evaluation: {_e(what)}</h2>')
-    page.add(f"<p>Macro ROC AUC <b>{_number(result.auc, 4)}</b>, macro average precision {_number(result.ap, 4)} "
+    page.add(f"<p>Macro ROC AUC <b>{number_text(result.auc, 4)}</b>, macro average precision "
+             f"{number_text(result.ap, 4)} "
              f"over {k - len(undefined)} of {k} findings"
              + (f" ({_e(', '.join(undefined))}: without both labels among the known ones, left out)" if undefined
                 else "")
              + f"; {len(result.paths)} images, {int(result.confusion.sum())} known labels, loss {result.loss:.4f} "
-             f"(binary cross-entropy per known label), accuracy per label at probability 0.5 {_number(result.acc, 4)}"
+             f"(binary cross-entropy per known label), accuracy per label at probability 0.5 "
+             f"{number_text(result.acc, 4)}"
              + (f"; {result.skipped} unreadable skipped" if result.skipped else "") + ".</p>")
     rows = []
     for j, name in enumerate(names):
         why = m.why_undefined(j)
-        rows.append((name, _number(m.auc[j], 4) if why is None else f"n/a ({why})", _number(m.ap[j], 4),
-                     f"{result.thresholds[j]:.3f}", _number(m.prevalence[j]), int(m.labelled[j])))
+        rows.append((name, number_text(m.auc[j], 4) if why is None else f"n/a ({why})", number_text(m.ap[j], 4),
+                     f"{result.thresholds[j]:.3f}", number_text(m.prevalence[j]), int(m.labelled[j])))
     page.add(_table(rows, header=("finding", "ROC AUC", "average precision", "threshold", "prevalence",
                                   "labels known"), attrs=' id="findings"'))
     page.add('<p class="note">Over each finding\'s known labels; the threshold is the probability at or above which '
@@ -682,7 +680,7 @@ def _evaluation_section_multi(page: _Page, result: EvalResult, names: Sequence[s
                     "at the finding's threshold. Each cell: the count, and the fraction of its row.")
     elif k:
         page.add(f'<p class="note">{k} findings: no figure (at most {MAX_PANELS}); the counts are below.</p>')
-    fmt = lambda a, b: _number(a / b) if b else "n/a"  # noqa: E731
+    fmt = lambda a, b: number_text(a / b) if b else "n/a"  # noqa: E731
     rows = [(n, f"{t:.3f}", *(int(v) for v in c.ravel()), fmt(c[1, 1], c[1].sum()), fmt(c[0, 0], c[0].sum()))
             for n, t, c in zip(names, result.thresholds, confusion)]
     page.add("<details><summary>counts as a table</summary>"
