@@ -493,23 +493,35 @@ def _worst_section(page: _Page, result: EvalResult, names: Sequence[str], datase
                      f"{losses[i]:.4f}"))
         if path in images:
             tiles.append((images[path][0].numpy(), f"true {names[target]}\npred {names[pred]} ({prob:.2f})"))
+    _end_worst_section(page, tiles, rows, ("path", "true", "predicted", "p(predicted)", "p(true)", "loss"), bar,
+                       "Highest cross-entropy first: the true class, the predicted class and its probability. The "
+                       "images as the model saw them (resized).")
+
+
+def _end_worst_section(page: _Page, tiles: list, rows: list, header: Sequence[str], bar, caption: str) -> None:
+    """The worst-loss gallery (4 a row), its table, and the section's end: one layout for either task."""
     if tiles:
         columns = 4
         page.figure("worst", gallery_figure([tiles[r:r + columns] for r in range(0, len(tiles), columns)], columns),
-                    "Highest cross-entropy first: the true class, the predicted class and its probability. The "
-                    "images as the model saw them (resized).")
-    page.add(_table(rows, header=("path", "true", "predicted", "p(predicted)", "p(true)", "loss"),
-                    attrs=' id="worst-table"'))
+                    caption)
+    page.add(_table(rows, header=header, attrs=' id="worst-table"'))
     bar.update()
     page.add("</section>")
 
 
-def _cam_section(page: _Page, result: EvalResult, names: Sequence[str], model: GrayEfficientNet | None,
-                 dataset: Dataset | None, bar) -> None:
+def _start_cam_section(page: _Page, model: GrayEfficientNet | None, dataset: Dataset | None, bar) -> bool:
+    """Open the maps' section; False (and the section closed with a note) when there is nothing to draw them from."""
     page.add('<section id="cam"><h2>Class-activation maps</h2>')
     if model is None or dataset is None:
         page.add('<p class="note">No model or images at hand: no maps.</p></section>')
         bar.update()
+        return False
+    return True
+
+
+def _cam_section(page: _Page, result: EvalResult, names: Sequence[str], model: GrayEfficientNet | None,
+                 dataset: Dataset | None, bar) -> None:
+    if not _start_cam_section(page, model, dataset, bar):
         return
     preds = result.predictions
     correct = sorted((i for i, p in enumerate(preds) if p[1] >= 0 and p[1] == p[2]), key=lambda i: -preds[i][3])
@@ -729,24 +741,15 @@ def _worst_section_multi(page: _Page, result: EvalResult, names: Sequence[str], 
             tiles.append((images[path][0].numpy(),
                           _short("true " + ("|".join(true) or "none") + (f" +{unknown}?" if unknown else "")) + "\n"
                           + _short("pred " + ("|".join(found) or "none"))))
-    if tiles:
-        columns = 4
-        page.figure("worst", gallery_figure([tiles[r:r + columns] for r in range(0, len(tiles), columns)], columns),
-                    "Highest binary cross-entropy first (the mean over the image's known labels): the findings "
-                    "labelled present (+n?: n unknown) and those predicted present at their thresholds. The images "
-                    "as the model saw them (resized).")
-    page.add(_table(rows, header=("path", "labels (? unknown)", "predicted findings", "probabilities", "loss"),
-                    attrs=' id="worst-table"'))
-    bar.update()
-    page.add("</section>")
+    _end_worst_section(page, tiles, rows, ("path", "labels (? unknown)", "predicted findings", "probabilities", "loss"),
+                       bar, "Highest binary cross-entropy first (the mean over the image's known labels): the findings "
+                       "labelled present (+n?: n unknown) and those predicted present at their thresholds. The images "
+                       "as the model saw them (resized).")
 
 
 def _cam_section_multi(page: _Page, result: EvalResult, names: Sequence[str], model: GrayEfficientNet | None,
                        dataset: Dataset | None, bar) -> None:
-    page.add('<section id="cam"><h2>Class-activation maps</h2>')
-    if model is None or dataset is None:
-        page.add('<p class="note">No model or images at hand: no maps.</p></section>')
-        bar.update()
+    if not _start_cam_section(page, model, dataset, bar):
         return
     scores, targets, known, _ = _multi_arrays(result)
     top = scores.argmax(1) if len(scores) else np.zeros(0, dtype=np.int64)  # each image's most probable finding
