@@ -509,6 +509,16 @@ def _end_worst_section(page: _Page, tiles: list, rows: list, header: Sequence[st
     page.add("</section>")
 
 
+def _map_note(feature_size: Sequence[int], input_size: Sequence[int], what: str) -> str:
+    """What a map of this resolution can say: which part of the image, or nothing at all when it is 1x1."""
+    (h, w), (ih, iw) = feature_size, input_size
+    if h * w == 1:
+        return (f"The last feature map is 1x1 for {ih}x{iw} inputs, so these maps have no detail: red where the "
+                f"{what} has positive evidence, blue where it has none. A larger --img-size gives a finer map.")
+    return (f"The last feature map is {h}x{w} for {ih}x{iw} inputs: each of its cells covers about "
+            f"{ih // h}x{iw // w} pixels, so the map says which part of the image, not which pixels.")
+
+
 def _start_cam_section(page: _Page, model: GrayEfficientNet | None, dataset: Dataset | None, bar) -> bool:
     """Open the maps' section; False (and the section closed with a note) when there is nothing to draw them from."""
     page.add('<section id="cam"><h2>Class-activation maps</h2>')
@@ -550,12 +560,7 @@ def _cam_section(page: _Page, result: EvalResult, names: Sequence[str], model: G
                     (overlay(img[0].numpy(), m.numpy()), f"map of {names[pred]} ({prob:.2f})")]
         rows.append(row)
         titles.append(title)
-        (h, w), (ih, iw) = cam.raw.shape[-2:], batch.shape[-2:]
-        note = (f"The last feature map is {h}x{w} for {ih}x{iw} inputs: each of its cells covers about "
-                f"{ih // h}x{iw // w} pixels, so the map says which part of the image, not which pixels.")
-        if h * w == 1:
-            note = (f"The last feature map is 1x1 for {ih}x{iw} inputs, so these maps have no detail: red where the "
-                    "class has positive evidence, blue where it has none. A larger --img-size gives a finer map.")
+        note = _map_note(cam.raw.shape[-2:], batch.shape[-2:], "class")
     if rows:
         page.figure("cam", gallery_figure(rows, 2 * CAMS, titles),
                     "Grad-CAM of the predicted class (red: most evidence), computed through the model's own gray "
@@ -780,12 +785,7 @@ def _cam_section_multi(page: _Page, result: EvalResult, names: Sequence[str], mo
                     (overlay(img[0].numpy(), m.numpy()), _short(f"map of {name} ({scores[i, top[i]]:.2f})"))]
         rows.append(row)
         titles.append(title)
-        (h, w), (ih, iw) = cam.raw.shape[-2:], batch.shape[-2:]
-        note = (f"The last feature map is {h}x{w} for {ih}x{iw} inputs: each of its cells covers about "
-                f"{ih // h}x{iw // w} pixels, so the map says which part of the image, not which pixels.")
-        if h * w == 1:
-            note = (f"The last feature map is 1x1 for {ih}x{iw} inputs, so these maps have no detail: red where the "
-                    "finding has positive evidence, blue where it has none. A larger --img-size gives a finer map.")
+        note = _map_note(cam.raw.shape[-2:], batch.shape[-2:], "finding")
     if rows:
         page.figure("cam", gallery_figure(rows, 2 * CAMS, titles),
                     "Grad-CAM of each image's most probable finding (red: most evidence), computed through the "
