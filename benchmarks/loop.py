@@ -7,19 +7,31 @@
 
 All three run at the same model, adapter, batch, image size, memory format, autocast, device and threads: train.py
 gets them as flags (``--channels-last on|off``, ``--amp``, ``--threads``), so that its own choices (the CPU probe,
-the thread governor) stay out. The bare step is timed in blocks of ``--bare-steps`` before, between and after the
-two runs; their spread shows whether the machine drifted meanwhile.
+the thread governor) stay out. ``--rounds`` repeats the pair of runs (files, then pack); the bare step is timed in
+a block of ``--bare-steps`` before the first run and after every run, so that each run has a block on either side.
+Their spread shows how much the machine drifted (on a shared virtual machine it can change by 1.5x within a
+minute): each run is compared with the mean of its two neighbouring blocks, and the medians over rounds are
+reported with their range.
 
 From train.py's ``metrics.csv``: ``img_per_s`` and ``seconds`` (``train_one_epoch``'s own timing) of every epoch
 but the first, which pays for the loader's start and the first step. Reported for each run:
 
-* ``efficiency``: its img/s over the bare img/s (the median block). Goals, printed beside it: CPU >= 0.95 from a
-  pack and >= 0.85 from 8-bit files; CUDA >= 0.9 from a pack.
+* ``efficiency``: its img/s over the bare img/s of its neighbouring blocks; the median over rounds, with
+  ``eff_min`` and ``eff_max``. Goals, printed beside it: CPU >= 0.95 from a pack and >= 0.85 from 8-bit files;
+  CUDA >= 0.9 from a pack.
 * ``startup_s``: from launching train.py to its ``training ...`` line, printed just before the first epoch
   (imports, data scan, model, output folder). train.py flushes every line; this script stamps each as it
   arrives, and the stamped log is kept beside the CSV.
 * ``first_step_s``: ``startup_s`` plus the first epoch's training time beyond a warm epoch's (loader start,
   allocation, kernel choice): an estimate, since train.py prints nothing at its first step.
+* ``ready_s``: ``first_step_s`` minus ``imports_s``, the time ``python train.py --help`` took just before that
+  run (the interpreter and train.py's imports): the time to the first step after the imports. Goal: at most 3 s
+  on a repeat run (the runs here are repeats of their kind's start: same caches, no probe).
+* ``loader_ms``: the data path alone, in this process with no worker and no model, at the run's threads:
+  milliseconds per training image for one pass over the training split (files: read, decode, crop and
+  resize each image, collate; pack: index the memory map, then the batch augmentation). The ``bare`` row holds
+  the training step's own milliseconds per image there, so the two read side by side: the data path's share of
+  the cores.
 * ``epoch_s``: wall time between consecutive ``epoch N:`` lines, median over the warm epochs; ``outside_s``:
   ``epoch_s`` minus the epoch's ``seconds``, the time each epoch spends outside the training steps (validation,
   checkpoint, logs); ``outside_share``: its fraction of ``epoch_s``.
@@ -51,7 +63,9 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 from gray_effnet import GrayEfficientNet
+from gray_effnet.data import make_loader, set_loader_epoch
 from gray_effnet.engine import AMP_DTYPES, amp_setup
+from gray_effnet.sources import Augmentation, open_source
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_PY = ROOT / "train.py"
@@ -60,12 +74,13 @@ GOALS = {("cpu", "pack", None): 0.95, ("cpu", "files", 8): 0.85, ("cuda", "pack"
 # Sizes when not given: the real measurement, and --smoke (a few seconds of work, for tests).
 PROFILES = {
     "default": {"n_images": 1024, "source_size": 256, "img_size": None, "batch_size": None, "epochs": 3,
-                "workers": None, "threads": None, "bare_steps": 20, "warmup": 5},
+                "workers": None, "threads": None, "bare_steps": 20, "warmup": 5, "rounds": 2},
     "smoke": {"n_images": 24, "source_size": 48, "img_size": [32, 32], "batch_size": 4, "epochs": 2, "workers": 1,
-              "threads": 1, "bare_steps": 2, "warmup": 1},
+              "threads": 1, "bare_steps": 2, "warmup": 1, "rounds": 1},
 }
-TABLE_COLUMNS = ["candidate", "img_per_s", "efficiency", "goal", "met", "startup_s", "first_step_s", "epoch_s",
-                 "train_s", "outside_s", "outside_share"]
+TABLE_COLUMNS = ["candidate", "img_per_s", "efficiency", "eff_min", "eff_max", "goal", "met", "startup_s",
+                 "first_step_s", "ready_s", "loader_ms", "epoch_s", "train_s", "outside_s", "outside_share"]
+READY_GOAL_S = 3.0  # time to the first step after the imports, on a repeat run
 TRAINING_LINE = re.compile(r"^training ")  # train.py's last line before the first epoch
 EPOCH_LINE = re.compile(r"^epoch (\d+): ")  # train.py's line after each epoch's validation and checkpoint
 
@@ -83,14 +98,19 @@ def goal(device_type: str, source: str, bits: int) -> float | None:
 
 
 # -- the bare step ------------------------------------------------------------------------------------
-def bare_step(args: argparse.Namespace, defaults: argparse.Namespace, device: torch.device, channels_last: bool):
-    """One training step of train.py's model on a fixed batch already on ``device``, as a callable."""
+def bare_step(args: argparse.Namespace, defaults: argparse.Namespace, device: torch.device, channels_last: bool,
+              compile: bool = False):
+    """One training step of train.py's model on a fixed batch already on ``device``, as a callable.
+
+    ``compile``: the model under ``torch.compile`` (train.py's ``--compile``); its first call compiles.
+    """
     torch.manual_seed(args.seed)
     model = GrayEfficientNet(args.model, adapter=args.adapter, num_classes=2, img_size=args.img_size,
                              drop_rate=defaults.drop_rate).to(device)
     if channels_last:  # train.py's order: to(device) -> channels_last -> optimizer
         model.to(memory_format=torch.channels_last)
     model.train()
+    run = torch.compile(model) if compile else model  # train.py's order: channels_last -> optimizer -> compile
     lr = defaults.lr * args.batch_size / 64  # train.py's scaling; the speed does not depend on it
     optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=defaults.weight_decay)
     criterion = nn.CrossEntropyLoss(label_smoothing=defaults.label_smoothing)
@@ -103,7 +123,7 @@ def bare_step(args: argparse.Namespace, defaults: argparse.Namespace, device: to
 
     def step() -> None:
         with autocast():
-            loss = criterion(model(x), y)
+            loss = criterion(run(x), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -164,6 +184,32 @@ def run_logged(name: str, cmd: list[str], log_path: Path) -> TrainRun:
     return run
 
 
+def imports_seconds(repeats: int = 1) -> float:
+    """The median time of ``python train.py --help``: the interpreter and every import train.py makes up front."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, str(TRAIN_PY), "--help"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def loader_ms(data: Path, args: argparse.Namespace, defaults: argparse.Namespace) -> float:
+    """Milliseconds per training image of train.py's data path for ``data`` (a folder or a pack), no model."""
+    source = open_source(str(data), seed=args.seed)
+    size, intensity = source.settings(args.img_size, None)
+    augmentation = Augmentation(crop_scale=defaults.crop_scale, hflip=defaults.hflip, rotate=defaults.rotate)
+    dataset = source.dataset("train", size, intensity, augment=augmentation)
+    batch_augment = source.batch_augment(size, augmentation, seed=args.seed)
+    loader = make_loader(dataset, args.batch_size, train=True, workers=0, seed=args.seed)
+    set_loader_epoch(loader, 0, args.seed)
+    images, start = 0, time.perf_counter()
+    for batch in loader:
+        x = batch.images if batch_augment is None else batch_augment(batch.images)
+        images += len(x)
+    return 1000 * (time.perf_counter() - start) / max(images, 1)
+
+
 def read_metrics(path: Path) -> list[dict[str, float]]:
     if not path.is_file():
         return []
@@ -208,6 +254,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--bits", type=int, default=8, choices=(8, 16), help="bit depth of the PNGs")
     g = p.add_argument_group("timing and output")
     g.add_argument("--bare-steps", type=int, default=None, help="steps per timed block of the bare step (default: 20)")
+    g.add_argument("--rounds", type=int, default=None, help="pairs of train.py runs, files then pack (default: 2)")
     g.add_argument("--warmup", type=int, default=None, help="untimed bare steps first (default: 5)")
     g.add_argument("--work", default=None, help="folder for the pack and train.py's runs (default: a temporary one)")
     g.add_argument("--csv", default=None, help="default: benchmarks/results/loop-<device>.csv")
@@ -268,14 +315,21 @@ def main(args: argparse.Namespace) -> tuple[list[dict], bool]:
             blocks.append(args.batch_size * args.bare_steps / time_block(step, args.bare_steps, device))
             print(f"bare step: {blocks[-1]:.1f} img/s", flush=True)
 
-        runs: dict[str, TrainRun] = {}
+        loader_costs = {name: loader_ms(source, args, defaults) for name, source in (("files", data), ("pack", pack))}
+        print("data path alone: " + ", ".join(f"{k} {v:.2f} ms an image" for k, v in loader_costs.items()),
+              flush=True)
+        runs: dict[str, list[tuple[TrainRun, float, float]]] = {"files": [], "pack": []}  # (run, bare, imports)
         bare_block()
-        for name, source in (("files", data), ("pack", pack)):
-            log_path = out_csv.with_name(f"{out_csv.stem}-{name}.log")
-            cmd = train_command(args, source, work / f"run-{name}", channels_last)
-            runs[name] = run_logged(name, cmd, log_path)
-            runs[name].metrics = read_metrics(work / f"run-{name}" / "metrics.csv")
-            bare_block()
+        for rnd in range(args.rounds):
+            for name, source in (("files", data), ("pack", pack)):
+                imports_s = imports_seconds()
+                print(f"imports: {imports_s:.2f}s (python train.py --help)", flush=True)
+                tag = name if rnd == 0 else f"{name}-r{rnd}"
+                cmd = train_command(args, source, work / f"run-{tag}", channels_last)
+                run = run_logged(name, cmd, out_csv.with_name(f"{out_csv.stem}-{tag}.log"))
+                run.metrics = read_metrics(work / f"run-{tag}" / "metrics.csv")
+                bare_block()
+                runs[name].append((run, (blocks[-2] + blocks[-1]) / 2, imports_s))
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)  # the temporary folder made above, with its checkpoints
@@ -286,17 +340,36 @@ def main(args: argparse.Namespace) -> tuple[list[dict], bool]:
                       img_size=f"{args.img_size[0]}x{args.img_size[1]}", amp=args.amp,
                       memory_format="nhwc" if channels_last else "nchw", workers=args.workers, epochs=args.epochs,
                       n_images=args.n_images, source=f"{args.source_size}x{args.source_size} {args.bits}-bit PNG",
-                      pack_s=round(pack_s, 2), bare_steps=args.bare_steps, bare_blocks=len(blocks))
+                      pack_s=round(pack_s, 2), rounds=args.rounds, bare_steps=args.bare_steps,
+                      bare_blocks=len(blocks))
     rows = [{"candidate": "bare", "img_per_s": bare.median, "bare_min": bare.min, "bare_max": bare.max,
-             "returncode": 0, **env}]
-    for name, run in runs.items():
-        s = run.summary()
+             "loader_ms": 1000 / bare.median, "returncode": 0, **env}]
+    for name, done in runs.items():
         target = goal(device.type, name, args.bits)
-        efficiency = s["img_per_s"] / bare.median if s["img_per_s"] is not None else None
+        row = {"candidate": name, **median_summary(done), "loader_ms": loader_costs[name]}
+        efficiency = row["efficiency"]
         met = None if target is None or efficiency is None else ("yes" if efficiency >= target else "NO")
-        rows.append({"candidate": name, **s, "efficiency": efficiency, "goal": target, "met": met,
-                     "returncode": run.returncode, **env})
-    return rows, all(r.returncode == 0 for r in runs.values())
+        rows.append({**row, "goal": target, "met": met, "returncode": max(r.returncode for r, _, _ in done), **env})
+    return rows, all(r.returncode == 0 for done in runs.values() for r, _, _ in done)
+
+
+def median_summary(done: list[tuple[TrainRun, float, float]]) -> dict[str, float | None]:
+    """Medians over the rounds of one candidate's runs: each run's summary, its efficiency against the mean of its
+    neighbouring bare blocks, and ``ready_s`` against the imports timed just before it; ``eff_min``/``eff_max``."""
+    per_run = []
+    for run, bare, imports_s in done:
+        s = run.summary()
+        s["efficiency"] = s["img_per_s"] / bare if s["img_per_s"] is not None else None
+        s["imports_s"] = imports_s
+        s["ready_s"] = s["first_step_s"] - imports_s if s["first_step_s"] is not None else None
+        per_run.append(s)
+    out: dict[str, float | None] = {}
+    for key in per_run[0]:
+        values = [s[key] for s in per_run if s[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    effs = [s["efficiency"] for s in per_run if s["efficiency"] is not None]
+    out["eff_min"], out["eff_max"] = (min(effs), max(effs)) if effs else (None, None)
+    return out
 
 
 if __name__ == "__main__":
@@ -309,12 +382,14 @@ if __name__ == "__main__":
     csv_path = args.csv or default_output(f"loop-{rows[0]['device']}", ".csv")
     md_path = args.md or str(csv_path).removesuffix(".csv") + ".md"
     r = rows[0]
-    notes = ["efficiency: train.py's img/s (metrics.csv, epochs after the first, median) over the bare step's "
-             f"(median of {r['bare_blocks']} blocks, spread {r['bare_min']:.1f}-{r['bare_max']:.1f} img/s). "
+    notes = ["efficiency: train.py's img/s (metrics.csv, epochs after the first, median) over the mean of the bare "
+             f"step's blocks before and after that run; the median over {r['rounds']} round(s) (bare step: "
+             f"{r['bare_blocks']} blocks, spread {r['bare_min']:.1f}-{r['bare_max']:.1f} img/s). "
              "startup_s: launch to train.py's 'training' line; first_step_s adds the first epoch's extra training "
              "time (an estimate); outside_s: epoch wall time minus its training seconds (validation, checkpoint).",
              f"Goals: CPU >= {GOALS[('cpu', 'pack', None)]} from a pack, >= {GOALS[('cpu', 'files', 8)]} from 8-bit "
-             f"files; CUDA >= {GOALS[('cuda', 'pack', None)]} from a pack. Packing took {r['pack_s']}s."]
+             f"files; CUDA >= {GOALS[('cuda', 'pack', None)]} from a pack; ready_s (first_step_s minus the time of "
+             f"`python train.py --help` just before) <= {READY_GOAL_S}s. Packing took {r['pack_s']}s."]
     header = (f"{r['model']} ({r['adapter']})  {r['img_size']}  batch {r['batch_size']}  {r['memory_format']}  "
               f"amp {r['amp']}  {r['device_name']}  torch {r['torch']}  commit {r['commit']}")
     report(rows, TABLE_COLUMNS, csv_path, "Loop efficiency: train.py against the bare training step", notes,

@@ -1,12 +1,13 @@
 """benchmarks/peer_timm.py without training: the generated data, its split and folder, and the result table."""
 
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import train
-from benchmarks import peer_timm
+from benchmarks import pack_accuracy, peer_timm
 
 
 class TestData:
@@ -90,3 +91,37 @@ def test_ours_channels_last_flag_follows_train_py():
     flag = peer_timm.ours_channels_last_flag()
     args = train.get_args_parser().parse_args(flag)
     assert args.channels_last in (True, "on")
+
+
+class TestPackConfig:
+    def test_ours_reads_the_pack_only_in_the_pack_config(self):
+        args = peer_timm.get_args_parser().parse_args(["--timm-train-py", "t.py"])
+        configs = peer_timm.builtin_configs()
+        assert configs["pack"].data == "pack" and configs["pack"].goal == 0.75
+        assert configs["channels_last"].goal == 0.85 and configs["channels_last"].data == "files"
+        for name, data in (("pack", "P"), ("channels_last", "D"), ("defaults", "D")):
+            cmd = peer_timm.ours_command(args, configs[name], Path("D"), Path("O"), pack=Path("P"))
+            assert cmd[cmd.index("--data") + 1] == data, name
+
+    def test_the_gap_sentence(self):
+        summary = [{"config": "channels_last", "ours_acc": 0.970}, {"config": "pack", "ours_acc": 0.962}]
+        assert peer_timm.pack_gap(summary) == (
+            "Ours from the pack against ours from the files (both channels_last): -0.80 points of best validation "
+            "accuracy (goal: within 0.5 points: NOT met).")
+        summary[1]["ours_acc"] = 0.973
+        assert "+0.30 points" in peer_timm.pack_gap(summary) and "(goal: within 0.5 points: met)" in \
+            peer_timm.pack_gap(summary)
+        assert peer_timm.pack_gap(summary[:1]) is None  # no pack config run
+        assert peer_timm.pack_gap([summary[0], {"config": "pack", "ours_acc": None}]) is None  # it failed
+
+
+class TestPackAccuracyVerdict:
+    def test_against_hand_computed_intervals(self):
+        # mean 0, sd 0.1, t(2, 0.975) = 4.303: half-width 4.303 * 0.1 / sqrt(3) = 0.248
+        mean, low, high, say = pack_accuracy.verdict([0.1, -0.1, 0.0])
+        assert mean == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(0.2484, abs=1e-3) and low == -high
+        assert say.startswith("met: the whole 95% interval")
+        # mean -0.1, sd 0.5: half-width 1.24, beyond 0.5 points
+        assert pack_accuracy.verdict([0.4, -0.6, -0.1])[3].startswith("met by the mean only")
+        assert pack_accuracy.verdict([-1.3, -1.2, -1.4])[3].startswith("NOT met")
+        assert pack_accuracy.verdict([0.2])[3].startswith("met by the mean only")  # one seed: no interval

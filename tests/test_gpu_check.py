@@ -17,6 +17,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import loop  # noqa: E402
 import synthetic  # noqa: E402
+import torch_compile  # noqa: E402
 import versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,6 +219,16 @@ class TestLoopSummary:
         assert s["first_step_s"] == pytest.approx(10.0 + (4.0 - 2.25))
         assert s["startup_s"] == 10.0
 
+    def test_rounds_against_their_neighbouring_bare_blocks(self):
+        """Each run against the bare img/s around it (here 100 and 180), medians over rounds, ready_s per run."""
+        a, b = self.run(), self.run()  # both 90 img/s, first step at 11.75 s
+        s = loop.median_summary([(a, 100.0, 5.0), (b, 180.0, 9.0),
+                                (loop.TrainRun("pack", returncode=1, startup_s=3.0), 50.0, 1.0)])
+        assert s["efficiency"] == pytest.approx((0.9 + 0.5) / 2)  # the failed run has no speed: not counted
+        assert (s["eff_min"], s["eff_max"]) == (pytest.approx(0.5), pytest.approx(0.9))
+        assert s["ready_s"] == pytest.approx(((11.75 - 5.0) + (11.75 - 9.0)) / 2)
+        assert s["imports_s"] == pytest.approx(5.0)  # median of 5, 9 and 1
+
     def test_a_failed_run_reports_no_speed(self):
         s = loop.TrainRun("files", returncode=2, startup_s=3.0).summary()
         assert s["img_per_s"] is None and s["epoch_s"] is None and s["first_step_s"] is None
@@ -243,6 +254,24 @@ class TestLoopSummary:
         assert value("--device") == ["cpu"] and value("--epochs") == ["2"] and cmd[-1] == "--no-pretrained"
 
 
+class TestLoaderCost:
+    def test_each_data_path_alone_costs_time_per_image(self, tmp_path):
+        data = synthetic.generate(tmp_path / "s", 12, 40, bits=8, workers=1)
+        args = loop.resolve_args(loop.get_args_parser().parse_args(["--smoke", "--device", "cpu"]),
+                                 loop.train_defaults(), loop.resolve_device("cpu"))
+        ms = loop.loader_ms(data, args, loop.train_defaults())
+        assert 0 < ms < 1000
+
+
+def test_compile_break_even():
+    assert torch_compile.break_even(100.0, 0.375, 0.125) == 400  # 100 s repaid at 0.25 s a step
+    assert torch_compile.break_even(10.0, 0.5, 0.375) == 80
+    assert torch_compile.break_even(10.0, 0.5, 0.4375) == 160
+    assert torch_compile.break_even(100.0, 0.10, 0.12) == "never"  # compiled is slower
+    assert torch_compile.break_even(100.0, 0.10, 0.10) == "never"
+    assert torch_compile.break_even(0.0, 0.10, 0.05) == 0
+
+
 @pytest.mark.slow
 class TestLoopSmoke:
     def test_the_rehearsal_wrote_the_efficiency_table(self, rehearsal):
@@ -254,12 +283,15 @@ class TestLoopSmoke:
         for name in ("files", "pack"):
             r = rows[name]
             assert r["returncode"] == "0"
-            assert float(r["efficiency"]) == pytest.approx(float(r["img_per_s"]) / float(rows["bare"]["img_per_s"]))
+            # one round: the run against the mean of the bare blocks on either side of it
+            assert float(r["eff_min"]) == float(r["efficiency"]) == float(r["eff_max"]) > 0
             assert float(r["startup_s"]) > 0 and float(r["first_step_s"]) >= float(r["startup_s"])
             assert float(r["epoch_s"]) > 0 and float(r["outside_s"]) == pytest.approx(
                 float(r["epoch_s"]) - float(r["train_s"]), abs=1e-6)
         assert rows["pack"]["goal"] == "0.95" and rows["files"]["goal"] == "n/a"  # 16-bit files have no goal
         assert rows["bare"]["device_name"] and rows["bare"]["commit"] != ""
+        assert float(r["ready_s"]) == pytest.approx(float(r["first_step_s"]) - float(r["imports_s"]), abs=0.01)
+        assert all(float(rows[k]["loader_ms"]) > 0 for k in rows)
         assert (details / "loop" / "loop-cpu-files.log").read_text().count("epoch ") >= 2
 
 

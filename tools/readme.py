@@ -140,8 +140,10 @@ def peer() -> str:
         goal = goals[config]
         ratio = secs["ours"] / secs["timm"]
         lines.append(f"| {config} | {secs['timm']:.0f} | {secs['ours']:.0f} | **{ratio:.2f}x** | "
-                     f"<= {goal:.1f}x {'(met)' if ratio <= goal else '(NOT met)'} | {accs['timm']:.3f} | "
+                     f"<= {goal:g}x {'(met)' if ratio <= goal else '(NOT met)'} | {accs['timm']:.3f} | "
                      f"{accs['ours']:.3f} |")
+    if gap := re.search(r"^Ours from the pack against ours from the files.*$", report, flags=re.M):
+        lines += ["", gap.group(0)]
     return "\n".join(lines)
 
 
@@ -276,9 +278,63 @@ def windows() -> str:
     return "\n".join(lines)
 
 
+def loop() -> str:
+    """train.py's epochs against the bare training step, from files and from a pack, from benchmarks/loop.py."""
+    rows = _rows("loop-cpu.csv")
+    bare = rows[0]
+    lines = [
+        f"{bare['model']} ({bare['adapter']}), {bare['img_size']}, batch {bare['batch_size']}, "
+        f"{bare['memory_format']}, {bare['threads']} threads, {bare['workers']} loader workers for the files, "
+        f"{bare['n_images']} {bare['source']}s, {bare['epochs']} epochs ({_machine(rows)}; "
+        f"`{_command('loop-cpu.md')}`; [table](benchmarks/results/loop-cpu.md)):",
+        "",
+        "| run | img/s | of the bare step | goal | data path alone (ms an image) | first step after the imports (s) | "
+        "outside the steps, an epoch (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| bare step | {float(bare['img_per_s']):.0f} | 1 | | {float(bare['loader_ms']):.2f} (the step's own) | | |",
+    ]
+    for r in rows[1:]:
+        goal = f">= {r['goal']} ({'met' if r['met'] == 'yes' else 'NOT met'})" if r["goal"] != "n/a" else ""
+        lines.append(f"| {r['candidate']} | {float(r['img_per_s']):.0f} | **{float(r['efficiency']):.2f}** | {goal} | "
+                     f"{float(r['loader_ms']):.2f} | {float(r['ready_s']):.1f} | {float(r['outside_s']):.2f} |")
+    return "\n".join(lines)
+
+
+def torch_compile() -> str:
+    """What torch.compile costs and gains in training, from benchmarks/torch_compile.py."""
+    rows = _rows("compile-cpu.csv")
+    first = rows[0]
+    lines = [
+        f"{first['model']} ({first['adapter']}) training steps (forward, backward, AdamW), batch "
+        f"{first['batch_size']}, {first['memory_format']}, {first['threads']} threads ({_machine(rows)}; "
+        f"`{_command('compile-cpu.md')}`; [table](benchmarks/results/compile-cpu.md)):",
+        "",
+        "| size | eager step (s) | compiled step (s) | speedup | compiling (s) | again, cache warm (s) | "
+        "pays after (steps) | warm cache: after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {r['img_size']} | {float(r['eager_step_s']):.3f} | {float(r['compiled_step_s']):.3f} | "
+              f"**{float(r['speedup']):.2f}x** | {float(r['compile_s']):.0f} | {float(r['warm_compile_s']):.0f} | "
+              f"{r['break_even_steps']} | {r['warm_break_even_steps']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def pack_accuracy() -> str:
+    """The pack's accuracy against the files', paired by seed, from benchmarks/pack_accuracy.py."""
+    rows = _rows("pack_accuracy/runs.csv")
+    report = (RESULTS / "pack_accuracy" / "results.md").read_text()
+    verdict = re.search(r"^Pack - files, .*$", report, flags=re.M).group(0)
+    first = rows[0]
+    return (f"`train.py` from the files and from their pack, on {first['data']} at {first['img_size']}, batch "
+            f"{first['batch_size']}, {first['epochs']} epochs, seeds 0-{len(rows) - 1} ({_machine(rows)}; "
+            f"`{_command('pack_accuracy/results.md')}`; [runs](benchmarks/results/pack_accuracy/results.md)): "
+            f"{verdict}")
+
+
 REGIONS: dict[str, Callable[[], str]] = {
     "demo": demo, "speed": speed, "pipeline": pipeline, "fidelity": fidelity, "compare": compare, "pick": pick,
-    "windows": windows, "threads": threads, "peer": peer, "pack": pack,
+    "windows": windows, "threads": threads, "peer": peer, "pack": pack, "loop": loop, "compile": torch_compile,
+    "pack_accuracy": pack_accuracy,
 }
 
 
