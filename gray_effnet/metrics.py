@@ -4,13 +4,15 @@ Each column (a multi-label finding, or a single-label class against the rest) is
 label is known (not NaN), with scikit-learn's ``roc_auc_score``, ``average_precision_score`` and ``roc_curve``.
 A column whose known labels are all of one class has no ROC AUC: it is reported as undefined ("one class") and
 left out of the macro means, never counted as 0.5.
+
+scikit-learn is imported when a metric is first computed, not with this module: it takes most of a second, and a
+single-label run of more than two classes never needs it.
 """
 
 import math
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 __all__ = ["DEFAULT_THRESHOLD", "FindingMetrics", "finding_metrics", "youden_threshold"]
 
@@ -27,6 +29,8 @@ def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
         - labels: (N,) of 0 and 1, both present
         - scores: (N,)
     """
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
     best = 1 + int(np.argmax((tpr - fpr)[1:]))
     return float(np.clip(thresholds[best], 0.0, 1.0))
@@ -83,6 +87,8 @@ def finding_metrics(targets: np.ndarray, scores: np.ndarray) -> FindingMetrics:
         - targets: (N, K)
         - scores: (N, K)
     """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     targets, scores = np.asarray(targets, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     if targets.ndim != 2 or targets.shape != scores.shape:
         raise ValueError(f"targets and scores must both be (N, K); got {targets.shape} and {scores.shape}")
