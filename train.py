@@ -76,9 +76,11 @@ from gray_effnet.model import min_input_size
 from gray_effnet.run_report import report_after_training, report_line, write_report
 from gray_effnet.runinfo import device_name, git_commit
 from gray_effnet.sources import Augmentation, DataSource, open_source
-from gray_effnet.speed import ThreadGovernor, channels_last_cache, choose_channels_last, plan_threads
+from gray_effnet.speed import ThreadGovernor, channels_last_cache, choose_channels_last, choose_compile, plan_threads
 from gray_effnet.tasks import make_criterion, pos_weight_from_prevalence
 from gray_effnet.tblog import EpochLog, require_tensorboard
+
+IMPORTED = time.perf_counter()  # the "training" line says how long the run took from here to its first epoch
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -114,7 +116,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this")
     g = p.add_argument_group("speed")
     add_speed_options(g)
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", nargs="?", const="on", default="auto", choices=gray_effnet.cli.COMPILE_MODES,
+                   help="torch.compile the training step; auto: on the CPU when the run is long enough to repay it")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (DDP on CUDA)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
@@ -123,16 +126,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="continue from PATH, or with no PATH from OUTPUT/last.state.pt if it exists")
     g.add_argument("--select-by", default=None, choices=tuple(SELECT_BY),
                    help="the validation metric that picks best.safetensors (default: auc for multi-label data, acc "
-                   "otherwise); auc is macro over findings, of class 1 for 2 classes, one class against the rest "
-                   "for more")
+                   "otherwise); auc: macro over findings, of class 1 for 2 classes, one against the rest for more")
     g.add_argument("--evaluate", action="store_true", help="only evaluate --weights on the validation split")
     g.add_argument("--log-every", type=int, default=20, help="steps between loss checks and progress updates")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
     g.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write OUTPUT/report.html after the last epoch (with --evaluate: eval_report.html)")
     g.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
-                   help="log each epoch's metrics and class-activation maps for TensorBoard (DIR default: "
-                   "OUTPUT/tensorboard)")
+                   help="per-epoch metrics and class-activation maps for TensorBoard (DIR default: OUTPUT/tensorboard)")
     return p
 
 
@@ -303,8 +304,7 @@ def run_training(args, held: contextlib.ExitStack) -> None:
     # On the CPU, fewer threads once the cores turn out to be shared (benchmarks/threads.py measures why).
     governor = ThreadGovernor(threads.threads if device.type == "cpu" and args.threads is None else 1, log=log)
 
-    # -- model. Order: to(device) -> channels_last -> optimizer -> compile -> DDP, because the optimizer
-    # must hold the parameters that live on the device, and DDP must wrap the module that will run. ---------
+    # -- model: to(device), channels_last, optimizer (holds the device's parameters), compile, DDP (wraps what runs)
     model = GrayEfficientNet(args.model, adapter=args.adapter, num_classes=len(source.classes),
                              pretrained=args.pretrained and not args.weights, weights=args.weights,
                              class_names=source.classes, img_size=(h, w), drop_rate=args.drop_rate,
@@ -314,17 +314,17 @@ def run_training(args, held: contextlib.ExitStack) -> None:
     model.to(device)
     channels_last, why = choose_channels_last(args.channels_last, model, device, (args.batch_size, 1, h, w),
                                               train=True, autocast=autocast, cache=channels_last_cache())
-    log(why)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    unwrapped = model  # saved and evaluated: no DDP collectives, no '_orig_mod.' prefixes
+    unwrapped = model  # saved and evaluated (eagerly): no DDP collectives, no '_orig_mod.' prefixes, no 2nd graph
     steps_per_epoch = len(train_loader)
     optimizer, scheduler, lr = make_optimizer_and_schedule(  # --lr is for a global batch of 64, scaled linearly
         model, lr=args.lr, batch_size=args.batch_size, world_size=world, weight_decay=args.weight_decay,
         epochs=args.epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=args.warmup_epochs)
-    if args.compile:
-        model = torch.compile(model)
-    eval_model = model
+    done = state["epoch"] + 1 if state is not None else 0  # the epochs a resumed run has behind it
+    compiled, why_compile = choose_compile(args.compile, device, steps_per_epoch * (args.epochs - done), (h, w))
+    log(f"{why}\n{why_compile}")
+    model = torch.compile(model) if compiled else model
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     criterion = make_criterion(task, label_smoothing=args.label_smoothing, pos_weight=pos_weight).to(device)
@@ -385,7 +385,7 @@ def run_training(args, held: contextlib.ExitStack) -> None:
         f"{h}x{w}, amp {args.amp}; val loss is "
         + ("binary cross-entropy per known label, without --pos-weight" if task == "multi"
            else "cross-entropy without label smoothing")
-        + f"; best.safetensors by val {select_by}")
+        + f"; best.safetensors by val {select_by}; ready {time.perf_counter() - IMPORTED:.1f}s after the imports")
     run_start = time.perf_counter()
     progress = primary and not args.no_progress
     for epoch in range(start_epoch, args.epochs):
@@ -398,7 +398,7 @@ def run_training(args, held: contextlib.ExitStack) -> None:
                                 log_every=args.log_every, progress=progress, augment=batch_augment,
                                 on_step=governor.step)
         val_start = time.perf_counter()
-        result = evaluate(eval_model, val_loader, device=device, num_classes=len(source.classes), task=task,
+        result = evaluate(unwrapped, val_loader, device=device, num_classes=len(source.classes), task=task,
                           autocast=autocast, channels_last=channels_last, progress=progress, desc=f"epoch {epoch} val")
         unwrapped.thresholds = result.thresholds  # multi-label: Youden's J on this epoch's validation; else None
         row = EpochRow(epoch=epoch, lr=optimizer.param_groups[0]["lr"], **stats,  # lr: where the epoch ended

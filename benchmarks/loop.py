@@ -5,13 +5,13 @@
 * ``files``: ``train.py`` itself, a subprocess, on a folder of synthetic X-ray-like PNGs (``synthetic.py``).
 * ``pack``: ``train.py`` on the same folder packed by ``python -m gray_effnet pack`` (timed too).
 
-All three run at the same model, adapter, batch, image size, memory format, autocast, device and threads: train.py
-gets them as flags (``--channels-last on|off``, ``--amp``, ``--threads``), so that its own choices (the CPU probe,
-the thread governor) stay out. ``--rounds`` repeats the pair of runs (files, then pack); the bare step is timed in
-a block of ``--bare-steps`` before the first run and after every run, so that each run has a block on either side.
-Their spread shows how much the machine drifted (on a shared virtual machine it can change by 1.5x within a
-minute): each run is compared with the mean of its two neighbouring blocks, and the medians over rounds are
-reported with their range.
+All three run at the same model, adapter, batch, image size, memory format, autocast, device and threads, eagerly:
+train.py gets them as flags (``--channels-last on|off``, ``--amp``, ``--threads``, ``--compile off``), so that its
+own choices (the CPU probe, the thread governor, compiling) stay out. ``--rounds`` repeats the pair of runs (files,
+then pack); the bare step is timed in a block of ``--bare-steps`` before the first run and after every run, so that
+each run has a block on either side. Their spread shows how much the machine drifted (on a shared virtual machine
+it can change by 1.5x within a minute): each run is compared with the mean of its two neighbouring blocks, and
+the medians over rounds are reported with their range.
 
 From train.py's ``metrics.csv``: ``img_per_s`` and ``seconds`` (``train_one_epoch``'s own timing) of every epoch
 but the first, which pays for the loader's start and the first step. Reported for each run:
@@ -24,9 +24,10 @@ but the first, which pays for the loader's start and the first step. Reported fo
   arrives, and the stamped log is kept beside the CSV.
 * ``first_step_s``: ``startup_s`` plus the first epoch's training time beyond a warm epoch's (loader start,
   allocation, kernel choice): an estimate, since train.py prints nothing at its first step.
-* ``ready_s``: ``first_step_s`` minus ``imports_s``, the time ``python train.py --help`` took just before that
-  run (the interpreter and train.py's imports): the time to the first step after the imports. Goal: at most 3 s
-  on a repeat run (the runs here are repeats of their kind's start: same caches, no probe).
+* ``ready_s``: the time to the first step after the imports: what the ``training`` line says (``ready N s after
+  the imports``, timed by train.py from the end of its imports) plus the first epoch's extra time as above.
+  ``imports_s``: ``startup_s`` minus that line's figure (the interpreter and train.py's imports). Goal: ``ready_s``
+  at most 3 s on a repeat run (the runs here are repeats of their kind's start: same caches, no probe).
 * ``loader_ms``: the data path alone, in this process with no worker and no model, at the run's threads:
   milliseconds per training image for one pass over the training split (files: read, decode, crop and
   resize each image, collate; pack: index the memory map, then the batch augmentation). The ``bare`` row holds
@@ -79,9 +80,11 @@ PROFILES = {
               "threads": 1, "bare_steps": 2, "warmup": 1, "rounds": 1},
 }
 TABLE_COLUMNS = ["candidate", "img_per_s", "efficiency", "eff_min", "eff_max", "goal", "met", "startup_s",
-                 "first_step_s", "ready_s", "loader_ms", "epoch_s", "train_s", "outside_s", "outside_share"]
+                 "first_step_s", "imports_s", "ready_s", "loader_ms", "epoch_s", "train_s", "outside_s",
+                 "outside_share"]
 READY_GOAL_S = 3.0  # time to the first step after the imports, on a repeat run
 TRAINING_LINE = re.compile(r"^training ")  # train.py's last line before the first epoch
+READY = re.compile(r"ready (\d+(?:\.\d+)?)s after the imports")  # on that line
 EPOCH_LINE = re.compile(r"^epoch (\d+): ")  # train.py's line after each epoch's validation and checkpoint
 
 
@@ -140,6 +143,7 @@ class TrainRun:
     name: str
     returncode: int
     startup_s: float | None = None
+    ready_line_s: float | None = None  # what the training line says: from the end of the imports to that line
     epoch_ends: dict[int, float] = field(default_factory=dict)  # epoch -> seconds after launch
     metrics: list[dict[str, float]] = field(default_factory=list)
 
@@ -147,19 +151,24 @@ class TrainRun:
         """img/s and seconds of the warm epochs, the epoch wall time, and the time outside the steps."""
         rows = {int(r["epoch"]): r for r in self.metrics}
         warm = [e for e in sorted(rows) if e >= 1]
+        imports_s = (self.startup_s - self.ready_line_s
+                     if self.startup_s is not None and self.ready_line_s is not None else None)
         if self.returncode != 0 or not warm:
             return {"img_per_s": None, "train_s": None, "startup_s": self.startup_s, "first_step_s": None,
-                    "epoch_s": None, "outside_s": None, "outside_share": None}
+                    "imports_s": imports_s, "ready_s": None, "epoch_s": None, "outside_s": None,
+                    "outside_share": None}
         train_s = statistics.median(rows[e]["seconds"] for e in warm)
         walls = {e: self.epoch_ends[e] - self.epoch_ends[e - 1] for e in warm
                  if e in self.epoch_ends and e - 1 in self.epoch_ends}
         epoch_s = statistics.median(walls.values()) if walls else None
         outside_s = statistics.median(walls[e] - rows[e]["seconds"] for e in walls) if walls else None
         first_extra = rows[0]["seconds"] - train_s if 0 in rows else None
-        first_step_s = (self.startup_s + max(first_extra, 0.0)
-                        if self.startup_s is not None and first_extra is not None else None)
+        extra = max(first_extra, 0.0) if first_extra is not None else None
+        first_step_s = self.startup_s + extra if self.startup_s is not None and extra is not None else None
+        ready_s = self.ready_line_s + extra if self.ready_line_s is not None and extra is not None else None
         return {"img_per_s": statistics.median(rows[e]["img_per_s"] for e in warm), "train_s": train_s,
-                "startup_s": self.startup_s, "first_step_s": first_step_s, "epoch_s": epoch_s, "outside_s": outside_s,
+                "startup_s": self.startup_s, "first_step_s": first_step_s, "imports_s": imports_s, "ready_s": ready_s,
+                "epoch_s": epoch_s, "outside_s": outside_s,
                 "outside_share": outside_s / epoch_s if outside_s is not None and epoch_s else None}
 
 
@@ -178,20 +187,12 @@ def run_logged(name: str, cmd: list[str], log_path: Path) -> TrainRun:
             print(f"[{name} {t:7.2f}s] {line}", end="", flush=True)
             if run.startup_s is None and TRAINING_LINE.match(line):
                 run.startup_s = t
+                if ready := READY.search(line):
+                    run.ready_line_s = float(ready.group(1))
             if m := EPOCH_LINE.match(line):
                 run.epoch_ends[int(m.group(1))] = t
         run.returncode = proc.wait()
     return run
-
-
-def imports_seconds(repeats: int = 1) -> float:
-    """The median time of ``python train.py --help``: the interpreter and every import train.py makes up front."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, str(TRAIN_PY), "--help"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def loader_ms(data: Path, args: argparse.Namespace, defaults: argparse.Namespace) -> float:
@@ -222,7 +223,7 @@ def train_command(args: argparse.Namespace, data: Path, output: Path, channels_l
     cmd = [sys.executable, str(TRAIN_PY), "--data", str(data), "--img-size", *map(str, args.img_size),
            "--model", args.model, "--adapter", args.adapter, "--batch-size", str(args.batch_size),
            "--epochs", str(args.epochs), "--workers", str(args.workers), "--amp", args.amp,
-           "--channels-last", "on" if channels_last else "off", "--threads", str(args.threads),
+           "--channels-last", "on" if channels_last else "off", "--compile", "off", "--threads", str(args.threads),
            "--device", args.device, "--seed", str(args.seed), "--output", str(output), "--no-progress"]
     return cmd + ([] if args.pretrained else ["--no-pretrained"])
 
@@ -318,18 +319,16 @@ def main(args: argparse.Namespace) -> tuple[list[dict], bool]:
         loader_costs = {name: loader_ms(source, args, defaults) for name, source in (("files", data), ("pack", pack))}
         print("data path alone: " + ", ".join(f"{k} {v:.2f} ms an image" for k, v in loader_costs.items()),
               flush=True)
-        runs: dict[str, list[tuple[TrainRun, float, float]]] = {"files": [], "pack": []}  # (run, bare, imports)
+        runs: dict[str, list[tuple[TrainRun, float]]] = {"files": [], "pack": []}  # (run, bare img/s around it)
         bare_block()
         for rnd in range(args.rounds):
             for name, source in (("files", data), ("pack", pack)):
-                imports_s = imports_seconds()
-                print(f"imports: {imports_s:.2f}s (python train.py --help)", flush=True)
                 tag = name if rnd == 0 else f"{name}-r{rnd}"
                 cmd = train_command(args, source, work / f"run-{tag}", channels_last)
                 run = run_logged(name, cmd, out_csv.with_name(f"{out_csv.stem}-{tag}.log"))
                 run.metrics = read_metrics(work / f"run-{tag}" / "metrics.csv")
                 bare_block()
-                runs[name].append((run, (blocks[-2] + blocks[-1]) / 2, imports_s))
+                runs[name].append((run, (blocks[-2] + blocks[-1]) / 2))
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)  # the temporary folder made above, with its checkpoints
@@ -349,19 +348,17 @@ def main(args: argparse.Namespace) -> tuple[list[dict], bool]:
         row = {"candidate": name, **median_summary(done), "loader_ms": loader_costs[name]}
         efficiency = row["efficiency"]
         met = None if target is None or efficiency is None else ("yes" if efficiency >= target else "NO")
-        rows.append({**row, "goal": target, "met": met, "returncode": max(r.returncode for r, _, _ in done), **env})
-    return rows, all(r.returncode == 0 for done in runs.values() for r, _, _ in done)
+        rows.append({**row, "goal": target, "met": met, "returncode": max(r.returncode for r, _ in done), **env})
+    return rows, all(r.returncode == 0 for done in runs.values() for r, _ in done)
 
 
-def median_summary(done: list[tuple[TrainRun, float, float]]) -> dict[str, float | None]:
-    """Medians over the rounds of one candidate's runs: each run's summary, its efficiency against the mean of its
-    neighbouring bare blocks, and ``ready_s`` against the imports timed just before it; ``eff_min``/``eff_max``."""
+def median_summary(done: list[tuple[TrainRun, float]]) -> dict[str, float | None]:
+    """Medians over the rounds of one candidate's runs: each run's summary, and its efficiency against the mean of
+    its neighbouring bare blocks; ``eff_min`` and ``eff_max``."""
     per_run = []
-    for run, bare, imports_s in done:
+    for run, bare in done:
         s = run.summary()
         s["efficiency"] = s["img_per_s"] / bare if s["img_per_s"] is not None else None
-        s["imports_s"] = imports_s
-        s["ready_s"] = s["first_step_s"] - imports_s if s["first_step_s"] is not None else None
         per_run.append(s)
     out: dict[str, float | None] = {}
     for key in per_run[0]:
@@ -388,8 +385,8 @@ if __name__ == "__main__":
              "startup_s: launch to train.py's 'training' line; first_step_s adds the first epoch's extra training "
              "time (an estimate); outside_s: epoch wall time minus its training seconds (validation, checkpoint).",
              f"Goals: CPU >= {GOALS[('cpu', 'pack', None)]} from a pack, >= {GOALS[('cpu', 'files', 8)]} from 8-bit "
-             f"files; CUDA >= {GOALS[('cuda', 'pack', None)]} from a pack; ready_s (first_step_s minus the time of "
-             f"`python train.py --help` just before) <= {READY_GOAL_S}s. Packing took {r['pack_s']}s."]
+             f"files; CUDA >= {GOALS[('cuda', 'pack', None)]} from a pack; ready_s (the first step after the imports) "
+             f"<= {READY_GOAL_S}s. Packing took {r['pack_s']}s."]
     header = (f"{r['model']} ({r['adapter']})  {r['img_size']}  batch {r['batch_size']}  {r['memory_format']}  "
               f"amp {r['amp']}  {r['device_name']}  torch {r['torch']}  commit {r['commit']}")
     report(rows, TABLE_COLUMNS, csv_path, "Loop efficiency: train.py against the bare training step", notes,

@@ -15,10 +15,11 @@ from .intensity import INTENSITY_HELP
 from .limits import MAX_PIXELS_HELP
 from .table_options import UNCERTAIN_POLICIES, TableOptions
 
-__all__ = ["CHANNELS_LAST_MODES", "HelpFormatter", "add_data_options", "add_speed_options", "command_line", "plural",
-           "resolve_device", "run_cli", "table_options"]
+__all__ = ["CHANNELS_LAST_MODES", "COMPILE_MODES", "HelpFormatter", "add_data_options", "add_speed_options",
+           "command_line", "plural", "resolve_device", "run_cli", "table_options"]
 
 CHANNELS_LAST_MODES = ("auto", "on", "off")
+COMPILE_MODES = ("auto", "on", "off")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -11,6 +11,9 @@ Two things decide much of a CPU run's speed and neither has one right value ever
 * **Memory format.** ``channels_last`` (NHWC) can double a CPU training step where oneDNN has fast NHWC
   kernels (AVX-512 Xeons) and do nothing elsewhere; on CUDA it is what tensor cores want. ``auto`` measures it:
   a few steps of a copy of the model in each format (``choose_channels_last``).
+* **Compiling.** ``torch.compile`` made Lite0's CPU training step 1.2-2x faster, after about a minute of
+  compiling (seconds with Inductor's cache, on a repeat run). ``auto`` compiles when the run is long enough to
+  repay that minute (``choose_compile``), from the break-even ``benchmarks/torch_compile.py`` measured.
 
 The numbers behind these choices are in ``benchmarks/results/`` (``threads``, ``adapters``), each with the
 CPU it ran on. A lower ``GOMP_SPINCOUNT`` (set before torch loads) was measured too: 3,000 kept two runs on
@@ -22,6 +25,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -32,13 +36,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .cli import CHANNELS_LAST_MODES
+from .cli import CHANNELS_LAST_MODES, COMPILE_MODES
 from .errors import InputError
 from .files import atomic_write, default_cache_dir
 from .runinfo import device_name
 
-__all__ = ["PROBE_CACHE_ENTRIES", "ThreadGovernor", "ThreadPlan", "available_cores", "channels_last_cache",
-           "choose_channels_last", "plan_threads"]
+__all__ = ["COMPILE_BREAK_EVEN", "PROBE_CACHE_ENTRIES", "ThreadGovernor", "ThreadPlan", "available_cores",
+           "channels_last_cache", "choose_channels_last", "choose_compile", "compile_threshold", "plan_threads"]
+
+# benchmarks/results/compile-cpu.md (tf_efficientnet_lite0, batch 64, 2 threads of an AMD EPYC, torch 2.14): by the
+# input's pixels, the training steps after which compiling with an empty Inductor cache had paid for itself.
+COMPILE_BREAK_EVEN = ((32 * 32, 340), (64 * 64, 916), (224 * 224, 23))
+COMPILE_MARGIN = 1.5  # one machine, one model, one batch size: auto asks for half as many steps again
 
 
 
@@ -262,3 +271,38 @@ def choose_channels_last(mode: str, model: nn.Module, device: torch.device, inpu
     if dist.is_initialized():
         dist.broadcast_object_list(decision, src=0)
     return decision[0]
+
+
+def compile_threshold(height: int, width: int) -> int:
+    """The training steps from which ``--compile auto`` compiles at (height, width) on the CPU: the larger measured
+    break-even of the measured sizes on either side (the nearest one beyond them), times ``COMPILE_MARGIN``."""
+    pixels = height * width
+    below = [steps for p, steps in COMPILE_BREAK_EVEN if p <= pixels]
+    above = [steps for p, steps in COMPILE_BREAK_EVEN if p >= pixels]
+    near = below[-1:] + above[:1]
+    return math.ceil(COMPILE_MARGIN * max(near))
+
+
+def choose_compile(mode: str, device: torch.device, steps: int, img_size: tuple[int, int]) -> tuple[bool, str]:
+    """Resolve ``--compile auto|on|off`` to a bool, with a line saying why.
+
+    ``auto`` compiles on the CPU when the run's ``steps`` training steps reach ``compile_threshold`` and a C++
+    compiler is on the PATH (Inductor builds its CPU kernels with one); not on CUDA, where this project has not
+    measured it yet (``--compile on`` tries it). Only the training step is compiled: evaluation runs the same
+    module eagerly, so no second graph (and no recompiling for a last, smaller batch) is paid for.
+    """
+    if mode not in COMPILE_MODES:
+        raise InputError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")
+    if mode != "auto":
+        return mode == "on", f"compile: {mode} (asked for)"
+    if device.type != "cpu":
+        return False, f"compile: off (auto: measured on the CPU only so far; --compile on tries it on {device.type})"
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        return False, "compile: off (auto: no C++ compiler on the PATH, which torch.compile needs on the CPU)"
+    h, w = img_size
+    need = compile_threshold(h, w)
+    if steps < need:
+        return False, (f"compile: off (auto: {steps} training steps; at {h}x{w} compiling pays for its first minute "
+                       f"after about {need}; --compile on compiles anyway)")
+    return True, (f"compile: on (auto: {steps} training steps, beyond the {need} after which compiling pays at "
+                  f"{h}x{w}; the first step waits for it: about a minute, seconds on a repeat run)")

@@ -206,8 +206,9 @@ class TestLoopSummary:
         metrics = [{"epoch": 0.0, "img_per_s": 50.0, "seconds": 4.0},
                    {"epoch": 1.0, "img_per_s": 100.0, "seconds": 2.0},
                    {"epoch": 2.0, "img_per_s": 80.0, "seconds": 2.5}]
-        return loop.TrainRun("pack", returncode=0, startup_s=10.0, epoch_ends={0: 15.0, 1: 18.0, 2: 21.5},
-                             metrics=metrics, **kw)
+        kw = {"ready_line_s": 1.5, **kw}
+        return loop.TrainRun("pack", returncode=0, startup_s=10.0,
+                             epoch_ends={0: 15.0, 1: 18.0, 2: 21.5}, metrics=metrics, **kw)
 
     def test_warm_epochs_wall_time_and_first_step(self):
         s = self.run().summary()
@@ -218,16 +219,16 @@ class TestLoopSummary:
         assert s["outside_share"] == pytest.approx(1.0 / 3.25)
         assert s["first_step_s"] == pytest.approx(10.0 + (4.0 - 2.25))
         assert s["startup_s"] == 10.0
+        assert s["imports_s"] == pytest.approx(10.0 - 1.5)  # launch to the training line, less train.py's own "ready"
+        assert s["ready_s"] == pytest.approx(1.5 + (4.0 - 2.25))  # and the first epoch's extra time
 
     def test_rounds_against_their_neighbouring_bare_blocks(self):
-        """Each run against the bare img/s around it (here 100 and 180), medians over rounds, ready_s per run."""
-        a, b = self.run(), self.run()  # both 90 img/s, first step at 11.75 s
-        s = loop.median_summary([(a, 100.0, 5.0), (b, 180.0, 9.0),
-                                (loop.TrainRun("pack", returncode=1, startup_s=3.0), 50.0, 1.0)])
+        """Each run against the bare img/s around it (here 100 and 180), medians over rounds."""
+        a, b = self.run(), self.run(ready_line_s=2.5)  # both 90 img/s
+        s = loop.median_summary([(a, 100.0), (b, 180.0), (loop.TrainRun("pack", returncode=1, startup_s=3.0), 50.0)])
         assert s["efficiency"] == pytest.approx((0.9 + 0.5) / 2)  # the failed run has no speed: not counted
         assert (s["eff_min"], s["eff_max"]) == (pytest.approx(0.5), pytest.approx(0.9))
-        assert s["ready_s"] == pytest.approx(((11.75 - 5.0) + (11.75 - 9.0)) / 2)
-        assert s["imports_s"] == pytest.approx(5.0)  # median of 5, 9 and 1
+        assert s["ready_s"] == pytest.approx(((1.5 + 1.75) + (2.5 + 1.75)) / 2)
 
     def test_a_failed_run_reports_no_speed(self):
         s = loop.TrainRun("files", returncode=2, startup_s=3.0).summary()
@@ -251,6 +252,7 @@ class TestLoopSummary:
 
         assert value("--img-size", 2) == ["32", "32"] and value("--batch-size") == ["4"]
         assert value("--threads") == ["1"] and value("--amp") == ["none"] and value("--channels-last") == ["off"]
+        assert value("--compile") == ["off"]  # the bare step is eager
         assert value("--device") == ["cpu"] and value("--epochs") == ["2"] and cmd[-1] == "--no-pretrained"
 
 
@@ -290,7 +292,8 @@ class TestLoopSmoke:
                 float(r["epoch_s"]) - float(r["train_s"]), abs=1e-6)
         assert rows["pack"]["goal"] == "0.95" and rows["files"]["goal"] == "n/a"  # 16-bit files have no goal
         assert rows["bare"]["device_name"] and rows["bare"]["commit"] != ""
-        assert float(r["ready_s"]) == pytest.approx(float(r["first_step_s"]) - float(r["imports_s"]), abs=0.01)
+        assert float(r["ready_s"]) == pytest.approx(float(r["first_step_s"]) - float(r["imports_s"]), abs=0.06)
+        assert 0 < float(r["ready_s"]) < float(r["first_step_s"])
         assert all(float(rows[k]["loader_ms"]) > 0 for k in rows)
         assert (details / "loop" / "loop-cpu-files.log").read_text().count("epoch ") >= 2
 

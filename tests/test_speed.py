@@ -161,3 +161,38 @@ class TestChannelsLastCache:
         monkeypatch.setattr(speed, "_time_steps", lambda *a, **k: next(times))
         on, _ = choose_channels_last("auto", model, torch.device("cpu"), (8, 1, 32, 32), train=True, cache=cache)
         assert on is False and len(json.loads(cache.read_text())) == 1  # probed, and the cache rewritten whole
+
+
+class TestChooseCompile:
+    cpu = torch.device("cpu")
+
+    def test_modes_asked_for(self):
+        assert speed.choose_compile("on", self.cpu, 1, (32, 32)) == (True, "compile: on (asked for)")
+        assert speed.choose_compile("off", self.cpu, 10**6, (32, 32)) == (False, "compile: off (asked for)")
+        with pytest.raises(InputError, match="compile must be one of auto, on, off; got 'yes'"):
+            speed.choose_compile("yes", self.cpu, 1, (32, 32))
+
+    def test_threshold_from_the_measured_break_even(self, monkeypatch):
+        monkeypatch.setattr(speed, "COMPILE_BREAK_EVEN", ((100, 40), (400, 200), (1600, 10)))
+        monkeypatch.setattr(speed, "COMPILE_MARGIN", 1.5)
+        assert speed.compile_threshold(5, 5) == 60  # below the smallest size: its break-even, 40 x 1.5
+        assert speed.compile_threshold(10, 10) == 60  # exactly a measured size
+        assert speed.compile_threshold(10, 20) == 300  # between 100 and 400 pixels: the larger, 200 x 1.5
+        assert speed.compile_threshold(20, 40) == 300  # between 400 and 1600: the larger again
+        assert speed.compile_threshold(100, 100) == 15  # beyond the largest: its own, 10 x 1.5
+
+    def test_auto_compiles_a_long_cpu_run_only(self, monkeypatch):
+        monkeypatch.setattr(speed.shutil, "which", lambda name: f"/usr/bin/{name}")
+        need = speed.compile_threshold(32, 32)
+        on, why = speed.choose_compile("auto", self.cpu, need, (32, 32))
+        assert on and why.startswith(f"compile: on (auto: {need} training steps, beyond the {need} ")
+        on, why = speed.choose_compile("auto", self.cpu, need - 1, (32, 32))
+        assert not on and why.startswith(f"compile: off (auto: {need - 1} training steps; at 32x32 compiling pays")
+        on, why = speed.choose_compile("auto", torch.device("cuda"), 10**6, (32, 32))
+        assert not on and "measured on the CPU only" in why
+
+    def test_auto_needs_a_compiler(self, monkeypatch):
+        monkeypatch.setattr(speed.shutil, "which", lambda name: None)
+        on, why = speed.choose_compile("auto", self.cpu, 10**6, (224, 224))
+        assert not on and why == ("compile: off (auto: no C++ compiler on the PATH, which torch.compile needs on "
+                                  "the CPU)")
