@@ -162,9 +162,8 @@ def check_args(args) -> None:
         (args.max_pixels is None or args.max_pixels >= 1, f"--max-pixels must be at least 1; got {args.max_pixels}"),
         (not args.evaluate or args.weights, "--evaluate needs --weights PATH (a checkpoint of this project)"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise InputError(message)
+    if failed := next((message for ok, message in checks if not ok), None):
+        raise InputError(failed)
     if args.output is not None:
         check_output_folder(args.output)  # a file there is refused now, not found out after the first epoch
     limit = max(pixel_limit(args.max_pixels), input_size_limit())  # the checkpoint's img_size is held to it
@@ -322,7 +321,8 @@ def run_training(args, held: contextlib.ExitStack) -> None:
         model, lr=args.lr, batch_size=args.batch_size, world_size=world, weight_decay=args.weight_decay,
         epochs=args.epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=args.warmup_epochs)
     done = state["epoch"] + 1 if state is not None else 0  # the epochs a resumed run has behind it
-    compiled, why_compile = choose_compile(args.compile, device, steps_per_epoch * (args.epochs - done), (h, w))
+    compiled, why_compile = choose_compile(args.compile, device, steps_per_epoch * (args.epochs - done), (h, w),
+                                           channels_last=channels_last)
     log(f"{why}\n{why_compile}")
     model = torch.compile(model) if compiled else model
     if world > 1:

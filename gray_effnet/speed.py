@@ -11,9 +11,10 @@ Two things decide much of a CPU run's speed and neither has one right value ever
 * **Memory format.** ``channels_last`` (NHWC) can double a CPU training step where oneDNN has fast NHWC
   kernels (AVX-512 Xeons) and do nothing elsewhere; on CUDA it is what tensor cores want. ``auto`` measures it:
   a few steps of a copy of the model in each format (``choose_channels_last``).
-* **Compiling.** ``torch.compile`` made Lite0's CPU training step 1.2-2x faster, after about a minute of
-  compiling (seconds with Inductor's cache, on a repeat run). ``auto`` compiles when the run is long enough to
-  repay that minute (``choose_compile``), from the break-even ``benchmarks/torch_compile.py`` measured.
+* **Compiling.** ``torch.compile`` made Lite0's CPU training step 1.2-2x faster in NCHW, after about a minute of
+  compiling (seconds with Inductor's cache, on a repeat run), and no faster in NHWC, where the eager step was
+  already faster than the compiled NCHW one. ``auto`` compiles an NCHW run that is long enough to repay the
+  minute (``choose_compile``), from the break-even ``benchmarks/torch_compile.py`` measured.
 
 The numbers behind these choices are in ``benchmarks/results/`` (``threads``, ``adapters``), each with the
 CPU it ran on. A lower ``GOMP_SPINCOUNT`` (set before torch loads) was measured too: 3,000 kept two runs on
@@ -44,8 +45,9 @@ from .runinfo import device_name
 __all__ = ["COMPILE_BREAK_EVEN", "PROBE_CACHE_ENTRIES", "ThreadGovernor", "ThreadPlan", "available_cores",
            "channels_last_cache", "choose_channels_last", "choose_compile", "compile_threshold", "plan_threads"]
 
-# benchmarks/results/compile-cpu.md (tf_efficientnet_lite0, batch 64, 2 threads of an AMD EPYC, torch 2.14): by the
-# input's pixels, the training steps after which compiling with an empty Inductor cache had paid for itself.
+# benchmarks/results/compile-cpu.md (tf_efficientnet_lite0, batch 64, NCHW, 2 threads of an AMD EPYC, torch 2.14): by
+# the input's pixels, the training steps after which compiling with an empty Inductor cache had paid for itself. In
+# NHWC (compile-cpu-nhwc.md) the compiled step was 0.96x and 0.97x the eager one at 32x32 and 64x64: it never pays.
 COMPILE_BREAK_EVEN = ((32 * 32, 340), (64 * 64, 916), (224 * 224, 23))
 COMPILE_MARGIN = 1.5  # one machine, one model, one batch size: auto asks for half as many steps again
 
@@ -283,11 +285,13 @@ def compile_threshold(height: int, width: int) -> int:
     return math.ceil(COMPILE_MARGIN * max(near))
 
 
-def choose_compile(mode: str, device: torch.device, steps: int, img_size: tuple[int, int]) -> tuple[bool, str]:
+def choose_compile(mode: str, device: torch.device, steps: int, img_size: tuple[int, int], *,
+                   channels_last: bool = False) -> tuple[bool, str]:
     """Resolve ``--compile auto|on|off`` to a bool, with a line saying why.
 
-    ``auto`` compiles on the CPU when the run's ``steps`` training steps reach ``compile_threshold`` and a C++
-    compiler is on the PATH (Inductor builds its CPU kernels with one); not on CUDA, where this project has not
+    ``auto`` compiles on the CPU when the run is in NCHW (``channels_last`` False), its ``steps`` training steps
+    reach ``compile_threshold`` and a C++ compiler is on the PATH (Inductor builds its CPU kernels with one). Not
+    in NHWC, where compiling measured no faster than the eager step, and not on CUDA, where this project has not
     measured it yet (``--compile on`` tries it). Only the training step is compiled: evaluation runs the same
     module eagerly, so no second graph (and no recompiling for a last, smaller batch) is paid for.
     """
@@ -297,6 +301,8 @@ def choose_compile(mode: str, device: torch.device, steps: int, img_size: tuple[
         return mode == "on", f"compile: {mode} (asked for)"
     if device.type != "cpu":
         return False, f"compile: off (auto: measured on the CPU only so far; --compile on tries it on {device.type})"
+    if channels_last:
+        return False, "compile: off (auto: in NHWC the compiled CPU step measured no faster than the eager one)"
     if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         return False, "compile: off (auto: no C++ compiler on the PATH, which torch.compile needs on the CPU)"
     h, w = img_size

@@ -302,18 +302,21 @@ def loop() -> str:
 
 def torch_compile() -> str:
     """What torch.compile costs and gains in training, from benchmarks/torch_compile.py."""
-    rows = _rows("compile-cpu.csv")
+    rows = _rows("compile-cpu.csv") + (_rows("compile-cpu-nhwc.csv") if (RESULTS / "compile-cpu-nhwc.csv").is_file()
+                                       else [])
     first = rows[0]
     lines = [
         f"{first['model']} ({first['adapter']}) training steps (forward, backward, AdamW), batch "
-        f"{first['batch_size']}, {first['memory_format']}, {first['threads']} threads ({_machine(rows)}; "
-        f"`{_command('compile-cpu.md')}`; [table](benchmarks/results/compile-cpu.md)):",
+        f"{first['batch_size']}, {first['threads']} threads ({_machine(rows)}; `{_command('compile-cpu.md')}`"
+        + (f" and `{_command('compile-cpu-nhwc.md')}`" if len({r['memory_format'] for r in rows}) > 1 else "")
+        + "; [table](benchmarks/results/compile-cpu.md)):",
         "",
-        "| size | eager step (s) | compiled step (s) | speedup | compiling (s) | again, cache warm (s) | "
-        "pays after (steps) | warm cache: after |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| size | memory format | eager step (s) | compiled step (s) | speedup | compiling (s) | "
+        "again, cache warm (s) | pays after (steps) | warm cache: after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['img_size']} | {float(r['eager_step_s']):.3f} | {float(r['compiled_step_s']):.3f} | "
+    lines += [f"| {r['img_size']} | {r['memory_format'].upper()} | {float(r['eager_step_s']):.3f} | "
+              f"{float(r['compiled_step_s']):.3f} | "
               f"**{float(r['speedup']):.2f}x** | {float(r['compile_s']):.0f} | {float(r['warm_compile_s']):.0f} | "
               f"{r['break_even_steps']} | {r['warm_break_even_steps']} |" for r in rows]
     return "\n".join(lines)
