@@ -11,8 +11,12 @@ is met by the interval, by the mean only, or not.
 The data by default is ``peer_timm.py``'s (5,000 generated 28x28 8-bit digits, split 80/20), the set on which
 issue 22 saw the pack 1.3 points lower; ``--data`` takes any class-folder tree.
 
+``--pack-size`` packs at a larger size than the training size: training then crops from the larger packed images
+and evaluation resizes them (``gray_effnet.sources.PackSource``).
+
 Example:
     python benchmarks/pack_accuracy.py --seeds 3
+    python benchmarks/pack_accuracy.py --seeds 3 --pack-size 40 --output benchmarks/results/pack_accuracy/pack40
     python benchmarks/pack_accuracy.py --n-images 200 --seeds 2 --epochs 1 --output /tmp/pack_acc   # a smoke test
 """
 
@@ -50,7 +54,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-images", type=int, default=5000, help="peer_timm.py's digits: images before the split")
     p.add_argument("--image-size", type=int, default=28, help="peer_timm.py's digits: their side")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1, one pair of runs each")
-    p.add_argument("--img-size", type=int, default=32, help="the square training size (and the pack's)")
+    p.add_argument("--img-size", type=int, default=32, help="the square training size")
+    p.add_argument("--pack-size", type=int, default=None,
+                   help="the pack's square size (default: the training size); larger: training crops from more")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train-args", default="", metavar="ARGS", help="more train.py arguments for both, one string")
@@ -86,12 +92,14 @@ def main(args: argparse.Namespace) -> int:
         data, _ = prepare_data(root.resolve(), args.n_images, args.image_size)
     else:
         data = args.data.resolve()
-    pack, pack_s = make_pack(data, args.img_size)
+    pack_size = args.pack_size or args.img_size
+    pack, pack_s = make_pack(data, pack_size)
     print(f"data: {data}\npack: {pack} ({pack_s:.1f}s)", flush=True)
     output = args.output.resolve()
     (output / "logs").mkdir(parents=True, exist_ok=True)
     env = environment(torch.device("cpu"), "float32", epochs=args.epochs, batch_size=args.batch_size,
-                      img_size=f"{args.img_size}x{args.img_size}", data=data.name, train_args=args.train_args)
+                      img_size=f"{args.img_size}x{args.img_size}", pack_size=f"{pack_size}x{pack_size}", data=data.name,
+                      train_args=args.train_args)
     rows = []
     with tempfile.TemporaryDirectory(prefix="pack-accuracy-") as scratch:
         for seed in range(args.seeds):
@@ -125,7 +133,7 @@ def main(args: argparse.Namespace) -> int:
                f"{means['files']:.4f}, pack {means['pack']:.4f}.")
     lines = ["# Training from a pack against training from the files: accuracy, paired by seed", "", "```",
              command_line(), "```", "", *[f"- **{k}**: {fmt(v)}" for k, v in env.items()],
-             f"- **pack**: `python -m gray_effnet pack` at {args.img_size}x{args.img_size} ({pack_s:.1f}s)", "",
+             f"- **pack**: `python -m gray_effnet pack` at {pack_size}x{pack_size} ({pack_s:.1f}s)", "",
              summary, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---:|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
     (output / "results.md").write_text("\n".join(lines) + "\n")

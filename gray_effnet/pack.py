@@ -937,10 +937,12 @@ class PackedDataset(Dataset):
         label_map: new label of each pack class (e.g. the class index in a checkpoint); default unchanged.
         num_classes: with ``label_map`` on multi-label data, the number of findings to count in (those the pack
             lacks are NaN).
+        resize: (H, W) to resize the images to (bilinear, antialiased, as ``build_transforms(train=False)``), for
+            a pack larger than the size a model reads; default: as packed.
     """
 
     def __init__(self, pack: Pack, split: str = "val", *, label_map: Sequence[int] | None = None,
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, resize: Sequence[int] | None = None) -> None:
         splits = {"train": pack.train_rows, "val": pack.val_rows, "all": pack.train_rows + pack.val_rows}
         if split not in splits:
             raise InputError(f"split must be one of {', '.join(splits)}; got {split!r}")
@@ -955,6 +957,7 @@ class PackedDataset(Dataset):
         self.offset, self.shape = pack.images_offset, (len(pack.rows), 1, *pack.img_size)  # its checked header
         self.dtype = pack.dtype
         self.wide = pack.wide
+        self.resize = None if resize is None else build_transforms(resize, train=False)
         self._images: np.ndarray | None = None  # opened in each process that reads, never pickled
 
     def __getstate__(self) -> dict:
@@ -972,9 +975,11 @@ class PackedDataset(Dataset):
         block = np.empty((len(rows), *self._images.shape[1:]), dtype=self._images.dtype)
         block[order] = self._images[rows[order]]  # ascending rows: one forward pass through the file
         if self.dtype == "uint8":
-            return torch.from_numpy(block)
-        scale = 1 / 65535 if self.dtype == "uint16" else 1.0
-        return torch.from_numpy(block.astype(np.float32) * np.float32(scale))
+            images = torch.from_numpy(block)
+        else:
+            scale = 1 / 65535 if self.dtype == "uint16" else 1.0
+            images = torch.from_numpy(block.astype(np.float32) * np.float32(scale))
+        return images if self.resize is None else self.resize(images)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int | Tensor, str]:
         label = self.labels[index] if self.task == "multi" else int(self.labels[index])

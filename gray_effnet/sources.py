@@ -10,8 +10,8 @@ the scripts only ask the source:
   (``train``, ``val``, ``all``; a table also has ``test``, and its ``all`` includes it);
 * ``pos_fraction()``: each finding's (or class') share of positives among the labelled training entries;
 * ``write_split(path)``: ``split.csv`` (path, group, split), where the source knows its groups (tables);
-* ``settings(img_size, intensity)``: the image size and intensity mapping to use (a pack fixes both and
-  refuses others; a folder takes what it is given);
+* ``settings(img_size, intensity)``: the image size and intensity mapping to use (a pack fixes the mapping and
+  takes its own size or a smaller one; a folder takes what it is given);
 * ``dataset(split, ...)``: a dataset of ``(image, target, path)`` items, targets counted in the source's classes
   or, with ``class_names``, in a checkpoint's (a multi-label finding the data lacks is NaN there);
 * ``batch_augment(...)``: the augmentation that runs on whole batches on the device (packs), or ``None`` when the
@@ -292,21 +292,26 @@ class PackSource(DataSource):
         return self.pack.train + self.pack.val if split == "all" else getattr(self.pack, split)
 
     def settings(self, img_size, intensity, default_size=(64, 64)):
+        """The pack's size, or a smaller ``img_size``: training then crops from the larger packed images (as from
+        files), and evaluation resizes them. A larger size is refused: it would only enlarge the packed pixels."""
         pack = self.pack
-        if img_size and tuple(img_size) != pack.img_size:
-            raise InputError(f"--img-size {img_size[0]} {img_size[1]}: the pack {pack.root} holds "
-                             f"{pack.img_size[0]}x{pack.img_size[1]} images; leave out --img-size, or pack again at "
-                             "that size (python -m gray_effnet pack --img-size H W)")
+        size = tuple(int(s) for s in img_size) if img_size else pack.img_size
+        if size[0] > pack.img_size[0] or size[1] > pack.img_size[1]:
+            raise InputError(f"--img-size {size[0]} {size[1]}: the pack {pack.root} holds "
+                             f"{pack.img_size[0]}x{pack.img_size[1]} images; train at that size or smaller, or pack "
+                             "again at a larger one (python -m gray_effnet pack --img-size H W)")
         named = None if intensity is None else str(parse_intensity(intensity))
         if named is not None and named != pack.intensity:
             raise InputError(f"the pack {pack.root} was read with intensity {pack.intensity!r}, this run needs "
                              f"{named!r} (--intensity, or a checkpoint's): pack again with --intensity {named}")
-        return pack.img_size, pack.intensity
+        return size, pack.intensity
 
     def dataset(self, split, img_size, intensity, *, augment=None, class_names=None):
-        self.settings(img_size, intensity)  # a pack is read as it was packed
+        size, _ = self.settings(img_size, intensity)
+        # Training batches stay at the packed size: batch_augment crops them to ``size``. Others are resized to it.
+        resize = None if augment is not None or size == self.pack.img_size else size
         return PackedDataset(self.pack, split, label_map=_label_map(self.classes, class_names, f"the pack {self.root}"),
-                             num_classes=None if class_names is None else len(class_names))
+                             num_classes=None if class_names is None else len(class_names), resize=resize)
 
     def write_split(self, path: str | os.PathLike) -> Path | None:
         table = self.pack.meta.get("table")

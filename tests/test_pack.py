@@ -22,8 +22,9 @@ from gray_effnet.augment import BatchAugment, build_transforms
 from gray_effnet.checkpoint import read_checkpoint
 from gray_effnet.data import GrayImageFolder, collate, make_loader, set_loader_epoch
 from gray_effnet.folders import load_folder
-from gray_effnet.images import UnreadableImageWarning
+from gray_effnet.images import UnreadableImageWarning, read_gray
 from gray_effnet.pack import WRITTEN, PackedDataset, has_pack_json, is_pack, open_pack, validate_pack_meta, write_pack
+from gray_effnet.sources import Augmentation, open_source
 from gray_effnet.table_options import TableOptions
 
 from .helpers import tree_digest
@@ -575,3 +576,46 @@ class TestValidatePackMeta:
             assert "Traceback" not in err and str(pack) in lines[0], (case, lines[0][:300])
             assert tree_digest(tmp_path) == before, f"{case}: files changed"
             assert has_pack_json(pack) and not (tmp_path / "run").exists()
+
+
+class TestLargerPack:
+    """A pack larger than the training size: training crops from the packed images, evaluation resizes them."""
+
+    @pytest.fixture(scope="class")
+    def pack48(self, tmp_path_factory) -> Path:
+        tmp = tmp_path_factory.mktemp("pack48")
+        src = write_images(tmp / "src", {"dark": 8, "bright": 8}, size=(64, 80))
+        pack_of(src, tmp / "pack", img_size=(48, 48))
+        return tmp
+
+    def test_sizes_it_takes(self, pack48):
+        source = open_source(str(pack48 / "pack"))
+        assert source.settings(None, None) == ((48, 48), "full")
+        assert source.settings((32, 40), None) == ((32, 40), "full")
+        with pytest.raises(InputError, match="--img-size 64 48: the pack .* holds 48x48 images; train at that size "
+                                             "or smaller"):
+            source.settings((64, 48), None)
+
+    def test_evaluation_resizes_training_crops(self, pack48):
+        source = open_source(str(pack48 / "pack"))
+        packed = source.dataset("val", None, "full")
+        val = source.dataset("val", (32, 32), "full")
+        x, y, path = val[0]
+        assert x.shape == (1, 32, 32) and x.dtype == torch.uint8 and y == packed[0][1]
+        torch.testing.assert_close(x, build_transforms((32, 32), train=False)(packed[0][0]))  # resized as in val
+        direct = build_transforms((32, 32), train=False)(read_gray(path, "full"))  # the files path's val image
+        assert (x.float() - direct.float()).abs().mean() < 4  # two resizes, not one: close, not equal
+        aug = Augmentation(crop_scale=0.5, hflip=0.0, rotate=0.0)
+        train = source.dataset("train", (32, 32), "full", augment=aug)
+        batch = train.__getitems__([0, 1, 2])
+        assert batch.images.shape == (3, 1, 48, 48)  # the crop comes from all the packed pixels
+        assert source.batch_augment((32, 32), aug, seed=0)(batch.images).shape == (3, 1, 32, 32)
+
+    def test_train_and_evaluate_smaller(self, pack48):
+        run("--data", pack48 / "pack", "--img-size", "32", "32", "--epochs", "1", "--output", pack48 / "run",
+            "--no-pretrained", *PACK_FAST)
+        _, meta = read_checkpoint(pack48 / "run" / "last.safetensors")
+        assert meta["img_size"] == [32, 32]
+        printed = run("--evaluate", "--weights", pack48 / "run" / "best.safetensors", "--data", pack48 / "pack",
+                      "--output", pack48 / "ev", "--workers", "0", "--no-progress")
+        assert "accuracy" in printed and (pack48 / "ev" / "eval_predictions.csv").is_file()

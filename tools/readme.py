@@ -328,10 +328,18 @@ def pack_accuracy() -> str:
     report = (RESULTS / "pack_accuracy" / "results.md").read_text()
     verdict = re.search(r"^Pack - files, .*$", report, flags=re.M).group(0)
     first = rows[0]
-    return (f"`train.py` from the files and from their pack, on {first['data']} at {first['img_size']}, batch "
+    text = (f"`train.py` from the files and from their pack, on {first['data']} at {first['img_size']}, batch "
             f"{first['batch_size']}, {first['epochs']} epochs, seeds 0-{len(rows) - 1} ({_machine(rows)}; "
             f"`{_command('pack_accuracy/results.md')}`; [runs](benchmarks/results/pack_accuracy/results.md)): "
             f"{verdict}")
+    for larger in sorted((RESULTS / "pack_accuracy").glob("pack*/results.md")):  # packed larger than trained
+        name = f"pack_accuracy/{larger.parent.name}"
+        rows = _rows(f"{name}/runs.csv")
+        said = re.search(r"^Pack - files, .*$", larger.read_text(), flags=re.M).group(0)
+        text += (f"\n\nPacked at {rows[0]['pack_size']} and trained at {rows[0]['img_size']} "
+                 f"(`{_command(name + '/results.md')}`, {_machine(rows)}; "
+                 f"[runs](benchmarks/results/{name}/results.md)): {said}")
+    return text
 
 
 REGIONS: dict[str, Callable[[], str]] = {
