@@ -578,15 +578,16 @@ class TestValidatePackMeta:
             assert has_pack_json(pack) and not (tmp_path / "run").exists()
 
 
+@pytest.fixture(scope="module")
+def pack48(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("pack48")
+    src = write_images(tmp / "src", {"dark": 8, "bright": 8}, size=(64, 80))
+    pack_of(src, tmp / "pack", img_size=(48, 48))
+    return tmp
+
+
 class TestLargerPack:
     """A pack larger than the training size: training crops from the packed images, evaluation resizes them."""
-
-    @pytest.fixture(scope="class")
-    def pack48(self, tmp_path_factory) -> Path:
-        tmp = tmp_path_factory.mktemp("pack48")
-        src = write_images(tmp / "src", {"dark": 8, "bright": 8}, size=(64, 80))
-        pack_of(src, tmp / "pack", img_size=(48, 48))
-        return tmp
 
     def test_sizes_it_takes(self, pack48):
         source = open_source(str(pack48 / "pack"))
