@@ -21,7 +21,6 @@ Example:
 """
 
 import argparse
-import csv
 import shlex
 import statistics
 import subprocess
@@ -37,11 +36,11 @@ from gray_effnet.folders import default_cache_dir
 if __package__:  # imported as benchmarks.pack_accuracy (the tests)
     from ._common import RESULTS_DIR, HelpFormatter, command_line, environment, fmt, format_table, write_csv
     from .compare import t_interval
-    from .peer_timm import make_pack, prepare_data
+    from .peer_timm import best_acc, make_pack, prepare_data
 else:  # run as python benchmarks/pack_accuracy.py, which puts this folder first on sys.path
     from _common import RESULTS_DIR, HelpFormatter, command_line, environment, fmt, format_table, write_csv
     from compare import t_interval
-    from peer_timm import make_pack, prepare_data
+    from peer_timm import best_acc, make_pack, prepare_data
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL_POINTS = 0.5
@@ -63,15 +62,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=RESULTS_DIR / "pack_accuracy",
                    help="runs.csv and results.md go here")
     return p
-
-
-def best_acc(run_dir: Path) -> float | None:
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return None
-    with open(path, newline="") as f:
-        accs = [float(r["val_acc"]) for r in csv.DictReader(f)]
-    return max(accs) if accs else None
 
 
 def verdict(diffs: list[float]) -> tuple[float, float, float, str]:
@@ -117,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
                     f.flush()
                     rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
                 row[f"{name}_s"] = round(time.perf_counter() - start, 1)
-                row[f"{name}_acc"] = best_acc(out) if rc == 0 else None
+                row[f"{name}_acc"] = best_acc("ours", out)[0] if rc == 0 else None  # train.py's metrics.csv
                 if rc != 0:
                     print(f"error: train.py failed (exit {rc}); its log: {log}", file=sys.stderr)
                     return 1

@@ -3,6 +3,8 @@ computed here: pairs counted by hand, the loss written out from its formula, and
 the code under test's own call."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -183,3 +185,12 @@ class TestCountCorrect:
     def test_single_label_by_argmax(self):
         right, counted = count_correct(torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]]), torch.tensor([1, 1, 1]))
         assert (int(right), counted) == (2, 3)
+
+
+def test_scikit_learn_is_imported_only_when_a_metric_is_computed():
+    """Importing the training path costs no scikit-learn (most of a second); the first metric imports it."""
+    code = ("import sys, numpy as np; import gray_effnet.engine, gray_effnet.evaluation; "
+            "print('sklearn' in sys.modules); from gray_effnet.metrics import finding_metrics; "
+            "finding_metrics(np.array([[0.0], [1.0]]), np.array([[0.2], [0.7]])); print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]

@@ -133,6 +133,14 @@ class TestLearning:
         best = max(float(r["val_acc"]) for r in rows)
         assert f"best val acc {best:.4f}" in printed
 
+    def test_first_lines_say_compile_and_readiness(self, trained):
+        """--compile auto's decision and reason (30 steps: too few to repay compiling), and the training line's
+        time since the imports."""
+        printed = trained[1]
+        decided = r"^compile: off \(auto: (30 training steps; at 32x32 compiling pays .* after about \d+|no C\+\+ comp)"
+        assert re.search(decided, printed, flags=re.M)
+        assert re.search(r"^training .*; ready \d+\.\ds after the imports$", printed, flags=re.M)
+
 
 class TestDemoPath:
     def test_outputs(self, trained):
