@@ -2,15 +2,16 @@
 # The GPU check: one command that runs, most important first, what this project needs measured on a GPU, and
 # stops within a time budget. On the GPU machine, from the repository root (benchmarks/README.md: the wheels):
 #
-#   bash benchmarks/gpu.sh --budget 420 --out $OUT/gpu
+#   bash benchmarks/gpu.sh --budget 480 --out $OUT/gpu
 #
 #   1. env       nvidia-smi, versions, and whether pyproject.toml admits the installed ones (versions.py)
 #   2. tests     the test suite's CUDA cases: pytest -m cuda
 #   3. train     train.py, 2 epochs, defaults (channels_last auto) and --amp bf16, on a pack at 224x224 of
 #                synthetic 16-bit X-ray-like PNGs (synthetic.py), packed by python -m gray_effnet pack
 #   4. loop      loop.py: the bare training step against train.py's img/s from the files and from the pack
-#   5. adapters  adapters.py at 224x224, every adapter, NHWC, bf16
-#   6. compare   a slice of compare.py --gpu (repeat and sum, 2 seeds, 2 sizes); the same --output resumes it (README)
+#   5. compile   torch_compile.py at 224x224, batch 64, NHWC, bf16: compile time (cold, cached), speed-up, break-even
+#   6. adapters  adapters.py at 224x224, every adapter, NHWC, bf16
+#   7. compare   a slice of compare.py --gpu (repeat and sum, 2 seeds, 2 sizes); the same --output resumes it (README)
 #
 # Each step has a planned time. Before a step, the time left in the budget is checked: a step whose plan does not
 # fit is skipped and recorded so; one that runs is interrupted (SIGINT) at twice its plan or the end of the
@@ -31,21 +32,22 @@
 # Exit status: 0 when no step failed or timed out (skipped ones do not count), 1 otherwise, 2 for bad arguments.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-steps=(env tests train loop adapters compare)
+steps=(env tests train loop compile adapters compare)
 
 # -- the profiles: sizes, and each step's planned seconds (in the order of $steps) ------------------------------------
-gpu_planned=(10 100 50 80 60 100)  # the default profile; its sum must stay within the default budget, 420 s
+gpu_planned=(10 100 50 80 100 60 80)  # the default profile; its sum must stay within the default budget, 480 s
 # What the GPU machine was seen to have (the device notes, 2026-11): checked against pyproject.toml in --rehearse.
 gpu_versions=(torch==2.11.0 numpy==2.5.2 torchvision==0.26.0 safetensors==0.8.0)
 profile() {
   if [[ $mode == rehearse ]]; then
-    planned=(8 20 30 45 30 30)
+    planned=(8 20 30 45 150 30 30)  # compile: Inductor on 1 CPU thread takes a minute or two
     device=cpu
     test_paths=(tests/test_model.py)  # its CUDA cases, skipped here: collecting every file would take longer
     synth=(--n-images 16 --size 64 --bits 16)
     img=(32 32)
     train_extra=(--device cpu --batch-size 4 --threads 1)
     loop_args=(--smoke --device cpu --n-images 16 --source-size 64 --bits 16)
+    compile_args=(--device cpu --sizes 32 --batch-size 2 --steps 1 --rounds 1 --warmup 0 --threads 1)
     adapters_args=(--device cpu --img-size 32 32 --batch-size 2 --repeats 1 --iters 1 --stem-iters 1 --warmup 1
                    --threads 1)
     compare_args=(--gpu --device cpu --seeds 1 --per-class 2 --adapters repeat fold --no-scratch --epochs 1
@@ -59,6 +61,7 @@ profile() {
     train_extra=(--device cuda)
     loop_args=(--device cuda --n-images 2048 --source-size 512 --bits 16 --img-size 224 224 --batch-size 64
                --workers 8 --epochs 3)
+    compile_args=(--device cuda --sizes 224 --batch-size 64 --steps 20 --rounds 5 --warmup 3)
     adapters_args=(--device cuda --img-size 224 224 --batch-size 128 --repeats 5 --iters 10 --warmup 5)
     compare_args=(--gpu --seeds 2 --per-class 10 100 --adapters repeat sum --no-scratch)
   fi
@@ -107,6 +110,10 @@ step_loop() {  # the data of step 3 when it is there (same settings), else loop.
   py benchmarks/loop.py --data "$work/xray16" "${loop_args[@]}" --work "$work/loop" --csv "$res/loop/loop-$device.csv"
 }
 
+step_compile() {
+  py benchmarks/torch_compile.py "${compile_args[@]}" --csv "$res/compile/compile-$device.csv"
+}
+
 step_adapters() {
   py benchmarks/adapters.py "${adapters_args[@]}" --amp bf16 --memory-formats nhwc \
     --csv "$res/adapters/adapters-$device-bf16-nhwc.csv" --md "$res/adapters/adapters-$device-bf16-nhwc.md"
@@ -127,7 +134,7 @@ fi
 # -- arguments ----------------------------------------------------------------------------------------------------
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 command_line="bash benchmarks/gpu.sh${*:+ $*}"
-budget=420 out="" work="" mode=gpu plans=()
+budget=480 out="" work="" mode=gpu plans=()
 while (( $# )); do
   case $1 in
     --budget) budget=${2:-}; shift 2 || shift ;;
@@ -163,7 +170,7 @@ done
 total=0; for s in "${planned[@]}"; do total=$(( total + s )); done
 default_total=0; for s in "${gpu_planned[@]}"; do default_total=$(( default_total + s )); done
 echo "planned: default profile ${default_total}s; this run ($mode) ${total}s of a ${budget}s budget"
-if (( default_total > 420 )); then echo "warning: the default profile plans more than 420s" >&2; fi
+if (( default_total > 480 )); then echo "warning: the default profile plans more than 480s" >&2; fi
 start=$SECONDS
 
 if [[ $mode == dry ]]; then  # every step's commands written down, then checked in one Python process
