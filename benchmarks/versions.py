@@ -6,7 +6,7 @@ with ``packaging`` where it is installed, else with a small comparison of releas
 ``+cu130`` dropped, pre-releases compared by their release numbers only).
 
     python benchmarks/versions.py torch==2.11.0 numpy==2.5.2        # versions another machine has
-    python benchmarks/versions.py --installed torch numpy kornia     # the versions installed here
+    python benchmarks/versions.py --installed torch numpy pillow    # the versions installed here
 
 Exit status: 0 when every version is admitted, 1 when one is not (or is not installed), 2 for bad input.
 """

@@ -4,11 +4,12 @@ Both apply the same kinds of change: a random resized crop of at least ``crop_sc
 flip with probability ``hflip``, and a rotation within ``rotate`` degrees.
 """
 
+import math
 from collections.abc import Sequence
 
-import kornia.augmentation as K
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
@@ -38,13 +39,19 @@ def build_transforms(
 class BatchAugment(nn.Module):
     """``build_transforms(train=True)``'s random crop, flip and rotation, on a whole batch on its device.
 
-    kornia.augmentation does the work: ``RandomResizedCrop(size, scale=(crop_scale, 1))`` with torchvision's
-    default aspect ratios (3/4, 4/3), ``RandomHorizontalFlip(hflip)``, and ``RandomRotation(rotate)`` on every
-    image, as torchvision's ``RandomRotation`` does (bilinear, where torchvision's default is nearest). Each image
-    gets its own parameters.
+    Each image gets its own parameters, drawn as torchvision draws them (``RandomResizedCrop.make_params``: up to
+    10 tries of an area in ``(crop_scale, 1)`` of the image and a log-uniform aspect ratio in (3/4, 4/3), else the
+    centre crop; a flip with probability ``hflip``; an angle uniform in ``(-rotate, rotate)``). They are drawn on
+    the CPU, from a ``torch.Generator`` seeded by (seed, epoch, step): a resumed run augments as an uninterrupted
+    one, and no global random state is touched.
 
-    The parameters are drawn from a generator seeded by (seed, epoch, step), under ``torch.random.fork_rng``: the
-    global RNG (which dropout draws from) is left as it was, and a resumed run augments as an uninterrupted one.
+    They reach the device in one asynchronous copy, and the work is done there on the whole batch: the crop and
+    its resize are two batched matrix products whose weights are torchvision's antialiased bilinear resize (the
+    ``antialias=True`` of ``build_transforms``, so a crop equals the files path's crop of the same box, up to its
+    uint8 rounding), the flip reverses the rows of one of them, and the rotation is one ``grid_sample``
+    (bilinear, zeros outside; torchvision's default is nearest). Nothing waits for the device: on CUDA the next
+    step is queued while this one runs.
+
     Call ``set_epoch`` at the start of every epoch.
 
     Args:
@@ -59,28 +66,100 @@ class BatchAugment(nn.Module):
         - Output: (B, 1, H, W), float32 in [0, 1].
     """
 
+    ratio = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default
+    tries = 10  # torchvision's attempts at a crop inside the image before the centre crop
+
     def __init__(self, size: Sequence[int], *, crop_scale: float = 0.8, hflip: float = 0.0, rotate: float = 0.0,
                  seed: int = 0) -> None:
         super().__init__()
-        steps: list[nn.Module] = [K.RandomResizedCrop(tuple(int(s) for s in size), scale=(crop_scale, 1.0))]
-        if hflip > 0:
-            steps.append(K.RandomHorizontalFlip(p=hflip))
-        if rotate > 0:
-            steps.append(K.RandomRotation(rotate, p=1.0))
-        self.augment = K.ImageSequential(*steps)
+        self.size = tuple(int(s) for s in size)
+        self.scale = (float(crop_scale), 1.0)
+        self.hflip, self.rotate = float(hflip), float(rotate)
         self.seed, self.epoch, self.step = seed, 0, 0
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, scale={self.scale}, hflip={self.hflip}, rotate={self.rotate}, seed={self.seed}"
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.step = epoch, 0
+
+    def crop_boxes(self, n: int, height: int, width: int, generator: torch.Generator) -> Tensor:
+        """(n, 4) crops (left, top, right, bottom) in pixels, drawn as ``v2.RandomResizedCrop`` draws one."""
+        area = height * width
+        u = torch.rand(n, self.tries, 2, generator=generator, dtype=torch.float64)
+        target = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[..., 0])
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = torch.exp(lo + (hi - lo) * u[..., 1])
+        w = torch.sqrt(target * aspect).round()
+        h = torch.sqrt(target / aspect).round()
+        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = fits.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits
+        w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+        # None fits: the centre crop at the nearest allowed aspect ratio, as torchvision falls back.
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            fw, fh = width, round(width / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            fw, fh = round(height * self.ratio[1]), height
+        else:
+            fw, fh = width, height
+        fallback = ~fits.any(1)
+        w = torch.where(fallback, float(fw), w)
+        h = torch.where(fallback, float(fh), h)
+        offset = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+        top = torch.where(fallback, (height - h) // 2, (offset[:, 0] * (height - h + 1)).floor())
+        left = torch.where(fallback, (width - w) // 2, (offset[:, 1] * (width - w + 1)).floor())
+        return torch.stack([left, top, left + w, top + h], 1).float()
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.uint8:
             x = x.float().div_(255)
         elif x.dtype != torch.float32:
             x = x.float()
+        n, _, height, width = x.shape
         seed = int(np.random.SeedSequence([self.seed, self.epoch, self.step]).generate_state(1)[0])
         self.step += 1
-        # kornia draws its parameters from the global CPU generator: fork it, seed the fork, and restore it after.
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            return self.augment(x)
+        generator = torch.Generator().manual_seed(seed)
+        boxes = self.crop_boxes(n, height, width, generator)
+        flips = torch.rand(n, generator=generator) < self.hflip
+        angles = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * self.rotate
+        # One host-to-device copy of every parameter, queued without waiting for the device (CUDA stages a small
+        # pageable copy at once).
+        params = torch.cat([boxes, flips[:, None].float(), angles[:, None].float()], 1)
+        params = params.to(x.device, non_blocking=True)
+        left, top, right, bottom, flip, angle = params.unbind(1)
+        rows = _resize_weights(top, bottom - top, height, self.size[0])  # (B, H, H')
+        cols = _resize_weights(left, right - left, width, self.size[1])  # (B, W, W')
+        if self.hflip > 0:
+            cols = torch.where(flip[:, None, None] > 0, cols.flip(1), cols)
+        y = rows[:, None] @ x @ cols[:, None].transpose(-1, -2)
+        if self.rotate > 0:
+            y = _rotate(y, angle)
+        return y
+
+
+def _resize_weights(start: Tensor, length: Tensor, size_in: int, size_out: int) -> Tensor:
+    """(B, size_out, size_in): row ``o`` weighs the input pixels that output pixel ``o`` of the window
+    ``[start, start + length)`` resized to ``size_out`` averages, as torchvision's (and Pillow's) antialiased
+    bilinear resize does: a triangle filter, widened by the downscale factor, renormalised inside the window."""
+    scale = (length / size_out)[:, None, None]
+    support = scale.clamp(min=1.0)
+    o = torch.arange(size_out, device=start.device, dtype=torch.float32)[None, :, None]
+    j = torch.arange(size_in, device=start.device, dtype=torch.float32)[None, None, :]
+    begin = start[:, None, None]
+    centre = begin + (o + 0.5) * scale
+    w = (1 - ((j + 0.5 - centre) / support).abs()).clamp(min=0)
+    w = w * ((j >= begin) & (j < begin + length[:, None, None]))
+    return w / w.sum(-1, keepdim=True)
+
+
+def _rotate(x: Tensor, degrees: Tensor) -> Tensor:
+    """Rotate each image of (B, C, H, W) about its centre by ``degrees[b]``; bilinear, zeros outside."""
+    _, _, h, w = x.shape
+    a = torch.deg2rad(degrees)
+    cos, sin = torch.cos(a), torch.sin(a)
+    zero = torch.zeros_like(a)
+    # affine_grid works in coordinates normalised to [-1, 1] per axis: a rotation in pixels, re-expressed there.
+    theta = torch.stack([torch.stack([cos, -sin * h / w, zero], 1), torch.stack([sin * w / h, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -14,7 +14,7 @@ it as the validation transform does, and writes the folder ``P``:
   changed table makes the pack stale), how it was read, its bad rows, and each row's group.
 
 ``train.py --data P``, ``--evaluate`` and ``predict`` read a pack instead of the files. Training augmentation
-then runs on whole batches on the training device (``BatchAugment``, kornia.augmentation). A pack is built in a
+then runs on whole batches on the training device (``gray_effnet.augment.BatchAugment``). A pack is built in a
 temporary sibling folder and renamed into place only when complete, so an interrupted pack is never read.
 
 A pack is untrusted input when read: ``pack.json`` is read up to ``MAX_META_BYTES`` and checked field by field

@@ -292,8 +292,9 @@ def choose_compile(mode: str, device: torch.device, steps: int, img_size: tuple[
     ``auto`` compiles on the CPU when the run is in NCHW (``channels_last`` False), its ``steps`` training steps
     reach ``compile_threshold`` and a C++ compiler is on the PATH (Inductor builds its CPU kernels with one). Not
     in NHWC, where compiling measured no faster than the eager step, and not on CUDA, where it measured no faster
-    either (an H200, 224x224, batch 64, NHWC, bf16: 0.99x after 42 s of compiling; ``--compile on`` tries it). Only the training step is compiled: evaluation runs the same
-    module eagerly, so no second graph (and no recompiling for a last, smaller batch) is paid for.
+    either (an H200, 224x224, batch 64, NHWC, bf16: 0.99x after 42 s of compiling; ``--compile on`` tries it).
+    Only the training step is compiled: evaluation runs the same module eagerly, so no second graph (and no
+    recompiling for a last, smaller batch) is paid for.
     """
     if mode not in COMPILE_MODES:
         raise InputError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 import train
 from gray_effnet import DataError, GrayEfficientNet, InputError, save_weights
 from gray_effnet.__main__ import main as gray_main
-from gray_effnet.augment import BatchAugment, build_transforms
+from gray_effnet.augment import BatchAugment, _rotate, build_transforms
 from gray_effnet.checkpoint import read_checkpoint
 from gray_effnet.data import GrayImageFolder, collate, make_loader, set_loader_epoch
 from gray_effnet.folders import load_folder
@@ -276,25 +278,69 @@ class TestBatchAugment:
 
     @pytest.mark.parametrize("kw", [{"crop_scale": 0.4, "hflip": 0.3, "rotate": 12.0},
                                     {"crop_scale": 0.8, "hflip": 0.0, "rotate": 0.0}])
-    def test_same_augmentations_as_the_files_path(self, kw):
-        """The pack path (kornia, per batch) and the files path (torchvision, per image): the same steps, each
-        with the same ranges, read from the modules themselves."""
+    def test_same_ranges_as_the_files_path(self, kw):
+        """The pack path (per batch) and the files path (torchvision, per image): the same steps, each with the same
+        ranges, read from the transforms themselves."""
         size = (24, 20)
         files = build_transforms(size, train=True, **kw).transforms
-        batch = list(BatchAugment(size, **kw).augment.children())
         names = ["RandomResizedCrop"] + ["RandomHorizontalFlip"] * (kw["hflip"] > 0) + ["RandomRotation"] * (
             kw["rotate"] > 0)
-        assert [type(t).__name__ for t in files] == [type(k).__name__ for k in batch] == names
-        crop_t, crop_k = files[0], batch[0]
-        assert tuple(crop_t.size) == tuple(crop_k.flags["size"]) == size and crop_k.p == 1.0
-        assert tuple(crop_t.scale) == tuple(crop_k._param_generator.scale) == (kw["crop_scale"], 1.0)
-        assert crop_k._param_generator.ratio == pytest.approx(crop_t.ratio) == (3 / 4, 4 / 3)
+        assert [type(t).__name__ for t in files] == names
+        batch = BatchAugment(size, **kw)
+        assert tuple(files[0].size) == batch.size == size
+        assert tuple(files[0].scale) == batch.scale == (kw["crop_scale"], 1.0)
+        assert batch.ratio == pytest.approx(files[0].ratio) == (3 / 4, 4 / 3)
         if kw["hflip"]:
-            assert files[1].p == batch[1].p == kw["hflip"]
+            assert files[1].p == batch.hflip == kw["hflip"]
         if kw["rotate"]:
-            rot_t, rot_k = files[-1], batch[-1]
-            assert list(rot_t.degrees) == rot_k._param_generator.degrees.tolist() == [-kw["rotate"], kw["rotate"]]
-            assert rot_k.p == 1.0  # torchvision rotates every image
+            assert list(files[-1].degrees) == [-batch.rotate, batch.rotate] == [-kw["rotate"], kw["rotate"]]
+
+    @pytest.mark.parametrize("shape", [(40, 30), (30, 40), (12, 40)])
+    def test_boxes_are_drawn_as_torchvision_draws_them(self, shape):
+        """Many boxes each way: the same means of top, left, height and width (within 4 standard errors), and the
+        same share of centre-crop fallbacks. (12, 40) is wider than the widest aspect ratio, so falls back often."""
+        h, w = shape
+        n = 4000
+        ours = BatchAugment((8, 8), crop_scale=0.3).crop_boxes(n, h, w, torch.Generator().manual_seed(0))
+        ours = torch.stack([ours[:, 1], ours[:, 0], ours[:, 3] - ours[:, 1], ours[:, 2] - ours[:, 0]], 1)
+        crop = v2.RandomResizedCrop((8, 8), scale=(0.3, 1.0))
+        torch.manual_seed(0)
+        x = torch.zeros(1, h, w)
+        theirs = torch.tensor([list(crop.make_params([x]).values()) for _ in range(n)], dtype=torch.float64)
+        assert ((ours[:, :2] >= 0) & (ours[:, 2:] > 0)).all()
+        assert (ours[:, 0] + ours[:, 2] <= h).all() and (ours[:, 1] + ours[:, 3] <= w).all()
+        se = (ours.var(0) / n + theirs.var(0) / n).sqrt()
+        assert ((ours.mean(0) - theirs.mean(0)).abs() <= 4 * se + 1e-9).all(), (ours.mean(0), theirs.mean(0))
+        full = [(boxes[:, 2] == h).double().mean().item() for boxes in (ours, theirs)]  # mostly the fallback
+        assert full[0] == pytest.approx(full[1], abs=0.03)
+
+    def test_a_crop_equals_torchvisions_antialiased_resized_crop_of_its_box(self):
+        """The files path's crop (v2 ``resized_crop``, antialias) of the very box the batch drew, down and up."""
+        x = torch.rand(6, 1, 40, 30)
+        for size in ((24, 20), (56, 48)):
+            aug = BatchAugment(size, crop_scale=0.3, hflip=0.5)
+            aug.set_epoch(3)
+            y = aug(x)
+            aug.set_epoch(3)  # the same step's parameters again
+            gen = torch.Generator().manual_seed(
+                int(np.random.SeedSequence([aug.seed, 3, 0]).generate_state(1)[0]))
+            boxes = aug.crop_boxes(6, 40, 30, gen)
+            flips = torch.rand(6, generator=gen) < 0.5
+            assert 0 < flips.sum() < 6  # both kinds in the batch
+            for b in range(6):
+                left, top, right, bottom = (int(v) for v in boxes[b])
+                ref = TF.resized_crop(x[b], top, left, bottom - top, right - left, list(size), antialias=True)
+                ref = ref.flip(-1) if flips[b] else ref
+                torch.testing.assert_close(y[b], ref, atol=1e-5, rtol=0)
+
+    def test_rotation_turns_about_the_centre(self):
+        x = torch.rand(2, 1, 9, 9)
+        torch.testing.assert_close(_rotate(x, torch.tensor([180.0, 0.0])), torch.stack([x[0].flip(-1, -2), x[1]]),
+                                   atol=1e-5, rtol=0)
+        quarter = _rotate(x[:1], torch.tensor([90.0]))
+        assert any(torch.allclose(quarter, x[:1].rot90(k, (-2, -1)), atol=1e-5) for k in (1, 3))
+        wide = torch.rand(1, 1, 6, 10)  # not square: a half turn is still exact
+        torch.testing.assert_close(_rotate(wide, torch.tensor([180.0])), wide.flip(-1, -2), atol=1e-5, rtol=0)
 
     def test_depends_only_on_seed_epoch_step(self):
         x = torch.rand(4, 1, 32, 32)

