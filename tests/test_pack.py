@@ -356,6 +356,22 @@ class TestBatchAugment:
         assert not torch.equal(a[0], run(0, 2)[0]) and not torch.equal(a[0], run(1, 1)[0])
         assert not torch.equal(a[0][0], a[0][1])  # each image its own parameters
 
+    @pytest.mark.cuda
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    def test_on_cuda_nothing_waits_for_the_device_and_the_crops_are_the_cpus(self, monkeypatch):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        x = torch.randint(0, 256, (8, 1, 40, 30), dtype=torch.uint8)
+        kw = {"crop_scale": 0.4, "hflip": 0.5, "rotate": 10.0, "seed": 4}
+        on_cpu = BatchAugment((24, 20), **kw)(x)
+        on_gpu = x.cuda()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # a read-back or a blocking copy raises
+        try:
+            y = BatchAugment((24, 20), **kw)(on_gpu)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(y.cpu(), on_cpu, atol=1e-4, rtol=0)
+
     def test_global_rng_untouched(self):
         x = torch.rand(2, 1, 16, 16)
         torch.manual_seed(5)
