@@ -278,15 +278,26 @@ def windows() -> str:
     return "\n".join(lines)
 
 
-def loop() -> str:
-    """train.py's epochs against the bare training step, from files and from a pack, from benchmarks/loop.py."""
-    rows = _rows("loop-cpu.csv")
+def _gpu(name: str) -> str | None:
+    """``name`` in the newest GPU check's folder (``gpu-<date>/``, at any depth), relative to the results, or None."""
+    found = sorted(RESULTS.glob(f"gpu-*/**/{name}"))
+    return found[-1].relative_to(RESULTS).as_posix() if found else None
+
+
+def _portable(command: str) -> str:
+    """A recorded command without the output paths of the machine it ran on."""
+    return re.sub(r" --(csv|md|output|out|work) \S+", "", command)
+
+
+def _loop_table(name: str) -> list[str]:
+    rows = _rows(name)
     bare = rows[0]
+    md = name.removesuffix(".csv") + ".md"
     lines = [
         f"{bare['model']} ({bare['adapter']}), {bare['img_size']}, batch {bare['batch_size']}, "
-        f"{bare['memory_format']}, {bare['threads']} threads, {bare['workers']} loader workers for the files, "
-        f"{bare['n_images']} {bare['source']}s, {bare['epochs']} epochs ({_machine(rows)}; "
-        f"`{_command('loop-cpu.md')}`; [table](benchmarks/results/loop-cpu.md)):",
+        f"{bare['memory_format']}, amp {bare['amp']}, {bare['threads']} threads, {bare['workers']} loader workers "
+        f"for the files, {bare['n_images']} {bare['source']}s, {bare['epochs']} epochs ({_machine(rows)}; "
+        f"`{_portable(_command(md))}`; [table](benchmarks/results/{md})):",
         "",
         "| run | img/s | of the bare step | goal | data path alone (ms an image) | first step after the imports (s) | "
         "outside the steps, an epoch (s) |",
@@ -297,6 +308,17 @@ def loop() -> str:
         goal = f">= {r['goal']} ({'met' if r['met'] == 'yes' else 'NOT met'})" if r["goal"] != "n/a" else ""
         lines.append(f"| {r['candidate']} | {float(r['img_per_s']):.0f} | **{float(r['efficiency']):.2f}** | {goal} | "
                      f"{float(r['loader_ms']):.2f} | {float(r['ready_s']):.1f} | {float(r['outside_s']):.2f} |")
+    return lines
+
+
+def loop() -> str:
+    """train.py's epochs against the bare training step, from files and from a pack, from benchmarks/loop.py: the
+    CPU's, and the newest GPU check's."""
+    lines = _loop_table("loop-cpu.csv")
+    cuda = _gpu("loop-cuda.csv")
+    if cuda:
+        notes = cuda.split("/")[0] + "/README.md"
+        lines += ["", f"On CUDA ([notes](benchmarks/results/{notes})):", ""] + _loop_table(cuda)
     return "\n".join(lines)
 
 
@@ -315,10 +337,18 @@ def torch_compile() -> str:
         "again, cache warm (s) | pays after (steps) | warm cache: after |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['img_size']} | {r['memory_format'].upper()} | {float(r['eager_step_s']):.3f} | "
-              f"{float(r['compiled_step_s']):.3f} | "
-              f"**{float(r['speedup']):.2f}x** | {float(r['compile_s']):.0f} | {float(r['warm_compile_s']):.0f} | "
-              f"{r['break_even_steps']} | {r['warm_break_even_steps']} |" for r in rows]
+    cuda = _gpu("compile-cuda.csv")
+    for r in rows + (_rows(cuda) if cuda else []):
+        where = "" if r["device"] == "cpu" else f", {r['device_name']}, {r['amp']}"
+        lines.append(f"| {r['img_size']} | {r['memory_format'].upper()}{where} | {float(r['eager_step_s']):.3f} | "
+                     f"{float(r['compiled_step_s']):.3f} | **{float(r['speedup']):.2f}x** | "
+                     f"{float(r['compile_s']):.0f} | {float(r['warm_compile_s']):.0f} | {r['break_even_steps']} | "
+                     f"{r['warm_break_even_steps']} |")
+    if cuda:
+        r, md = _rows(cuda)[0], cuda.removesuffix(".csv") + ".md"
+        lines += ["", f"The CUDA row: batch {r['batch_size']}, {r['device_name']}, torch {r['torch']} "
+                      f"(`{_portable(_command(md))}`; [table](benchmarks/results/{md})); `--compile auto` stays "
+                      "off on CUDA."]
     return "\n".join(lines)
 
 
@@ -330,14 +360,14 @@ def pack_accuracy() -> str:
     first = rows[0]
     text = (f"`train.py` from the files and from their pack, on {first['data']} at {first['img_size']}, batch "
             f"{first['batch_size']}, {first['epochs']} epochs, seeds 0-{len(rows) - 1} ({_machine(rows)}; "
-            f"`{_command('pack_accuracy/results.md')}`; [runs](benchmarks/results/pack_accuracy/results.md)): "
+            f"`{_portable(_command('pack_accuracy/results.md'))}`; [runs](benchmarks/results/pack_accuracy/results.md)): "
             f"{verdict}")
     for larger in sorted((RESULTS / "pack_accuracy").glob("pack*/results.md")):  # packed larger than trained
         name = f"pack_accuracy/{larger.parent.name}"
         rows = _rows(f"{name}/runs.csv")
         said = re.search(r"^Pack - files, .*$", larger.read_text(), flags=re.M).group(0)
         text += (f"\n\nPacked at {rows[0]['pack_size']} and trained at {rows[0]['img_size']} "
-                 f"(`{_command(name + '/results.md')}`, {_machine(rows)}; "
+                 f"(`{_portable(_command(name + '/results.md'))}`, {_machine(rows)}; "
                  f"[runs](benchmarks/results/{name}/results.md)): {said}")
     return text
 
