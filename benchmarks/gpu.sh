@@ -10,8 +10,9 @@
 #                synthetic 16-bit X-ray-like PNGs (synthetic.py), packed by python -m gray_effnet pack
 #   4. loop      loop.py: the bare training step against train.py's img/s from the files and from the pack
 #   5. compile   torch_compile.py at 224x224, batch 64, NHWC, bf16: compile time (cold, cached), speed-up, break-even
-#   6. adapters  adapters.py at 224x224, every adapter, NHWC, bf16
-#   7. compare   a slice of compare.py --gpu (repeat and sum, 1 seed, 2 sizes); the same --output resumes it (README)
+#   6. optimizer optimizer.py at 224x224, batch 64, NHWC, bf16: fused AdamW against foreach in the training step
+#   7. adapters  adapters.py at 224x224, every adapter, NHWC, bf16
+#   8. compare   a slice of compare.py --gpu (repeat and sum, 1 seed, 2 sizes); the same --output resumes it (README)
 #
 # Each step has a planned time. Before a step, the time left in the budget is checked: a step whose plan does not
 # fit is skipped and recorded so; one that runs is interrupted (SIGINT) at twice its plan or the end of the
@@ -32,17 +33,17 @@
 # Exit status: 0 when no step failed or timed out (skipped ones do not count), 1 otherwise, 2 for bad arguments.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-steps=(env tests train loop compile adapters compare)
+steps=(env tests train loop compile optimizer adapters compare)
 
 # -- the profiles: sizes, and each step's planned seconds (in the order of $steps) ------------------------------------
 # From the first run's actual_s (results/gpu-20261130): env 6, tests 29, train 62, loop 161 (cut at its limit; about
 # 190 s whole: 2 rounds of 4 train.py starts at 7.5 s of imports each), compile 111, adapters 59.
-gpu_planned=(10 40 70 200 120 60 40)  # the default profile; its sum must stay within the default budget, 540 s
+gpu_planned=(10 40 70 200 120 30 60 10)  # the default profile; its sum must stay within the default budget, 540 s
 # What the GPU machine was seen to have (the device notes, 2026-11): checked against pyproject.toml in --rehearse.
 gpu_versions=(torch==2.11.0 numpy==2.5.2 torchvision==0.26.0 safetensors==0.8.0)
 profile() {
   if [[ $mode == rehearse ]]; then
-    planned=(8 20 30 45 150 30 30)  # compile: Inductor on 1 CPU thread takes a minute or two
+    planned=(8 20 30 45 150 20 30 30)  # compile: Inductor on 1 CPU thread takes a minute or two
     device=cpu
     test_paths=(tests/test_model.py)  # its CUDA cases, skipped here: collecting every file would take longer
     synth=(--n-images 16 --size 64 --bits 16)
@@ -50,6 +51,8 @@ profile() {
     train_extra=(--device cpu --batch-size 4 --threads 1)
     loop_args=(--smoke --device cpu --n-images 16 --source-size 64 --bits 16)
     compile_args=(--device cpu --sizes 32 --batch-size 2 --steps 1 --rounds 1 --warmup 0 --threads 1)
+    optimizer_args=(--device cpu --sizes 32 --batch-size 2 --steps 1 --rounds 1 --warmup 0 --check-steps 1
+                    --threads 1)
     adapters_args=(--device cpu --img-size 32 32 --batch-size 2 --repeats 1 --iters 1 --stem-iters 1 --warmup 1
                    --threads 1)
     compare_args=(--gpu --device cpu --seeds 1 --per-class 2 --adapters repeat fold --no-scratch --epochs 1
@@ -64,6 +67,7 @@ profile() {
     loop_args=(--device cuda --n-images 2048 --source-size 512 --bits 16 --img-size 224 224 --batch-size 64
                --workers 8 --epochs 3)
     compile_args=(--device cuda --sizes 224 --batch-size 64 --steps 20 --rounds 5 --warmup 3)
+    optimizer_args=(--device cuda --sizes 224 --batch-size 64 --steps 20 --rounds 5 --warmup 3)
     adapters_args=(--device cuda --img-size 224 224 --batch-size 128 --repeats 5 --iters 10 --warmup 5)
     compare_args=(--gpu --seeds 1 --per-class 10 100 --adapters repeat sum --no-scratch)
   fi
@@ -114,6 +118,10 @@ step_loop() {  # the data of step 3 when it is there (same settings), else loop.
 
 step_compile() {
   py benchmarks/torch_compile.py "${compile_args[@]}" --csv "$res/compile/compile-$device.csv"
+}
+
+step_optimizer() {
+  py benchmarks/optimizer.py "${optimizer_args[@]}" --csv "$res/optimizer/optimizer-$device.csv"
 }
 
 step_adapters() {

@@ -1,6 +1,6 @@
 """Loop efficiency: train.py's training throughput against the bare training step of the same model, in one run.
 
-* ``bare``: the training step alone (forward, cross-entropy, backward, timm's AdamW) on a random batch that
+* ``bare``: the training step alone (forward, cross-entropy, backward, train.py's AdamW) on a random batch that
   stays on the device: train.py's model, loss and optimizer settings (its parser's defaults), nothing else.
 * ``files``: ``train.py`` itself, a subprocess, on a folder of synthetic X-ray-like PNGs (``synthetic.py``).
 * ``pack``: ``train.py`` on the same folder packed by ``python -m gray_effnet pack`` (timed too).
@@ -60,12 +60,11 @@ from pathlib import Path
 import torch
 from _common import HelpFormatter, Spread, default_output, environment, report, resolve_device, time_block
 from synthetic import generate
-from timm.optim import create_optimizer_v2
 from torch import nn
 
 from gray_effnet import GrayEfficientNet
 from gray_effnet.data import make_loader, set_loader_epoch
-from gray_effnet.engine import AMP_DTYPES, amp_setup
+from gray_effnet.engine import AMP_DTYPES, amp_setup, make_optimizer_and_schedule
 from gray_effnet.sources import Augmentation, open_source
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,10 +101,11 @@ def goal(device_type: str, source: str, bits: int) -> float | None:
 
 # -- the bare step ------------------------------------------------------------------------------------
 def bare_step(args: argparse.Namespace, defaults: argparse.Namespace, device: torch.device, channels_last: bool,
-              compile: bool = False):
+              compile: bool = False, fused: bool | None = None):
     """One training step of train.py's model on a fixed batch already on ``device``, as a callable.
 
     ``compile``: the model under ``torch.compile`` (train.py's ``--compile``); its first call compiles.
+    ``fused``: ``make_optimizer_and_schedule``'s (default: train.py's choice).
     """
     torch.manual_seed(args.seed)
     model = GrayEfficientNet(args.model, adapter=args.adapter, num_classes=2, img_size=args.img_size,
@@ -114,8 +114,9 @@ def bare_step(args: argparse.Namespace, defaults: argparse.Namespace, device: to
         model.to(memory_format=torch.channels_last)
     model.train()
     run = torch.compile(model) if compile else model  # train.py's order: channels_last -> optimizer -> compile
-    lr = defaults.lr * args.batch_size / 64  # train.py's scaling; the speed does not depend on it
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=defaults.weight_decay)
+    optimizer, _, _ = make_optimizer_and_schedule(  # train.py's recipe; the schedule is not stepped
+        model, lr=defaults.lr, batch_size=args.batch_size, world_size=1, weight_decay=defaults.weight_decay,
+        epochs=1, steps_per_epoch=1, warmup_epochs=0, fused=fused)
     criterion = nn.CrossEntropyLoss(label_smoothing=defaults.label_smoothing)
     autocast, scaler = amp_setup(device, args.amp)
     g = torch.Generator().manual_seed(args.seed)

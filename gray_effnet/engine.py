@@ -371,6 +371,9 @@ def evaluate(
     )
 
 
+FUSED_DEVICES = {"cpu", "cuda"}  # where make_optimizer_and_schedule asks for torch's fused AdamW
+
+
 def make_optimizer_and_schedule(
     model: nn.Module | Iterable,
     *,
@@ -382,6 +385,7 @@ def make_optimizer_and_schedule(
     steps_per_epoch: int,
     warmup_epochs: float,
     decay: bool = True,
+    fused: bool | None = None,
 ) -> tuple[torch.optim.Optimizer, Scheduler, float]:
     """The one training recipe: timm's AdamW, a linear warmup then cosine decay per step, the LR scaled to the batch.
 
@@ -404,12 +408,21 @@ def make_optimizer_and_schedule(
         decay: False holds the peak after the warmup instead, for runs that end when the validation loss stops
             improving rather than at a planned length (``benchmarks/compare.py``): where such a run stops then
             does not depend on how long it could have been.
+        fused: torch's fused AdamW (one kernel over every parameter, the same update) rather than its foreach
+            ops; default: where torch has it for the parameters' device (the CPU and CUDA).
+            ``benchmarks/optimizer.py`` measures the training step with each.
 
     Returns:
         ``(optimizer, scheduler, lr)``, ``lr`` the scaled peak learning rate.
     """
     lr = lr * batch_size * world_size / 64  # lr is for a global batch of 64; scale linearly
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay)
+    model = model if isinstance(model, nn.Module) else list(model)
+    params = model.parameters() if isinstance(model, nn.Module) else [
+        p for group in model for p in (group["params"] if isinstance(group, dict) else [group])]
+    if fused is None:
+        fused = {p.device.type for p in params} <= FUSED_DEVICES
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay,
+                                    **({"fused": True} if fused else {}))
     warmup_t = int(warmup_epochs * steps_per_epoch)
     if not decay:  # timm's step schedule with a decay rate of 1: the warmup, then the peak
         return optimizer, StepLRScheduler(optimizer, decay_t=1, decay_rate=1.0, warmup_t=warmup_t,

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from benchmarks import compare
+from gray_effnet import engine
 from gray_effnet.augment import BatchAugment
 from gray_effnet.engine import make_optimizer_and_schedule
 
@@ -202,6 +203,38 @@ class TestRecipe:
         decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
         assert len(decay) == len(list(model.parameters()))
         assert all(decay[id(p)] == (0.05 if p.ndim > 1 else 0.0) for p in model.parameters())
+
+    def test_fused_adamw_on_the_cpu_and_the_same_update_as_foreach(self):
+        """torch's fused AdamW where it has one (here, the CPU), foreach when asked; the same steps from the same start
+        end at the same weights up to float rounding, param groups (weight decay on 2-D parameters only) included."""
+        trained = []
+        for fused in (None, False):
+            torch.manual_seed(0)
+            model = make_model("tf_efficientnet_lite0", "fold")
+            start = [p.detach().clone() for p in model.parameters()]
+            optimizer, scheduler, _ = make_optimizer_and_schedule(
+                model, lr=2e-3, batch_size=8, world_size=1, weight_decay=0.05, epochs=1, steps_per_epoch=3,
+                warmup_epochs=0, fused=fused)
+            assert optimizer.defaults["fused"] is (True if fused is None else None)
+            for k in range(3):
+                torch.manual_seed(k)  # the same batch and dropout for both
+                loss = model(torch.rand(8, 1, 32, 32)).logsumexp(1).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step_update(k + 1)
+            trained.append([p.detach().clone() for p in model.parameters()])
+        moved = max((a - b).abs().max().item() for a, b in zip(trained[0], start))
+        assert moved > 1e-4  # the steps changed the weights, so equality below means something
+        for a, b in zip(*trained):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+    def test_a_device_without_fused_adamw_gets_foreach(self, monkeypatch):
+        monkeypatch.setattr(engine, "FUSED_DEVICES", {"cuda"})  # as if the CPU had none
+        optimizer, _, _ = make_optimizer_and_schedule(
+            make_model("tf_efficientnet_lite0", "fold"), lr=1e-3, batch_size=8, world_size=1, weight_decay=0.05,
+            epochs=1, steps_per_epoch=1, warmup_epochs=0)
+        assert not optimizer.defaults["fused"]
 
     def test_reexpressed_statistics_keep_the_interior(self):
         model = make_model("tf_efficientnet_lite0", "repeat")

@@ -21,7 +21,7 @@ import torch_compile  # noqa: E402
 import versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["env", "tests", "train", "loop", "compile", "adapters", "compare"]
+STEPS = ["env", "tests", "train", "loop", "compile", "optimizer", "adapters", "compare"]
 RUN = [s for s in STEPS if s != "compile"]  # the steps the rehearsal below runs
 # What one device call brings back from $OUT: files named in these characters, at most 8, at most 2 folders down.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -120,7 +120,7 @@ class TestArguments:
     @pytest.mark.parametrize("args, message", [
         (["--budget", "7m"], "--budget takes whole seconds; got '7m'"),
         (["--plan", "nosuch=3"],
-         "--plan takes STEP=SECONDS with STEP one of env tests train loop compile adapters compare"),
+         "--plan takes STEP=SECONDS with STEP one of env tests train loop compile optimizer adapters compare"),
         (["--plan", "tests=soon"], "got 'tests=soon'"),
         (["--frobnicate"], "unknown argument '--frobnicate'"),
     ])
@@ -137,14 +137,15 @@ class TestBudget:
         """tests gets 2 s (limit 4 s), train is planned 0 s, the others more than the budget."""
         out = tmp_path / "OUT" / "gpu"
         res = gpu_sh("--rehearse", "--budget", "60", "--plan", "tests=2", "--plan", "train=0", "--plan", "loop=1000",
-                     "--plan", "adapters=1000", "--plan", "compare=1000", "--out", str(out), timeout=300)
+                     "--plan", "optimizer=1000", "--plan", "adapters=1000", "--plan", "compare=1000", "--out", str(out),
+                     timeout=300)
         assert res.returncode == 1, res.stdout + res.stderr  # a step timed out
         steps = read_steps(out)
         assert list(steps) == STEPS
         assert steps["env"]["status"] == "ok" and steps["env"]["rc"] == "0"
         assert steps["tests"]["status"] == "timeout" and steps["tests"]["rc"] == "124"
         assert 4 <= int(steps["tests"]["actual_s"]) <= 4 + 15 + 2  # the limit, at most the kill-after grace more
-        assert [steps[s]["status"] for s in STEPS[2:]] == ["skipped"] * 5
+        assert [steps[s]["status"] for s in STEPS[2:]] == ["skipped"] * 6
         assert (steps["train"]["planned_s"], steps["loop"]["planned_s"]) == ("0", "1000")
         summary = (out / "summary.md").read_text()
         assert "| tests | 2 |" in summary and "interrupted at 4s" in summary and "planned 1000s" in summary
@@ -200,6 +201,9 @@ class TestRehearsal:
         with open(details / "train" / "metrics.csv", newline="") as f:
             assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1"]
         assert (details / "adapters" / "adapters-cpu-bf16-nhwc.csv").is_file()
+        with open(details / "optimizer" / "optimizer-cpu.csv", newline="") as f:
+            (row,) = csv.DictReader(f)
+        assert float(row["speedup"]) > 0 and float(row["max_weight_diff"]) < 1e-4
         with open(details / "compare" / "learning_curve" / "results.csv", newline="") as f:
             assert {r["arm"] for r in csv.DictReader(f)} == {"repeat", "fold"}
         assert "python benchmarks/loop.py" in (details / "commands.txt").read_text()

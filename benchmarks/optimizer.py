@@ -1,0 +1,114 @@
+"""torch's fused AdamW against its foreach AdamW in train.py's training step, interleaved in one run.
+
+For each image size, ``loop.bare_step`` builds train.py's training step (model, loss, AdamW from
+``make_optimizer_and_schedule``, a fixed batch on the device) twice from the same weights: with ``fused=False``
+(torch's foreach AdamW, what ``create_optimizer_v2`` gives by default) and ``fused=True`` (one kernel over every
+parameter). Both are warmed up, then timed in blocks, interleaved round by round (``_common.interleave``).
+``speedup`` is the median over rounds of foreach's seconds a step over fused's (above 1: fused is faster).
+
+The two make the same update up to float rounding: ``max_weight_diff`` is the largest difference between the
+weights of two more such models after ``--check-steps`` steps each, every step with the same dropout draws (a check
+that they train alike, apart from the timing).
+
+Example:
+    python benchmarks/optimizer.py                              # 32x32 and 224x224, train.py's batch
+    python benchmarks/optimizer.py --sizes 32 --rounds 2 --steps 2 --csv /tmp/optimizer.csv   # a quick check
+"""
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+from _common import Candidate, HelpFormatter, default_output, environment, interleave, report, resolve_device
+from loop import bare_step, train_defaults
+
+from gray_effnet.engine import AMP_DTYPES
+
+COLUMNS = ["img_size", "batch_size", "foreach_step_s", "fused_step_s", "speedup", "speedup_min", "speedup_max",
+           "max_weight_diff"]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--sizes", nargs="+", type=int, default=[32, 224], help="square image sides to measure")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--model", default=None, help="default: train.py's")
+    p.add_argument("--adapter", default=None, help="default: train.py's")
+    p.add_argument("--batch-size", type=int, default=None, help="default: train.py's")
+    p.add_argument("--amp", default=None, choices=list(AMP_DTYPES), help="default: bf16 on CUDA, none on the CPU")
+    p.add_argument("--channels-last", default=None, choices=("on", "off"), help="default: on")
+    p.add_argument("--threads", type=int, default=None, help="default: torch's count here")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per timed block (default: 10, or 2 from 128x128 up on the CPU)")
+    p.add_argument("--rounds", type=int, default=5, help="timed blocks of each, interleaved")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps of each first")
+    p.add_argument("--check-steps", type=int, default=3, help="steps of the same-update check")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--csv", default=None, help="default: benchmarks/results/optimizer-<device>.csv (and .md)")
+    return p
+
+
+def weights_of(step) -> list[torch.Tensor]:
+    """The parameters of the model inside a ``bare_step`` callable (its closure holds the model)."""
+    cells = {name: cell.cell_contents for name, cell in zip(step.__code__.co_freevars, step.__closure__)}
+    return [p.detach() for p in cells["run"].parameters()]
+
+
+def max_weight_diff(ns, defaults, device, channels_last: bool, steps: int) -> float:
+    """The largest weight difference between a foreach-trained and a fused-trained model after ``steps`` steps
+    from the same start, each step under the same seed (the same dropout)."""
+    trained = []
+    for fused in (False, True):
+        step = bare_step(ns, defaults, device, channels_last, fused=fused)
+        for k in range(steps):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(k)
+                step()
+        trained.append(weights_of(step))
+    return max((a - b).abs().max().item() for a, b in zip(*trained))
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    device = resolve_device(args.device)
+    defaults = train_defaults()
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    channels_last = (args.channels_last or "on") == "on"
+    batch = args.batch_size or defaults.batch_size
+    rows = []
+    for size in args.sizes:
+        ns = argparse.Namespace(model=args.model or defaults.model, adapter=args.adapter or defaults.adapter,
+                                img_size=[size, size], batch_size=batch, amp=amp, seed=args.seed)
+        steps = args.steps or (2 if size >= 128 and device.type == "cpu" else 10)
+        foreach = Candidate("foreach", bare_step(ns, defaults, device, channels_last, fused=False), batch)
+        fused = Candidate("fused", bare_step(ns, defaults, device, channels_last, fused=True), batch)
+        for cand in (foreach, fused):
+            for _ in range(args.warmup):
+                cand.step()
+        interleave([foreach, fused], args.rounds, steps, device, desc=f"{size}x{size}", memory=False)
+        ratios = [a / b for a, b in zip(foreach.seconds, fused.seconds)]
+        diff = max_weight_diff(ns, defaults, device, channels_last, args.check_steps)
+        rows.append({"img_size": f"{size}x{size}", "batch_size": batch,
+                     "foreach_step_s": statistics.median(foreach.seconds),
+                     "fused_step_s": statistics.median(fused.seconds), "speedup": statistics.median(ratios),
+                     "speedup_min": min(ratios), "speedup_max": max(ratios), "max_weight_diff": diff,
+                     "rounds": args.rounds, "steps_per_block": steps,
+                     **environment(device, str(AMP_DTYPES[amp] or torch.float32).removeprefix("torch."),
+                                   model=ns.model, adapter=ns.adapter, amp=amp,
+                                   memory_format="nhwc" if channels_last else "nchw")})
+        print(f"{size}x{size}: foreach {rows[-1]['foreach_step_s']:.4f}s, fused {rows[-1]['fused_step_s']:.4f}s a "
+              f"step: {rows[-1]['speedup']:.3f}x", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    rows = main(args)
+    csv_path = Path(args.csv) if args.csv else default_output(f"optimizer-{rows[0]['device']}", ".csv")
+    notes = ["speedup: foreach AdamW's seconds a training step over fused AdamW's (median of the rounds' ratios; "
+             "min and max over rounds). max_weight_diff: the largest difference between two models' weights after "
+             f"{args.check_steps} steps from the same start with the same dropout, foreach against fused."]
+    header = f"{rows[0]['model']} ({rows[0]['adapter']})  {rows[0]['device_name']}  torch {rows[0]['torch']}"
+    report(rows, COLUMNS, csv_path, "Fused AdamW against foreach AdamW in the training step", notes, header=header)
