@@ -32,7 +32,9 @@ but the first, which pays for the loader's start and the first step. Reported fo
   milliseconds per training image for one pass over the training split (files: read, decode, crop and
   resize each image, collate; pack: index the memory map, then the batch augmentation). The ``bare`` row holds
   the training step's own milliseconds per image there, so the two read side by side: the data path's share of
-  the cores.
+  the cores. ``decode_ms`` (files): the part of it that reads and decodes the files alone (``read_gray``, no crop,
+  resize or collate): what no faster transform can remove, so ``step / (step + decode_ms)`` bounds the files
+  run's efficiency where the loader and the model share the cores.
 * ``epoch_s``: wall time between consecutive ``epoch N:`` lines, median over the warm epochs; ``outside_s``:
   ``epoch_s`` minus the epoch's ``seconds``, the time each epoch spends outside the training steps (validation,
   checkpoint, logs); ``outside_share``: its fraction of ``epoch_s``.
@@ -65,6 +67,7 @@ from torch import nn
 from gray_effnet import GrayEfficientNet
 from gray_effnet.data import make_loader, set_loader_epoch
 from gray_effnet.engine import AMP_DTYPES, amp_setup, make_optimizer_and_schedule
+from gray_effnet.images import read_gray
 from gray_effnet.sources import Augmentation, open_source
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +82,7 @@ PROFILES = {
               "threads": 1, "bare_steps": 2, "warmup": 1, "rounds": 1},
 }
 TABLE_COLUMNS = ["candidate", "img_per_s", "efficiency", "eff_min", "eff_max", "goal", "met", "startup_s",
-                 "first_step_s", "imports_s", "ready_s", "loader_ms", "epoch_s", "train_s", "outside_s",
+                 "first_step_s", "imports_s", "ready_s", "loader_ms", "decode_ms", "epoch_s", "train_s", "outside_s",
                  "outside_share"]
 READY_GOAL_S = 3.0  # time to the first step after the imports, on a repeat run
 TRAINING_LINE = re.compile(r"^training ")  # train.py's last line before the first epoch
@@ -116,7 +119,7 @@ def bare_step(args: argparse.Namespace, defaults: argparse.Namespace, device: to
     run = torch.compile(model) if compile else model  # train.py's order: channels_last -> optimizer -> compile
     optimizer, _, _ = make_optimizer_and_schedule(  # train.py's recipe; the schedule is not stepped
         model, lr=defaults.lr, batch_size=args.batch_size, world_size=1, weight_decay=defaults.weight_decay,
-        epochs=1, steps_per_epoch=1, warmup_epochs=0, fused=fused)
+        epochs=1, steps_per_epoch=1, warmup_epochs=0, decay=False, fused=fused)
     criterion = nn.CrossEntropyLoss(label_smoothing=defaults.label_smoothing)
     autocast, scaler = amp_setup(device, args.amp)
     g = torch.Generator().manual_seed(args.seed)
@@ -210,6 +213,16 @@ def loader_ms(data: Path, args: argparse.Namespace, defaults: argparse.Namespace
         x = batch.images if batch_augment is None else batch_augment(batch.images)
         images += len(x)
     return 1000 * (time.perf_counter() - start) / max(images, 1)
+
+
+def decode_ms(data: Path, args: argparse.Namespace) -> float:
+    """Milliseconds per training image to read and decode the files of ``data`` (a folder) alone, as train.py's
+    workers do before cropping (``read_gray``; one pass, in this process)."""
+    paths = [path for path, _ in open_source(str(data), seed=args.seed).samples("train")]
+    start = time.perf_counter()
+    for path in paths:
+        read_gray(path)
+    return 1000 * (time.perf_counter() - start) / max(len(paths), 1)
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
@@ -318,8 +331,9 @@ def main(args: argparse.Namespace) -> tuple[list[dict], bool]:
             print(f"bare step: {blocks[-1]:.1f} img/s", flush=True)
 
         loader_costs = {name: loader_ms(source, args, defaults) for name, source in (("files", data), ("pack", pack))}
-        print("data path alone: " + ", ".join(f"{k} {v:.2f} ms an image" for k, v in loader_costs.items()),
-              flush=True)
+        decoding = decode_ms(data, args)
+        print("data path alone: " + ", ".join(f"{k} {v:.2f} ms an image" for k, v in loader_costs.items())
+              + f" (decoding the files: {decoding:.2f})", flush=True)
         runs: dict[str, list[tuple[TrainRun, float]]] = {"files": [], "pack": []}  # (run, bare img/s around it)
         bare_block()
         for rnd in range(args.rounds):
@@ -346,7 +360,8 @@ def main(args: argparse.Namespace) -> tuple[list[dict], bool]:
              "loader_ms": 1000 / bare.median, "returncode": 0, **env}]
     for name, done in runs.items():
         target = goal(device.type, name, args.bits)
-        row = {"candidate": name, **median_summary(done), "loader_ms": loader_costs[name]}
+        row = {"candidate": name, **median_summary(done), "loader_ms": loader_costs[name],
+               "decode_ms": decoding if name == "files" else None}
         efficiency = row["efficiency"]
         met = None if target is None or efficiency is None else ("yes" if efficiency >= target else "NO")
         rows.append({**row, "goal": target, "met": met, "returncode": max(r.returncode for r, _ in done), **env})

@@ -306,8 +306,10 @@ def _loop_table(name: str) -> list[str]:
     ]
     for r in rows[1:]:
         goal = f">= {r['goal']} ({'met' if r['met'] == 'yes' else 'NOT met'})" if r["goal"] != "n/a" else ""
+        decoding = f" (decoding {float(r['decode_ms']):.2f})" if r.get("decode_ms") not in (None, "", "n/a") else ""
         lines.append(f"| {r['candidate']} | {float(r['img_per_s']):.0f} | **{float(r['efficiency']):.2f}** | {goal} | "
-                     f"{float(r['loader_ms']):.2f} | {float(r['ready_s']):.1f} | {float(r['outside_s']):.2f} |")
+                     f"{float(r['loader_ms']):.2f}{decoding} | {float(r['ready_s']):.1f} | "
+                     f"{float(r['outside_s']):.2f} |")
     return lines
 
 
@@ -360,7 +362,8 @@ def pack_accuracy() -> str:
     first = rows[0]
     text = (f"`train.py` from the files and from their pack, on {first['data']} at {first['img_size']}, batch "
             f"{first['batch_size']}, {first['epochs']} epochs, seeds 0-{len(rows) - 1} ({_machine(rows)}; "
-            f"`{_portable(_command('pack_accuracy/results.md'))}`; [runs](benchmarks/results/pack_accuracy/results.md)): "
+            f"`{_portable(_command('pack_accuracy/results.md'))}`; "
+            f"[runs](benchmarks/results/pack_accuracy/results.md)): "
             f"{verdict}")
     for larger in sorted((RESULTS / "pack_accuracy").glob("pack*/results.md")):  # packed larger than trained
         name = f"pack_accuracy/{larger.parent.name}"
