@@ -354,6 +354,27 @@ def torch_compile() -> str:
     return "\n".join(lines)
 
 
+def optimizer() -> str:
+    """Fused against foreach AdamW in the training step, from benchmarks/optimizer.py: the CPU's and the GPU's."""
+    rows = _rows("optimizer-cpu.csv")
+    cuda = _gpu("optimizer-cuda.csv")
+    first = rows[0]
+    lines = [
+        f"{first['model']} ({first['adapter']}) training steps, batch {first['batch_size']}, "
+        f"{first['memory_format']}, {first['threads']} threads ({_machine(rows)}; "
+        f"`{_portable(_command('optimizer-cpu.md'))}`; [table](benchmarks/results/optimizer-cpu.md)):",
+        "",
+        "| size | device | foreach step (s) | fused step (s) | speedup (range over rounds) | weights after 1 step |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows + (_rows(cuda) if cuda else []):
+        lines.append(f"| {r['img_size']} | {r['device_name']}, {r['amp']} | {float(r['foreach_step_s']):.4f} | "
+                     f"{float(r['fused_step_s']):.4f} | **{float(r['speedup']):.2f}x** "
+                     f"({float(r['speedup_min']):.2f}-{float(r['speedup_max']):.2f}) | "
+                     f"{float(r['max_weight_diff']):.0e} apart |")
+    return "\n".join(lines)
+
+
 def pack_accuracy() -> str:
     """The pack's accuracy against the files', paired by seed, from benchmarks/pack_accuracy.py."""
     rows = _rows("pack_accuracy/runs.csv")
@@ -378,6 +399,7 @@ def pack_accuracy() -> str:
 REGIONS: dict[str, Callable[[], str]] = {
     "demo": demo, "speed": speed, "pipeline": pipeline, "fidelity": fidelity, "compare": compare, "pick": pick,
     "windows": windows, "threads": threads, "peer": peer, "pack": pack, "loop": loop, "compile": torch_compile,
+    "optimizer": optimizer,
     "pack_accuracy": pack_accuracy,
 }
 
