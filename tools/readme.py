@@ -123,7 +123,7 @@ def peer() -> str:
     report = (RESULTS / "peer_timm" / "results.md").read_text()
     data = re.search(r"^Data: (\d+ generated \d+x\d+ 8-bit gray digits)", report, flags=re.M).group(1)
     goals = {c: float(g) for c, g in re.findall(r"^- `(\w+)`: .*goal <= ([\d.]+)x$", report, flags=re.M)}
-    command = re.sub(r"(--timm-train-py[ =])\S+", rf"\g<1>{TIMM_TRAIN_PY}", _command("peer_timm/results.md"))
+    command = re.sub(r"(--timm-train-py[ =])\S+", rf"\g<1>{TIMM_TRAIN_PY}", _portable(_command("peer_timm/results.md")))
     lines = [
         f"{data} (split 80/20), {first['epochs']} epochs, batch {first['batch_size']}, input {first['img_size']}, "
         f"the same Lite0 ImageNet weights, each run a fresh process timed from start to exit, alternating over "
