@@ -416,7 +416,8 @@ def make_optimizer_and_schedule(
         ``(optimizer, scheduler, lr)``, ``lr`` the scaled peak learning rate.
     """
     lr = lr * batch_size * world_size / 64  # lr is for a global batch of 64; scale linearly
-    model = model if isinstance(model, nn.Module) else list(model)
+    if not isinstance(model, nn.Module):  # groups' parameters as lists: read here and again by the optimizer
+        model = [{**g, "params": list(g["params"])} if isinstance(g, dict) else g for g in model]
     params = model.parameters() if isinstance(model, nn.Module) else [
         p for group in model for p in (group["params"] if isinstance(group, dict) else [group])]
     if fused is None:

@@ -229,6 +229,14 @@ class TestRecipe:
         for a, b in zip(*trained):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
+    def test_parameter_groups_given_as_generators_keep_every_parameter(self):
+        """The groups are read twice (the devices, then the optimizer): a generator must not arrive empty."""
+        model = make_model("tf_efficientnet_lite0", "fold")
+        optimizer, _, _ = make_optimizer_and_schedule(
+            [{"params": (p for p in model.parameters()), "weight_decay": 0.0}], lr=1e-3, batch_size=8,
+            world_size=1, weight_decay=0.05, epochs=1, steps_per_epoch=1, warmup_epochs=0)
+        assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
     def test_a_device_without_fused_adamw_gets_foreach(self, monkeypatch):
         monkeypatch.setattr(engine, "FUSED_DEVICES", {"cuda"})  # as if the CPU had none
         optimizer, _, _ = make_optimizer_and_schedule(
