@@ -429,9 +429,11 @@ class TestSpeedFlags:
         row = comparable(metrics(out))[0]
         assert all(math.isfinite(v) for v in row.values())
         assert observed["logits"] and set(observed["logits"]) == {torch.float16}
-        # The optimizer steps on unscaled gradients of norm `clip` (the GradScaler skips steps with inf).
-        assert observed["grad_norm"] and observed["grad_norm"] == pytest.approx([clip] * len(observed["grad_norm"]),
-                                                                                rel=1e-3)
+        # The optimizer steps on unscaled gradients of norm `clip`. Steps with inf gradients are skipped: fused AdamW
+        # gets the GradScaler's found-inf flag and leaves the weights alone (the finite metrics above), so the hook
+        # sees those steps too, with non-finite norms; the first steps overflow fp16 at the initial scale.
+        finite = [n for n in observed["grad_norm"] if math.isfinite(n)]
+        assert finite and finite == pytest.approx([clip] * len(finite), rel=1e-3)
         assert all(observed["contiguous"])  # --channels-last off: NCHW
         assert torch.load(out / STATE_NAME, weights_only=True)["scaler"]  # a GradScaler only for fp16
 
