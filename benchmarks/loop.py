@@ -136,6 +136,7 @@ def bare_step(args: argparse.Namespace, defaults: argparse.Namespace, device: to
         scaler.step(optimizer)
         scaler.update()
 
+    step.model = run  # what it trains, for a caller that compares weights (optimizer.py)
     return step
 
 
@@ -242,20 +243,38 @@ def train_command(args: argparse.Namespace, data: Path, output: Path, channels_l
     return cmd + ([] if args.pretrained else ["--no-pretrained"])
 
 
+# -- the options of the step, shared with torch_compile.py and optimizer.py ---------------------------------
+def add_step_arguments(p, channels_last: str = "on on CUDA, off on the CPU") -> None:
+    """The options that say which training step runs; ``resolve_step`` fills in those left out."""
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--model", default=None, help="default: train.py's")
+    p.add_argument("--adapter", default=None, help="default: train.py's")
+    p.add_argument("--batch-size", type=int, default=None, help="default: train.py's")
+    p.add_argument("--amp", default=None, choices=list(AMP_DTYPES), help="default: bf16 on CUDA, none on the CPU")
+    p.add_argument("--channels-last", default=None, choices=("on", "off"), help=f"default: {channels_last}")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's count here)")
+
+
+def resolve_step(args: argparse.Namespace, defaults: argparse.Namespace, device: torch.device,
+                 channels_last: str | None = None) -> None:
+    """Fill in ``add_step_arguments``' options left out: train.py's model, adapter and batch, bf16 on CUDA,
+    channels_last (``channels_last``, else on CUDA only) and torch's thread count."""
+    for key in ("model", "adapter", "batch_size"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(defaults, key))
+    args.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    args.channels_last = args.channels_last or channels_last or ("on" if device.type == "cuda" else "off")
+    args.threads = args.threads or torch.get_num_threads()
+
+
 # -- main ---------------------------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes, a check that it runs: 24 images of 48x48 at 32x32, batch 4, 2 epochs, 1 thread")
     g = p.add_argument_group("what runs (defaults: train.py's)")
-    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    g.add_argument("--model", default=None)
-    g.add_argument("--adapter", default=None)
+    add_step_arguments(g)
     g.add_argument("--img-size", nargs=2, type=int, default=None, metavar=("H", "W"))
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--amp", default=None, choices=list(AMP_DTYPES), help="default: bf16 on CUDA, none on the CPU")
-    g.add_argument("--channels-last", default=None, choices=("on", "off"), help="default: on on CUDA, off on the CPU")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads of both (default: torch's count here)")
     g.add_argument("--workers", type=int, default=None, help="loader processes of the files run")
     g.add_argument("--epochs", type=int, default=None, help="train.py epochs, at least 2: the first is warm-up")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
@@ -282,14 +301,12 @@ def resolve_args(args: argparse.Namespace, defaults: argparse.Namespace, device:
     for key, value in PROFILES["smoke" if args.smoke else "default"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("model", "adapter", "img_size", "batch_size", "workers"):
+    resolve_step(args, defaults, device)
+    for key in ("img_size", "workers"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(defaults, key))
     args.img_size = list(args.img_size or (64, 64))  # train.py's size when it is given none
     args.device = str(device)
-    args.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-    args.channels_last = args.channels_last or ("on" if device.type == "cuda" else "off")
-    args.threads = args.threads or torch.get_num_threads()
     if args.epochs < 2:
         raise ValueError(f"--epochs must be at least 2 (the first is warm-up, not counted); got {args.epochs}")
     return args

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from _common import Candidate, HelpFormatter, default_output, environment, interleave, report, resolve_device
-from loop import bare_step, train_defaults
+from loop import add_step_arguments, bare_step, resolve_step, train_defaults
 
 from gray_effnet.engine import AMP_DTYPES
 
@@ -34,13 +34,7 @@ COLUMNS = ["img_size", "batch_size", "foreach_step_s", "fused_step_s", "speedup"
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--sizes", nargs="+", type=int, default=[32, 224], help="square image sides to measure")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--model", default=None, help="default: train.py's")
-    p.add_argument("--adapter", default=None, help="default: train.py's")
-    p.add_argument("--batch-size", type=int, default=None, help="default: train.py's")
-    p.add_argument("--amp", default=None, choices=list(AMP_DTYPES), help="default: bf16 on CUDA, none on the CPU")
-    p.add_argument("--channels-last", default=None, choices=("on", "off"), help="default: on")
-    p.add_argument("--threads", type=int, default=None, help="default: torch's count here")
+    add_step_arguments(p, channels_last="on")
     p.add_argument("--steps", type=int, default=None,
                    help="steps per timed block (default: 10, or 2 from 128x128 up on the CPU)")
     p.add_argument("--rounds", type=int, default=5, help="timed blocks of each, interleaved")
@@ -49,12 +43,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", default=None, help="default: benchmarks/results/optimizer-<device>.csv (and .md)")
     return p
-
-
-def weights_of(step) -> list[torch.Tensor]:
-    """The parameters of the model inside a ``bare_step`` callable (its closure holds the model)."""
-    cells = {name: cell.cell_contents for name, cell in zip(step.__code__.co_freevars, step.__closure__)}
-    return [p.detach() for p in cells["run"].parameters()]
 
 
 def max_weight_diff(ns, defaults, device, channels_last: bool, steps: int) -> float:
@@ -67,21 +55,19 @@ def max_weight_diff(ns, defaults, device, channels_last: bool, steps: int) -> fl
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(k)
                 step()
-        trained.append(weights_of(step))
+        trained.append([p.detach() for p in step.model.parameters()])
     return max((a - b).abs().max().item() for a, b in zip(*trained))
 
 
 def main(args: argparse.Namespace) -> list[dict]:
     device = resolve_device(args.device)
     defaults = train_defaults()
-    threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-    channels_last = (args.channels_last or "on") == "on"
-    batch = args.batch_size or defaults.batch_size
+    resolve_step(args, defaults, device, channels_last="on")
+    torch.set_num_threads(args.threads)
+    amp, channels_last, batch = args.amp, args.channels_last == "on", args.batch_size
     rows = []
     for size in args.sizes:
-        ns = argparse.Namespace(model=args.model or defaults.model, adapter=args.adapter or defaults.adapter,
+        ns = argparse.Namespace(model=args.model, adapter=args.adapter,
                                 img_size=[size, size], batch_size=batch, amp=amp, seed=args.seed)
         steps = args.steps or (2 if size >= 128 and device.type == "cpu" else 10)
         foreach = Candidate("foreach", bare_step(ns, defaults, device, channels_last, fused=False), batch)

@@ -42,7 +42,7 @@ from _common import (
     resolve_device,
     synchronize,
 )
-from loop import bare_step, train_defaults
+from loop import add_step_arguments, bare_step, resolve_step, train_defaults
 
 from gray_effnet.engine import AMP_DTYPES
 
@@ -53,13 +53,7 @@ COLUMNS = ["img_size", "batch_size", "eager_step_s", "compiled_step_s", "speedup
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--sizes", nargs="+", type=int, default=[32, 64, 224], help="square image sides to measure")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--model", default=None, help="default: train.py's")
-    p.add_argument("--adapter", default=None, help="default: train.py's")
-    p.add_argument("--batch-size", type=int, default=None, help="default: train.py's")
-    p.add_argument("--amp", default=None, choices=list(AMP_DTYPES), help="default: bf16 on CUDA, none on the CPU")
-    p.add_argument("--channels-last", default=None, choices=("on", "off"), help="default: on on CUDA, off on the CPU")
-    p.add_argument("--threads", type=int, default=None, help="default: torch's count here")
+    add_step_arguments(p)
     p.add_argument("--steps", type=int, default=None,
                    help="steps per timed block (default: 10, or 3 from 128x128 up, where a step takes seconds)")
     p.add_argument("--rounds", type=int, default=3, help="timed blocks of each, interleaved")
@@ -120,14 +114,12 @@ def break_even(compile_s: float, eager_s: float, compiled_s: float) -> float | s
 def main(args: argparse.Namespace) -> list[dict]:
     device = resolve_device(args.device)
     defaults = train_defaults()
-    threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-    channels_last = args.channels_last or ("on" if device.type == "cuda" else "off")
-    batch = args.batch_size or defaults.batch_size
+    resolve_step(args, defaults, device)
+    torch.set_num_threads(args.threads)
+    amp, channels_last, batch, threads = args.amp, args.channels_last, args.batch_size, args.threads
     rows = []
     for size in args.sizes:
-        job = {"size": size, "model": args.model or defaults.model, "adapter": args.adapter or defaults.adapter,
+        job = {"size": size, "model": args.model, "adapter": args.adapter,
                "batch_size": batch, "amp": amp, "channels_last": channels_last, "threads": threads,
                "steps": args.steps or (10 if size < 128 else 3), "first_only": False}
         with tempfile.TemporaryDirectory(prefix="gray-effnet-inductor-") as cache:
