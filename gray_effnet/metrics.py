@@ -1,12 +1,12 @@
 """Ranking metrics of scores against yes/no labels: ROC AUC, average precision, and a threshold by Youden's J.
 
 Each column (a multi-label finding, or a single-label class against the rest) is scored over the entries whose
-label is known (not NaN), with scikit-learn's ``roc_auc_score``, ``average_precision_score`` and ``roc_curve``.
-A column whose known labels are all of one class has no ROC AUC: it is reported as undefined ("one class") and
-left out of the macro means, never counted as 0.5.
+label is known (not NaN). A column whose known labels are all of one class has no ROC AUC: it is reported as
+undefined ("one class") and left out of the macro means, never counted as 0.5.
 
-scikit-learn is imported when a metric is first computed, not with this module: it takes most of a second, and a
-single-label run of more than two classes never needs it.
+The curves are computed here with numpy, as scikit-learn's ``roc_curve``, ``roc_auc_score`` and
+``average_precision_score`` compute them (the tests check them against scikit-learn): importing scikit-learn takes
+a second or more, and each training run validates every epoch.
 """
 
 import math
@@ -14,9 +14,70 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DEFAULT_THRESHOLD", "FindingMetrics", "finding_metrics", "youden_threshold"]
+__all__ = ["DEFAULT_THRESHOLD", "FindingMetrics", "average_precision", "finding_metrics", "roc_auc", "roc_curve",
+           "youden_threshold"]
 
 DEFAULT_THRESHOLD = 0.5  # where no threshold could be chosen: a finding with one class among its known labels
+
+
+def _counts(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """True and false positives called at each distinct score, highest first, when it is the threshold."""
+    labels, scores = np.asarray(labels, dtype=bool).ravel(), np.asarray(scores, dtype=np.float64).ravel()
+    if labels.shape != scores.shape:
+        raise ValueError(f"labels and scores must both be (N,); got {labels.shape} and {scores.shape}")
+    order = np.argsort(-scores, kind="mergesort")
+    scores, labels = scores[order], labels[order]
+    last = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]  # the last entry of each run of equal scores
+    tps = np.cumsum(labels)[last]
+    return tps, last + 1 - tps, scores[last]
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray, drop_intermediate: bool = True
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False and true positive rates when each distinct score is the threshold (a score at or above it is called
+    positive), as scikit-learn's ``roc_curve``: the first point, threshold ``inf``, calls nothing positive.
+
+    Args:
+        labels: 1 (or True) for positive; both classes must be present.
+        drop_intermediate: leave out the points on a straight segment between their neighbours.
+
+    Shape:
+        - labels, scores: (N,)
+
+    Returns:
+        ``fpr``, ``tpr`` and ``thresholds``, each (M,), the thresholds decreasing.
+    """
+    tps, fps, thresholds = _counts(labels, scores)
+    if drop_intermediate and tps.size > 2:
+        keep = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]
+        tps, fps, thresholds = tps[keep], fps[keep], thresholds[keep]
+    if tps[-1] == 0 or fps[-1] == 0:
+        raise ValueError("an ROC curve needs both positive and negative labels")
+    tps, fps, thresholds = np.r_[0, tps], np.r_[0, fps], np.r_[np.inf, thresholds]
+    return fps / fps[-1], tps / tps[-1], thresholds
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The area under the ROC curve: the chance that a positive outscores a negative, a tie counting half.
+
+    Shape:
+        - labels, scores: (N,), both classes present
+    """
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2)
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision, as scikit-learn's: the precision at each threshold weighted by the recall it adds.
+
+    Shape:
+        - labels, scores: (N,), at least one positive
+    """
+    tps, fps, _ = _counts(labels, scores)
+    if tps[-1] == 0:
+        raise ValueError("average precision needs a positive label")
+    recall_added = np.diff(np.r_[0, tps]) / tps[-1]
+    return float(np.sum(recall_added * tps / (tps + fps)))
 
 
 def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -29,8 +90,6 @@ def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
         - labels: (N,) of 0 and 1, both present
         - scores: (N,)
     """
-    from sklearn.metrics import roc_curve
-
     fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
     best = 1 + int(np.argmax((tpr - fpr)[1:]))
     return float(np.clip(thresholds[best], 0.0, 1.0))
@@ -87,8 +146,6 @@ def finding_metrics(targets: np.ndarray, scores: np.ndarray) -> FindingMetrics:
         - targets: (N, K)
         - scores: (N, K)
     """
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
     targets, scores = np.asarray(targets, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     if targets.ndim != 2 or targets.shape != scores.shape:
         raise ValueError(f"targets and scores must both be (N, K); got {targets.shape} and {scores.shape}")
@@ -102,7 +159,7 @@ def finding_metrics(targets: np.ndarray, scores: np.ndarray) -> FindingMetrics:
         if y.size:
             prevalence[j] = y.mean()
         if y.any() and not y.all():
-            auc[j] = roc_auc_score(y, s)
-            ap[j] = average_precision_score(y, s)
+            auc[j] = roc_auc(y, s)
+            ap[j] = average_precision(y, s)
             threshold[j] = youden_threshold(y, s)
     return FindingMetrics(auc=auc, ap=ap, threshold=threshold, prevalence=prevalence, labelled=labelled)

@@ -22,6 +22,7 @@ import base64
 import csv
 import dataclasses
 import html
+import importlib.util
 import io
 import json
 import math
@@ -52,6 +53,7 @@ from .errors import DataError, InputError
 from .evaluation import evaluate_checkpoint, number_text, use_checkpoint_thresholds
 from .files import atomic_write
 from .folders import prepare_digits
+from .metrics import roc_auc, roc_curve
 from .model import GrayEfficientNet
 from .sources import open_source
 from .table_options import TableOptions
@@ -66,17 +68,11 @@ DPI = 100
 
 
 def _missing_packages() -> str | None:
-    """The report's optional packages (the ``report`` extra) that are not installed, or None.
+    """The report's optional package (matplotlib, the ``report`` extra) when it is not installed, or None.
 
-    They are imported when a report is drawn, not when this module is, so that training runs without them.
+    Looked up without importing it: matplotlib is imported when a report is drawn, so training runs without it.
     """
-    missing = []
-    for module, name in (("matplotlib", "matplotlib"), ("sklearn", "scikit-learn")):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(name)
-    return " and ".join(missing) or None
+    return None if importlib.util.find_spec("matplotlib") else "matplotlib"
 
 
 def report_unavailable() -> str | None:
@@ -117,8 +113,6 @@ def roc_curves(scores: np.ndarray | Tensor, targets: np.ndarray | Tensor, mask: 
     Returns:
         The curves, and for each column without both positives and negatives (no curve), a note saying so.
     """
-    from sklearn.metrics import roc_auc_score, roc_curve  # the optional [report] extra
-
     scores, targets = np.asarray(scores, dtype=np.float64), np.asarray(targets)
     if scores.ndim != 2 or scores.shape != targets.shape:
         raise InputError(f"scores and targets must both be (N, K); got {scores.shape} and {targets.shape}")
@@ -134,7 +128,7 @@ def roc_curves(scores: np.ndarray | Tensor, targets: np.ndarray | Tensor, mask: 
             notes.append(f"{name}: no ROC curve, {pos} positive and {neg} negative images")
             continue
         fpr, tpr, _ = roc_curve(t, s)
-        curves.append(RocCurve(name, fpr, tpr, float(roc_auc_score(t, s)), pos, neg))
+        curves.append(RocCurve(name, fpr, tpr, roc_auc(t, s), pos, neg))
     return curves, notes
 
 
