@@ -208,8 +208,7 @@ def adapter_options(args) -> tuple[str, dict]:
             + (f" (the intensity mapping is {str(intensity)!r})" if intensity.kind != "range" else ""))
     windows = parse_windows(args.windows)
     if len(windows) != 3:  # before the data scan, which can take a while on a large DICOM folder
-        raise InputError(
-            f"--adapter {args.adapter} needs 3 windows, one per stem channel; got {len(windows)}")
+        raise InputError(f"--adapter {args.adapter} needs 3 windows, one per stem channel; got {len(windows)}")
     return str(intensity), {"windows": windows, "range": [intensity.low, intensity.high]}
 
 
@@ -281,11 +280,9 @@ def run_training(args, held: contextlib.ExitStack) -> None:
         if task != "multi":
             raise InputError(f"--pos-weight auto is for multi-label data; {source.root} has one class per image")
         pos_weight = pos_weight_from_prevalence(source.pos_fraction())
-    state = None
-    if state_path is not None:
-        state = load_state(state_path, {"model_name": args.model, "adapter": args.adapter,
-                                        "num_classes": len(source.classes), "intensity": intensity, "task": task,
-                                        "select_by": select_by})
+    state = None if state_path is None else load_state(state_path, {
+        "model_name": args.model, "adapter": args.adapter, "num_classes": len(source.classes), "intensity": intensity,
+        "task": task, "select_by": select_by})
     augmentation = Augmentation(crop_scale=args.crop_scale, hflip=args.hflip, rotate=args.rotate)
     train_ds = source.dataset("train", (h, w), intensity, augment=augmentation)
     val_ds = source.dataset("val", (h, w), intensity)
@@ -333,7 +330,7 @@ def run_training(args, held: contextlib.ExitStack) -> None:
             + ", ".join(f"{c} {v:.3g}" for c, v in zip(source.classes, pos_weight.tolist())))
 
     # -- resume ---------------------------------------------------------------------------------------------
-    start_epoch, history = 0, []
+    start_epoch, history, best_result = 0, [], None  # best_result: the best epoch's validation, if this run made it
     if state is not None:
         try:
             unwrapped.load_timm_state_dict(state["model"], source=str(state_path))
@@ -399,7 +396,8 @@ def run_training(args, held: contextlib.ExitStack) -> None:
                                 on_step=governor.step)
         val_start = time.perf_counter()
         result = evaluate(unwrapped, val_loader, device=device, num_classes=len(source.classes), task=task,
-                          autocast=autocast, channels_last=channels_last, progress=progress, desc=f"epoch {epoch} val")
+                          autocast=autocast, channels_last=channels_last, progress=progress, desc=f"epoch {epoch} val",
+                          keep_predictions=args.report)  # the report of the best epoch needs no evaluation of its own
         unwrapped.thresholds = result.thresholds  # multi-label: Youden's J on this epoch's validation; else None
         row = EpochRow(epoch=epoch, lr=optimizer.param_groups[0]["lr"], **stats,  # lr: where the epoch ended
                        val_loss=result.loss, val_acc=result.acc, val_seconds=time.perf_counter() - val_start,
@@ -407,6 +405,7 @@ def run_training(args, held: contextlib.ExitStack) -> None:
                        val_auc=result.auc, val_ap=result.ap)
         history.append(dataclasses.asdict(row))
         is_best = best_epoch(history, select_by) == len(history) - 1
+        best_result = result if is_best else best_result
         save_start = time.perf_counter()
         if primary:
             save_checkpoint(output, unwrapped, optimizer=optimizer, scaler=scaler, history=history,
@@ -434,7 +433,7 @@ def run_training(args, held: contextlib.ExitStack) -> None:
         + (f" --data {shlex.quote(args.data)}" if args.data else "")
         + (f" {shlex.join(table.flags())}" if (table := table_options(args)) else ""))
     if args.report:
-        log(report_after_training(output, val_loader, val_ds, device=device, num_classes=len(source.classes),
+        log(report_after_training(output, val_loader, val_ds, result=best_result, device=device,
                                   class_names=source.classes, autocast=autocast, progress=progress,
                                   data_note=source.describe(train_ds.wide)))
 

@@ -873,11 +873,16 @@ def report_line(write: Callable[[], Path]) -> str:
     return f"report: {path} ({time.perf_counter() - start:.1f}s)"
 
 
-def report_after_training(output: Path, loader, dataset: Dataset, *, device: torch.device, num_classes: int,
-                          class_names: Sequence[str], autocast: Callable = nullcontext, data_note: str | None = None,
-                          progress: bool = True) -> str | None:
-    """train.py's report: every process evaluates ``best.safetensors`` on its share of the validation loader
-    (the predictions are gathered), and the first one writes ``OUTPUT/report.html``.
+def report_after_training(output: Path, loader, dataset: Dataset, *, device: torch.device, class_names: Sequence[str],
+                          result: EvalResult | None = None, autocast: Callable = nullcontext,
+                          data_note: str | None = None, progress: bool = True) -> str | None:
+    """train.py's report of ``best.safetensors`` on the validation split, written by the first process to
+    ``OUTPUT/report.html``.
+
+    Args:
+        result: the best epoch's validation with its predictions (``keep_predictions``), when this run made it:
+            every process holds it, gathered, and nothing is evaluated again. Else (a run resumed after its best
+            epoch) every process evaluates ``best.safetensors`` on its share of ``loader``.
 
     Returns:
         The line to print (on the first process), or None on the others.
@@ -895,9 +900,13 @@ def report_after_training(output: Path, loader, dataset: Dataset, *, device: tor
         dist.broadcast_object_list(there, src=0)
     if not there[0]:  # a resumed run whose best epoch was written elsewhere
         return f"report: not written: {best} does not exist" if primary else None
-    model = load_model(best).to(device)
-    result = evaluate(model, loader, device=device, num_classes=num_classes, task=model.task, autocast=autocast,
-                      keep_predictions=True, progress=progress and sys.stderr.isatty(), desc="report: evaluate best")
+    if result is not None and not primary:
+        return None
+    model = load_model(best).to(device)  # for the class-activation maps (a twentieth of a second)
+    if result is None:
+        result = evaluate(model, loader, device=device, num_classes=len(class_names), task=model.task,
+                          autocast=autocast, keep_predictions=True, progress=progress and sys.stderr.isatty(),
+                          desc="report: evaluate best")
     use_checkpoint_thresholds(result, model, log=lambda line: None)
     if not primary:
         return None

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import train
-from gray_effnet import InputError, load_model
+from gray_effnet import InputError, load_model, run_report
 from gray_effnet.__main__ import main as gray_main
 from gray_effnet.augment import build_transforms
 from gray_effnet.data import GrayImageFolder, make_loader
@@ -73,15 +73,19 @@ def figures(page: str) -> dict[str, tuple[bytes, int, int]]:
     return {name: (base64.b64decode(data), int(w), int(h)) for data, w, h, name in found}
 
 
-@pytest.fixture(scope="module")
-def evaluated(run, binary):
-    """The run's best checkpoint, the validation split made here, and evaluate's result on it."""
-    model = load_model(run[0] / "best.safetensors")
+def evaluated_checkpoint(out: Path, binary: Path):
+    """A run's best checkpoint, the validation split made here, and evaluate's result on it."""
+    model = load_model(out / "best.safetensors")
     folder = load_folder(binary, val_split=0.4, seed=0)
     ds = GrayImageFolder(folder.val, build_transforms(model.img_size, train=False))
     result = evaluate(model, make_loader(ds, 8, train=False, workers=0), device=torch.device("cpu"), num_classes=2,
                       keep_predictions=True, progress=False)
     return model, folder, result
+
+
+@pytest.fixture(scope="module")
+def evaluated(run, binary):
+    return evaluated_checkpoint(run[0], binary)
 
 
 class TestReportPage:
@@ -173,6 +177,47 @@ class TestRocCurves:
             roc_curves(np.zeros((4, 2)), np.zeros(4))
         with pytest.raises(InputError, match=r"mask must be \(4, 2\) like the scores; got \(4, 1\)"):
             roc_curves(np.zeros((4, 2)), np.zeros((4, 2)), np.ones((4, 1)))
+
+
+class TestAfterTraining:
+    """train.py keeps the best epoch's validation (with its predictions) and draws the report from it."""
+
+    def test_the_best_epoch_is_not_evaluated_again(self, binary, tmp_path, monkeypatch):
+        kept = []
+        real = train.evaluate
+        monkeypatch.setattr(train, "evaluate", lambda *a, **k: kept.append(k["keep_predictions"]) or real(*a, **k))
+        monkeypatch.setattr(run_report, "evaluate", lambda *a, **k: pytest.fail("the best epoch evaluated again"))
+        out = tmp_path / "out"
+        train.main(train.get_args_parser().parse_args(["--data", str(binary), "--epochs", "1", "--output", str(out),
+                                                       *FAST]))
+        assert kept == [True]
+        page, (_, _, fresh) = (out / "report.html").read_text(), evaluated_checkpoint(out, binary)
+        rows = table(page, "confusion-counts")
+        assert [[int(v) for v in r[1:]] for r in rows[1:]] == fresh.confusion.tolist()
+
+    def test_no_report_keeps_no_predictions(self, binary, tmp_path, monkeypatch):
+        kept = []
+        real = train.evaluate
+        monkeypatch.setattr(train, "evaluate", lambda *a, **k: kept.append(k["keep_predictions"]) or real(*a, **k))
+        train.main(train.get_args_parser().parse_args(["--data", str(binary), "--epochs", "1", "--output",
+                                                       str(tmp_path / "out"), "--no-report", *FAST]))
+        assert kept == [False]
+
+    def test_resumed_after_its_best_epoch_evaluates_best(self, run, binary, tmp_path, monkeypatch):
+        """A resumed run whose best epoch came before the resume has no kept validation: best.safetensors is
+        evaluated for the report. (The resumed epoch is made to lose: best_epoch says the first one is best.)"""
+        out = tmp_path / "out"
+        shutil.copytree(run[0], out, ignore=shutil.ignore_patterns("report*", "tensorboard"))
+        calls = []
+        real = run_report.evaluate
+        monkeypatch.setattr(run_report, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+        monkeypatch.setattr(train, "best_epoch", lambda history, select_by: 0)
+        train.main(train.get_args_parser().parse_args(["--data", str(binary), "--epochs", "3", "--output", str(out),
+                                                       "--resume", *FAST]))
+        assert len(calls) == 1
+        _, _, result = evaluated_checkpoint(out, binary)
+        rows = table((out / "report.html").read_text(), "confusion-counts")
+        assert [[int(v) for v in r[1:]] for r in rows[1:]] == result.confusion.tolist()
 
 
 class TestRegenerate:
