@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -60,6 +59,7 @@ from gray_effnet.cli import (
     add_data_options,
     add_speed_options,
     command_line,
+    exit_without_teardown,
     plural,
     resolve_device,
     run_cli,
@@ -446,4 +446,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    exit_without_teardown(cli())

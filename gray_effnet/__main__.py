@@ -5,7 +5,15 @@ import sys
 from pathlib import Path
 
 # Only the subcommand that runs imports torch and timm (seconds), so that --help answers at once.
-from .cli import HelpFormatter, add_data_options, add_speed_options, resolve_device, run_cli, table_options
+from .cli import (
+    HelpFormatter,
+    add_data_options,
+    add_speed_options,
+    exit_without_teardown,
+    resolve_device,
+    run_cli,
+    table_options,
+)
 
 
 def _cam(args: argparse.Namespace) -> None:
@@ -167,4 +175,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())

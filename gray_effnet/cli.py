@@ -6,8 +6,11 @@ so that ``--help`` answers at once.
 """
 
 import argparse
+import atexit
+import os
 import shlex
 import sys
+import threading
 from collections.abc import Callable
 
 from .errors import GrayEffnetError, InputError
@@ -147,3 +150,24 @@ def run_cli(main: Callable[[argparse.Namespace], object], args: argparse.Namespa
         if finally_ is not None:
             finally_()
     return 0
+
+
+def exit_without_teardown(code: int) -> None:
+    """End a finished command-line run with ``code``, skipping only the interpreter's teardown of its modules.
+
+    As at a normal exit, the other non-daemon threads are joined, the ``atexit`` handlers run (multiprocessing's
+    stops the loader workers) and the standard streams are flushed. What is skipped is the freeing of every module
+    and object one by one, which after importing torch, torchvision and timm takes 1.0-1.4 s on 2 cores. Called
+    only from ``if __name__ == "__main__"`` blocks, with what their command returned: an uncaught exception never
+    gets here, and exits as usual with its traceback.
+    """
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said on it
+            pass
+    os._exit(code)

@@ -530,6 +530,40 @@ torch.save = half_save
         assert "removed temporary files of an interrupted write" in printed
 
 
+class TestExitWithoutTeardown:
+    """train.py and ``python -m gray_effnet`` end through cli.exit_without_teardown: the exit code, what was
+    printed, the atexit handlers and the other threads' work all arrive; only the modules' teardown is skipped."""
+
+    def test_what_a_normal_exit_keeps(self, tmp_path):
+        script = f"""
+import atexit, sys, threading, time
+from gray_effnet.cli import exit_without_teardown
+out = {str(tmp_path)!r}
+atexit.register(lambda: open(out + "/atexit", "w").write("ran"))
+def late():
+    time.sleep(0.3)
+    open(out + "/thread", "w").write("done")
+threading.Thread(target=late).start()
+class Teardown:
+    def __del__(self, open=open):  # builtins are gone by then
+        open(out + "/teardown", "w").write("ran")
+kept = Teardown()  # freed only by the interpreter's teardown
+sys.stdout.write("x" * 100_000)  # more than a pipe's buffer, not flushed
+sys.stderr.write("to stderr")
+exit_without_teardown(3)
+"""
+        res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 3, res.stderr
+        assert res.stdout == "x" * 100_000 and res.stderr == "to stderr"
+        assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "done"
+        assert not (tmp_path / "teardown").exists()
+
+    def test_the_entry_points_use_it(self):
+        for path in (ROOT / "train.py", ROOT / "gray_effnet" / "__main__.py"):
+            tail = path.read_text().rstrip().splitlines()[-2:]
+            assert tail[0] == 'if __name__ == "__main__":' and tail[1].startswith("    exit_without_teardown("), path
+
+
 class TestCli:
     def test_untrusted_weights_error_without_traceback(self, digits, tmp_path):
         marker = tmp_path / "pwned"
