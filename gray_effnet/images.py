@@ -204,6 +204,9 @@ def _probe(path: str, verify: bool, max_pixels: int | None = None) -> tuple[str 
         return None, f"{type(e).__name__}: {e}", 0
 
 
+SCAN_CHUNK = 64  # files probed per thread task
+
+
 def scan_images(paths: Sequence[str], verify: bool = False, threads: int = 8,
                 max_pixels: int | None = None) -> ScanResult:
     """Open every file's header (and decode it fully if ``verify``) to find bad files before training.
@@ -213,8 +216,11 @@ def scan_images(paths: Sequence[str], verify: bool = False, threads: int = 8,
     show when decoding, which ``verify`` (``--strict-data``) does for every file up front.
     """
     max_pixels = pixel_limit(max_pixels)  # resolved once, here: the threads below see the same number
+    # Threads for slow disks; chunks of files per task, since a task per file made submitting them cost more than
+    # probing (0.25-0.5 s against 0.19 s for 5,000 cached PNGs).
+    chunks = [paths[i:i + SCAN_CHUNK] for i in range(0, len(paths), SCAN_CHUNK)]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = list(pool.map(lambda p: _probe(p, verify, max_pixels), paths))
+        results = [r for chunk in pool.map(lambda c: [_probe(p, verify, max_pixels) for p in c], chunks) for r in chunk]
     bad = [(p, why) for p, (mode, why, _) in zip(paths, results) if mode is None]
     modes = Counter(mode for mode, _, _ in results if mode is not None)
     frames = {p: n for p, (_, _, n) in zip(paths, results) if n > 1}

@@ -13,7 +13,7 @@ from gray_effnet import DataError
 from gray_effnet.augment import build_transforms
 from gray_effnet.data import GrayImageFolder, collate, make_loader, set_loader_epoch
 from gray_effnet.folders import find_images, load_folder, prepare_digits, split_samples
-from gray_effnet.images import UnreadableImageWarning, read_gray
+from gray_effnet.images import SCAN_CHUNK, UnreadableImageWarning, read_gray, scan_images
 
 
 def gradient(h=20, w=30, hi=255, dtype=np.uint8) -> np.ndarray:
@@ -235,6 +235,24 @@ class TestBadFiles:
         assert "--strict-data: 3 unreadable file(s)" in message
         for name in ("empty.png", "corrupt.png", "truncated.jpg"):
             assert name in message
+
+    def test_many_files_in_chunks_keep_their_order(self, tmp_path):
+        """scan_images probes in chunks of SCAN_CHUNK files per thread: every file once, the bad ones in order."""
+        good = tmp_path / "good.png"
+        Image.new("L", (8, 8)).save(good)
+        Image.new("I;16", (8, 8)).save(tmp_path / "wide.png")
+        n = 2 * SCAN_CHUNK + 7
+        bad_at = [0, SCAN_CHUNK - 1, SCAN_CHUNK, n - 1]
+        paths = []
+        for i in range(n):
+            if i in bad_at:
+                (tmp_path / f"bad{i}.png").write_bytes(b"not an image")
+                paths.append(str(tmp_path / f"bad{i}.png"))
+            else:
+                paths.append(str(tmp_path / "wide.png") if i == 5 else str(good))
+        scan = scan_images(paths, threads=3)
+        assert [Path(p).name for p, _ in scan.bad] == [f"bad{i}.png" for i in bad_at]
+        assert sum(scan.modes.values()) == n - len(bad_at) and scan.modes["I;16"] == 1 and scan.wide
 
     def test_nothing_readable(self, tmp_path):
         for cls in ("a", "b"):
