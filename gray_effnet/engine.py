@@ -285,12 +285,14 @@ def evaluate(
     """
     model.eval()
     multi = check_task(task) == "multi"
-    criterion = nn.CrossEntropyLoss()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * (4 if multi else num_classes), device=device, dtype=torch.long)
     skipped = 0
-    predictions, paths, scores, kept_targets = [], [], [], []
-    all_probs, losses = [], []  # with keep_predictions, row i belongs to predictions[i]
+    # The loop never waits for the device: no `.item()`, `if tensor`, `.tolist()`, boolean index or bincount (whose
+    # output size is read back), so that the next batch is queued while this one runs. Everything per image stays on
+    # the device until the loop ends, and is copied then; the labelled rows are picked out there.
+    paths, scores, kept_targets = [], [], []  # every image's: its path, probabilities and target
+    preds, losses = [], []  # with keep_predictions (preds: single-label only)
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         skipped += batch.skipped
         if batch.targets.numel() == 0:
@@ -299,6 +301,7 @@ def evaluate(
         with autocast():
             logits = model(images)
         logits = logits.float()
+        paths += batch.paths
         if multi:
             if not targets.is_floating_point():  # unlabelled images (-1): every finding unknown
                 targets = torch.full_like(logits, math.nan)
@@ -306,9 +309,8 @@ def evaluate(
             loss_sum += masked_bce(logits, targets)[0].double()
             finding = torch.arange(num_classes, device=device).expand_as(targets)
             cell = finding * 4 + (targets > 0.5).long() * 2 + (logits >= 0).long()  # (k, label, prediction)
-            confusion += torch.bincount(cell[known], minlength=num_classes * 4)
-            paths += batch.paths
-            scores.append(logits.sigmoid())  # kept on the device: one copy after the loop, not a sync per batch
+            confusion.index_add_(0, cell.flatten(), known.flatten().long())  # an unknown entry adds 0
+            scores.append(logits.sigmoid())
             kept_targets.append(targets)
             if keep_predictions:  # each image's mean over its known entries; NaN where none is known
                 entries = F.binary_cross_entropy_with_logits(logits, torch.where(known, targets, 0.0),
@@ -317,27 +319,32 @@ def evaluate(
             continue
         pred = logits.argmax(-1)
         labelled = targets >= 0
-        probs = logits.softmax(-1)
-        if labelled.any():
-            loss_sum += criterion(logits[labelled], targets[labelled]).double() * labelled.sum()
-            confusion += torch.bincount(targets[labelled] * num_classes + pred[labelled], minlength=num_classes**2)
-            scores.append(probs[labelled])
-            kept_targets.append(targets[labelled])
+        target = targets.clamp(min=0)  # an unlabelled image stands in as class 0 below, and then counts for nothing
+        image_loss = F.cross_entropy(logits, target, reduction="none")
+        loss_sum += torch.where(labelled, image_loss, 0.0).sum(dtype=torch.float64)
+        confusion.index_add_(0, target * num_classes + pred, labelled.long())
+        scores.append(logits.softmax(-1))
+        kept_targets.append(targets)
         if keep_predictions:
-            prob = probs.gather(1, pred[:, None])[:, 0]
-            predictions += list(zip(batch.paths, targets.tolist(), pred.tolist(), prob.tolist()))
-            all_probs.append(probs)
-            image_loss = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+            preds.append(pred)
             losses.append(image_loss.masked_fill(~labelled, math.nan))
     _all_reduce(loss_sum)
     _all_reduce(confusion)
     skipped = int(_all_reduce(torch.tensor(skipped, device=device)).item())
+    scores = torch.cat(scores).cpu() if scores else torch.empty(0, num_classes)
     empty = torch.empty(0, num_classes) if multi else torch.empty(0, dtype=torch.long)
-    probs = torch.cat(all_probs).cpu() if all_probs else torch.zeros(0, num_classes)
+    targets = torch.cat(kept_targets).cpu() if kept_targets else empty
     losses = torch.cat(losses).cpu() if losses else torch.zeros(0)
-    mine = (paths, torch.cat(scores).cpu() if scores else torch.empty(0, num_classes),
-            torch.cat(kept_targets).cpu() if kept_targets else empty, predictions, probs, losses)
-    parts = _all_gather(mine)  # every rank's probabilities: a ranking metric is not a sum over ranks
+    predictions, probs = [], torch.zeros(0, num_classes)
+    if not multi:  # every image into predictions when kept; the labelled ones into the ranking metrics
+        if keep_predictions:
+            probs = scores
+            pred = torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.long)
+            prob = probs.gather(1, pred[:, None])[:, 0]
+            predictions = list(zip(paths, targets.tolist(), pred.tolist(), prob.tolist()))
+        labelled = targets >= 0
+        scores, targets, paths = scores[labelled], targets[labelled], []
+    parts = _all_gather((paths, scores, targets, predictions, probs, losses))  # a ranking is not a sum over ranks
     paths = [p for part in parts for p in part[0]]
     scores, targets = torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])
     if _distributed():  # in path order, whichever rank evaluated which image

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gray_effnet import GrayEfficientNet
 from gray_effnet.data import Batch
@@ -172,6 +173,72 @@ class Lookup(nn.Module):
         return self.table[x[:, 0, 0, 0].long()]
 
 
+def lookup_batches(targets: torch.Tensor, sizes: list[int], skipped: int = 0) -> list[Batch]:
+    """Batches of ``sizes`` images (0: an empty batch, all ``skipped``) for ``Lookup``: image ``i`` holds ``i``."""
+    n = len(targets)
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 4, 4).contiguous()
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return [Batch(images[a:b], targets[a:b], [f"img{i}.png" for i in range(a, b)], skipped if a == b else 0)
+            for a, b in zip(bounds, bounds[1:])]
+
+
+def per_batch_reference(table: torch.Tensor, batches: list[Batch], num_classes: int) -> dict:
+    """Single-label evaluate as it was computed up to d3ab0ed: per batch, the labelled rows by boolean index, their
+    mean cross-entropy times their count, a bincount, and each batch's predictions as lists."""
+    loss_sum, confusion = torch.zeros((), dtype=torch.float64), torch.zeros(num_classes**2, dtype=torch.long)
+    scores, targets, predictions, probs, losses = [], [], [], [], []
+    for batch in batches:
+        if batch.targets.numel() == 0:
+            continue
+        logits, t = table[batch.images[:, 0, 0, 0].long()], batch.targets
+        pred, labelled, p = logits.argmax(-1), t >= 0, logits.softmax(-1)
+        if labelled.any():
+            loss_sum += nn.CrossEntropyLoss()(logits[labelled], t[labelled]).double() * labelled.sum()
+            confusion += torch.bincount(t[labelled] * num_classes + pred[labelled], minlength=num_classes**2)
+            scores.append(p[labelled])
+            targets.append(t[labelled])
+        prob = p.gather(1, pred[:, None])[:, 0]
+        predictions += list(zip(batch.paths, t.tolist(), pred.tolist(), prob.tolist()))
+        probs.append(p)
+        losses.append(F.cross_entropy(logits, t.clamp(min=0), reduction="none").masked_fill(~labelled, math.nan))
+    return {"loss_sum": loss_sum.item(), "confusion": confusion.view(num_classes, num_classes),
+            "predictions": predictions, "probs": torch.cat(probs), "losses": torch.cat(losses),
+            "scores": torch.cat(scores), "targets": torch.cat(targets)}
+
+
+aten = torch.ops.aten
+# What makes the host wait for a CUDA device: a read-back (.item(), `if tensor`), or an output whose size depends on
+# the data (a boolean index is a nonzero; bincount reads its maximum back to size its output).
+WAITING_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+               aten.bincount.default}
+
+
+class HostWaits(TorchDispatchMode):
+    """The CPU's stand-in for ``torch.cuda.set_sync_debug_mode("error")``: records, while ``watching``, each op that
+    would make the host wait for a CUDA device. It cannot see ``.tolist()``, which reads a CPU tensor's memory
+    directly; the CUDA test can."""
+
+    def __init__(self):
+        super().__init__()
+        self.watching, self.seen = False, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        bool_index = func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if self.watching and (func in WAITING_OPS or bool_index):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def watched(batches: list[Batch], on, off):
+    """``batches``, calling ``on()`` as the loop over them starts and ``off()`` once the last is done with: evaluate's
+    batch loop runs between the two, what follows it (the copies to the CPU) after."""
+    on()
+    try:
+        yield from batches
+    finally:
+        off()
+
+
 class TestEvaluate:
     # 7 images, 2 classes. Rows 0-5 give the confusion matrix [[2, 1], [0, 3]]; row 6 is unlabelled (-1).
     table = torch.tensor([[2.0, -1.0], [0.5, 0.1], [0.2, 1.4], [-1.0, 3.0], [0.0, 0.3], [1.1, 2.5], [0.4, -0.4]])
@@ -197,6 +264,40 @@ class TestEvaluate:
                     for i in range(7)]
         assert [p[:3] for p in result.predictions] == [e[:3] for e in expected]
         assert [p[3] for p in result.predictions] == pytest.approx([e[3] for e in expected], rel=1e-6)
+
+    @pytest.mark.parametrize("keep_predictions", [True, False])
+    def test_same_as_the_per_batch_formulas(self, keep_predictions):
+        """Labelled and unlabelled images mixed, a batch with none labelled, an empty batch: every number as before
+        the loop stopped waiting for the device; the loss to float rounding, the rest exactly."""
+        table = torch.randn(10, 3, generator=torch.Generator().manual_seed(3))
+        targets = torch.tensor([0, -1, 2, 1, -1, -1, 2, 0, 1, -1])
+        batches = lookup_batches(targets, [4, 2, 0, 4], skipped=2)
+        result = evaluate(Lookup(table), batches, device=CPU, num_classes=3, keep_predictions=keep_predictions,
+                          progress=False)
+        ref = per_batch_reference(table, batches, 3)
+        assert torch.equal(result.confusion, ref["confusion"]) and result.confusion.device == CPU
+        assert result.acc == ref["confusion"].diag().sum().item() / 6 and result.skipped == 2
+        assert result.loss == pytest.approx(ref["loss_sum"] / 6, rel=1e-6)
+        y, p = ref["targets"].numpy(), ref["scores"].numpy()
+        assert result.auc == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"))
+        assert result.ap == pytest.approx(sum(average_precision_score(y == c, p[:, c]) for c in range(3)) / 3)
+        if not keep_predictions:
+            assert result.predictions == [] and result.probs is None and result.losses is None
+            return
+        assert result.predictions == ref["predictions"]  # paths, targets, classes and probabilities, in order
+        assert torch.equal(result.probs, ref["probs"]) and result.probs.device == CPU
+        torch.testing.assert_close(result.losses, ref["losses"], rtol=0, atol=0, equal_nan=True)
+        assert result.losses.device == CPU and result.losses.isnan().tolist() == (targets < 0).tolist()
+
+    def test_nothing_labelled(self):
+        """Only unlabelled images: predicted, and no metric (NaN), as the empty ranking and confusion say."""
+        batches = lookup_batches(torch.full((7,), -1), [3, 4])
+        result = evaluate(Lookup(self.table), batches, device=CPU, num_classes=2, keep_predictions=True,
+                          progress=False)
+        assert result.confusion.tolist() == [[0, 0], [0, 0]] and result.confusion.dtype == torch.long
+        assert math.isnan(result.loss) and math.isnan(result.acc) and math.isnan(result.auc)
+        assert [p[:2] for p in result.predictions] == [(f"img{i}.png", -1) for i in range(7)]
+        assert result.probs.shape == (7, 2) and result.losses.isnan().all()
 
     def test_per_class_of_a_hand_made_matrix(self):
         result = EvalResult(loss=0.0, acc=5 / 6, confusion=torch.tensor([[2, 1], [0, 3]]))
@@ -395,3 +496,57 @@ class TestEvaluateMultiLabel:
         result = evaluate(Lookup(self.table), [batch], device=CPU, num_classes=3, task="multi", progress=False)
         assert int(result.confusion.sum()) == 0 and math.isnan(result.loss) and math.isnan(result.auc)
         assert result.targets.isnan().all() and result.scores.shape == (3, 3)
+
+
+class TestEvaluateWaitsForNothing:
+    """The batch loop never makes the host wait for the device, so that the next batch is queued while one runs."""
+
+    @staticmethod
+    def case(task: str) -> tuple[torch.Tensor, list[Batch], int]:
+        """8 images: some unknown or unlabelled, an empty batch; single-label: a batch with none labelled."""
+        table = torch.randn(8, 3, generator=torch.Generator().manual_seed(5))
+        if task == "multi":
+            targets = torch.tensor([[1.0, NAN, 0.0], [0.0, 1.0, NAN], [NAN, NAN, NAN], [1.0, 0.0, 1.0]] * 2)
+            return table, lookup_batches(targets, [3, 0, 5], skipped=1), 3
+        targets = torch.tensor([0, -1, 2, -1, -1, 1, 0, 1])
+        return table, lookup_batches(targets, [3, 2, 0, 3], skipped=1), 3
+
+    @pytest.mark.parametrize("task", ["single", "multi"])
+    def test_on_the_cpu_no_op_that_would_wait(self, task):
+        table, batches, num_classes = self.case(task)
+        mode = HostWaits()
+        loader = watched(batches, on=lambda: setattr(mode, "watching", True),
+                         off=lambda: setattr(mode, "watching", False))
+        with mode:
+            result = evaluate(Lookup(table), loader, device=CPU, num_classes=num_classes, task=task,
+                              keep_predictions=True, progress=False)
+        assert mode.seen == []
+        assert result.count == 8  # the loop ran, and the ops after it (copies, the labelled rows) were not watched
+
+    @pytest.mark.cuda
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    @pytest.mark.parametrize("task", ["single", "multi"])
+    def test_on_cuda_nothing_waits_for_the_device(self, task):
+        table, batches, num_classes = self.case(task)
+        model = Lookup(table).cuda()
+        torch.cuda.synchronize()
+        loader = watched(batches, on=lambda: torch.cuda.set_sync_debug_mode("error"),  # a read-back raises
+                         off=lambda: torch.cuda.set_sync_debug_mode("default"))
+        try:
+            on_gpu = evaluate(model, loader, device=torch.device("cuda"), num_classes=num_classes, task=task,
+                              keep_predictions=True, progress=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        on_cpu = evaluate(Lookup(table), batches, device=CPU, num_classes=num_classes, task=task,
+                          keep_predictions=True, progress=False)
+        assert torch.equal(on_gpu.confusion, on_cpu.confusion) and on_gpu.confusion.device == CPU
+        assert on_gpu.loss == pytest.approx(on_cpu.loss, rel=1e-5) and on_gpu.skipped == on_cpu.skipped
+        assert on_gpu.auc == pytest.approx(on_cpu.auc, rel=1e-5)
+        torch.testing.assert_close(on_gpu.losses, on_cpu.losses, equal_nan=True)
+        if task == "multi":
+            assert on_gpu.paths == on_cpu.paths
+            torch.testing.assert_close(on_gpu.scores, on_cpu.scores)
+            torch.testing.assert_close(on_gpu.targets, on_cpu.targets, equal_nan=True)
+        else:
+            assert [p[:3] for p in on_gpu.predictions] == [p[:3] for p in on_cpu.predictions]
+            torch.testing.assert_close(on_gpu.probs, on_cpu.probs)
