@@ -39,6 +39,8 @@ but the first, which pays for the loader's start and the first step. Reported fo
   ``epoch_s`` minus the epoch's ``seconds``, the time each epoch spends outside the training steps (validation,
   checkpoint, logs); ``outside_share``: its fraction of ``epoch_s``.
 
+Interrupted (Ctrl-C, SIGTERM), it stops the train.py run or the packing under way (``_child.py``).
+
 Example:
     python benchmarks/loop.py --device cpu                                    # the CPU goals, 8-bit files
     python benchmarks/loop.py --device cuda --img-size 224 224 --bits 16 --workers 8
@@ -60,6 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from _child import child, sigterm_raises
 from _common import HelpFormatter, Spread, default_output, environment, report, resolve_device, time_block
 from synthetic import generate
 from torch import nn
@@ -184,19 +187,19 @@ def run_logged(name: str, cmd: list[str], log_path: Path) -> TrainRun:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
         log.write(f"# {' '.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                cwd=ROOT, env=env)
-        for line in proc.stdout:
-            t = time.perf_counter() - start
-            log.write(f"{t:9.3f}  {line}")
-            print(f"[{name} {t:7.2f}s] {line}", end="", flush=True)
-            if run.startup_s is None and TRAINING_LINE.match(line):
-                run.startup_s = t
-                if ready := READY.search(line):
-                    run.ready_line_s = float(ready.group(1))
-            if m := EPOCH_LINE.match(line):
-                run.epoch_ends[int(m.group(1))] = t
-        run.returncode = proc.wait()
+        with child(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, cwd=ROOT,
+                   env=env) as proc:  # stopped if this process is interrupted or terminated
+            for line in proc.stdout:
+                t = time.perf_counter() - start
+                log.write(f"{t:9.3f}  {line}")
+                print(f"[{name} {t:7.2f}s] {line}", end="", flush=True)
+                if run.startup_s is None and TRAINING_LINE.match(line):
+                    run.startup_s = t
+                    if ready := READY.search(line):
+                        run.ready_line_s = float(ready.group(1))
+                if m := EPOCH_LINE.match(line):
+                    run.epoch_ends[int(m.group(1))] = t
+            run.returncode = proc.wait()
     return run
 
 
@@ -405,7 +408,8 @@ def median_summary(done: list[tuple[TrainRun, float]]) -> dict[str, float | None
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
     try:
-        rows, ok = main(args)
+        with sigterm_raises():  # SIGTERM unwinds main(): its train.py or packing child is stopped, its folder removed
+            rows, ok = main(args)
     except (ValueError, subprocess.CalledProcessError) as e:  # a folder of another set; packing failed
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

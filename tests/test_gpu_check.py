@@ -1,9 +1,10 @@
-"""The GPU check before any GPU: gpu.sh's dry run, budget and rehearsal, versions.py, loop.py, synthetic.py and
-tools/gpu_wheels.sh, all on the CPU and offline."""
+"""The GPU check before any GPU: gpu.sh's dry run, budget and rehearsal, versions.py, loop.py (and _child.py, which
+stops its train.py runs), synthetic.py and tools/gpu_wheels.sh, all on the CPU and offline."""
 
 import csv
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import _child  # noqa: E402
 import loop  # noqa: E402
 import synthetic  # noqa: E402
 import torch_compile  # noqa: E402
@@ -272,6 +274,90 @@ class TestLoaderCost:
                                  loop.train_defaults(), loop.resolve_device("cpu"))
         ms = loop.loader_ms(data, args, loop.train_defaults())
         assert 0 < ms < 1000
+
+
+# -- _child.py: loop.py's train.py runs end with it --------------------------------------------------------------------
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+# A benchmark in miniature, run from benchmarks/: it starts a long child through _child.child and prints its pid.
+# The child gets no copy of the parent's pipes, so that the test reads them to their end when the parent exits.
+PARENT = f"""
+import signal, subprocess, sys
+from _child import child
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises, even where the test runner ignores SIGINT
+with child({SLEEPER!r}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+    print(proc.pid, flush=True)
+    proc.wait()
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+class TestChild:
+    @pytest.mark.parametrize(("signum", "returncode"), [(signal.SIGTERM, 128 + signal.SIGTERM),
+                                                        (signal.SIGINT, -signal.SIGINT)])
+    def test_a_signal_to_the_parent_alone_stops_the_child(self, signum, returncode):
+        """SIGTERM (which would end Python on the spot) or SIGINT sent to the benchmark's process, not its group."""
+        parent = subprocess.Popen([sys.executable, "-c", PARENT], cwd=ROOT / "benchmarks", stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        pid = None
+        try:
+            pid = int(parent.stdout.readline())
+            parent.send_signal(signum)
+            _, err = parent.communicate(timeout=10)
+            assert parent.returncode == returncode, err
+            deadline = time.monotonic() + 5
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not alive(pid), "the child outlived its parent"
+        finally:
+            if parent.poll() is None:
+                parent.kill()
+                parent.communicate()
+            if pid is not None and alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    def test_an_error_in_the_block_stops_the_child(self):
+        with pytest.raises(RuntimeError, match="while reading"):
+            with _child.child(SLEEPER) as proc:
+                raise RuntimeError("while reading")
+        assert proc.returncode == -signal.SIGTERM
+
+    def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(self):
+        ignores = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); "
+                   "time.sleep(60)")
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            with _child.child([sys.executable, "-c", ignores], grace_s=0.3, stdout=subprocess.PIPE) as proc:
+                proc.stdout.readline()  # SIGTERM is ignored from here on
+                raise KeyboardInterrupt
+        assert proc.returncode == -signal.SIGKILL and time.monotonic() - start < 10
+
+    def test_a_child_left_alone_keeps_its_exit_status(self):
+        with _child.child([sys.executable, "-c", "raise SystemExit(3)"]) as proc:
+            assert proc.wait() == 3
+        assert proc.returncode == 3
+
+    def test_sigterm_raises_only_in_its_block_and_leaves_a_handler_alone(self):
+        """In this process no signal is sent: a handler that failed to raise would end the test run."""
+        before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            with _child.sigterm_raises():
+                with pytest.raises(SystemExit) as exc:
+                    signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+                assert exc.value.code == 143
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the caller's own choice
+            with _child.sigterm_raises():
+                assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        finally:
+            signal.signal(signal.SIGTERM, before)
 
 
 def test_compile_break_even():
