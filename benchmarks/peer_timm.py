@@ -528,4 +528,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    from _child import sigterm_raises  # run as a script: this folder is first on sys.path
+
+    with sigterm_raises():  # SIGTERM unwinds: subprocess.run kills the run under way
+        sys.exit(main(get_args_parser().parse_args()))

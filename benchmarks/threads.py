@@ -20,6 +20,7 @@ Example:
 """
 
 import argparse
+import contextlib
 import csv
 import os
 import statistics
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from _child import child
 from _common import HelpFormatter, default_output, environment, report
 from tqdm import tqdm
 
@@ -80,12 +82,13 @@ def second_epoch_seconds(output: Path) -> float:
 def run_together(args, env: dict[str, str], extra: list[str], scratch: Path, n: int) -> list[float]:
     """Start ``n`` identical runs at once; the second epoch's seconds of each."""
     outs = [Path(tempfile.mkdtemp(dir=scratch)) for _ in range(n)]
-    procs = [subprocess.Popen(command(args, out, extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for out in outs]
-    for proc in procs:
-        log, _ = proc.communicate()
-        if proc.returncode:
-            raise SystemExit(f"train.py failed ({proc.returncode}):\n{log[-3000:]}")
+    with contextlib.ExitStack() as stack:  # each run is stopped if this process is interrupted or terminated
+        procs = [stack.enter_context(child(command(args, out, extra), env=env, stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True)) for out in outs]
+        for proc in procs:
+            log, _ = proc.communicate()
+            if proc.returncode:
+                raise SystemExit(f"train.py failed ({proc.returncode}):\n{log[-3000:]}")
     return [second_epoch_seconds(out) for out in outs]
 
 

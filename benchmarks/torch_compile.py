@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from _child import sigterm_raises
 from _common import (
     Candidate,
     HelpFormatter,
@@ -151,7 +152,8 @@ if __name__ == "__main__":
     if args.child:
         print(json.dumps(child(args)))
         sys.exit(0)
-    rows = main(args)
+    with sigterm_raises():  # SIGTERM unwinds: subprocess.run kills the timed child under way
+        rows = main(args)
     csv_path = Path(args.csv) if args.csv else default_output(f"compile-{rows[0]['device']}", ".csv")
     notes = ["speedup: eager step seconds over compiled (median of the rounds' ratios). compile_s: the compiled "
              "model's first step minus an eager step (tracing and compiling forward and backward), with an empty "

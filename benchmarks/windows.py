@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from _child import child
 from _common import command_line, environment, format_table, resolve_device, write_csv, write_markdown
 from pydicom.data import get_testdata_file
 
@@ -102,10 +103,10 @@ def train(args, adapter: str, data: Path, out: Path) -> int:
            "--seed", str(args.seed), "--output", str(out), "--no-progress", "--device", "cpu"]
     if adapter in ("window", "wso"):
         cmd += ["--windows", *WINDOWS]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        print(f"[{adapter}] {line}", end="", flush=True)
-    return proc.wait()
+    with child(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            print(f"[{adapter}] {line}", end="", flush=True)
+        return proc.wait()
 
 
 def cpu_model() -> str:
