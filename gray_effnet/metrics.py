@@ -32,6 +32,37 @@ def _counts(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndar
     return tps, last + 1 - tps, scores[last]
 
 
+def _curve(tps: np.ndarray, fps: np.ndarray, thresholds: np.ndarray, drop_intermediate: bool
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``roc_curve`` from ``_counts``."""
+    if drop_intermediate and tps.size > 2:
+        keep = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]
+        tps, fps, thresholds = tps[keep], fps[keep], thresholds[keep]
+    if tps[-1] == 0 or fps[-1] == 0:
+        raise ValueError("an ROC curve needs both positive and negative labels")
+    tps, fps, thresholds = np.r_[0, tps], np.r_[0, fps], np.r_[np.inf, thresholds]
+    return fps / fps[-1], tps / tps[-1], thresholds
+
+
+def _area(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """The trapezoid area under an ROC curve's points."""
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2)
+
+
+def _youden(fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray) -> float:
+    """``youden_threshold`` from a curve without dropped points."""
+    best = 1 + int(np.argmax((tpr - fpr)[1:]))
+    return float(np.clip(thresholds[best], 0.0, 1.0))
+
+
+def _average_precision(tps: np.ndarray, fps: np.ndarray) -> float:
+    """``average_precision`` from ``_counts``."""
+    if tps[-1] == 0:
+        raise ValueError("average precision needs a positive label")
+    recall_added = np.diff(np.r_[0, tps]) / tps[-1]
+    return float(np.sum(recall_added * tps / (tps + fps)))
+
+
 def roc_curve(labels: np.ndarray, scores: np.ndarray, drop_intermediate: bool = True
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """False and true positive rates when each distinct score is the threshold (a score at or above it is called
@@ -47,14 +78,7 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray, drop_intermediate: bool = 
     Returns:
         ``fpr``, ``tpr`` and ``thresholds``, each (M,), the thresholds decreasing.
     """
-    tps, fps, thresholds = _counts(labels, scores)
-    if drop_intermediate and tps.size > 2:
-        keep = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]
-        tps, fps, thresholds = tps[keep], fps[keep], thresholds[keep]
-    if tps[-1] == 0 or fps[-1] == 0:
-        raise ValueError("an ROC curve needs both positive and negative labels")
-    tps, fps, thresholds = np.r_[0, tps], np.r_[0, fps], np.r_[np.inf, thresholds]
-    return fps / fps[-1], tps / tps[-1], thresholds
+    return _curve(*_counts(labels, scores), drop_intermediate)
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -63,8 +87,7 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     Shape:
         - labels, scores: (N,), both classes present
     """
-    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2)
+    return _area(*roc_curve(labels, scores, drop_intermediate=False)[:2])
 
 
 def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -74,10 +97,7 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
         - labels, scores: (N,), at least one positive
     """
     tps, fps, _ = _counts(labels, scores)
-    if tps[-1] == 0:
-        raise ValueError("average precision needs a positive label")
-    recall_added = np.diff(np.r_[0, tps]) / tps[-1]
-    return float(np.sum(recall_added * tps / (tps + fps)))
+    return _average_precision(tps, fps)
 
 
 def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -90,9 +110,7 @@ def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
         - labels: (N,) of 0 and 1, both present
         - scores: (N,)
     """
-    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
-    best = 1 + int(np.argmax((tpr - fpr)[1:]))
-    return float(np.clip(thresholds[best], 0.0, 1.0))
+    return _youden(*roc_curve(labels, scores, drop_intermediate=False))
 
 
 def _mean_of_defined(values: np.ndarray) -> float:
@@ -159,7 +177,7 @@ def finding_metrics(targets: np.ndarray, scores: np.ndarray) -> FindingMetrics:
         if y.size:
             prevalence[j] = y.mean()
         if y.any() and not y.all():
-            auc[j] = roc_auc(y, s)
-            ap[j] = average_precision(y, s)
-            threshold[j] = youden_threshold(y, s)
+            tps, fps, scores_at = _counts(y, s)  # one sort of the column for all three
+            fpr, tpr, thresholds = _curve(tps, fps, scores_at, drop_intermediate=False)
+            auc[j], ap[j], threshold[j] = _area(fpr, tpr), _average_precision(tps, fps), _youden(fpr, tpr, thresholds)
     return FindingMetrics(auc=auc, ap=ap, threshold=threshold, prevalence=prevalence, labelled=labelled)
