@@ -76,7 +76,14 @@ from gray_effnet.model import min_input_size
 from gray_effnet.run_report import report_after_training, report_line, write_report
 from gray_effnet.runinfo import device_name, git_commit
 from gray_effnet.sources import Augmentation, DataSource, open_source
-from gray_effnet.speed import ThreadGovernor, channels_last_cache, choose_channels_last, choose_compile, plan_threads
+from gray_effnet.speed import (
+    ThreadGovernor,
+    choose_channels_last,
+    choose_compile,
+    choose_workers,
+    plan_threads,
+    probe_cache,
+)
 from gray_effnet.tasks import make_criterion, pos_weight_from_prevalence
 from gray_effnet.tblog import EpochLog, require_tensorboard
 
@@ -97,7 +104,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_data_options(g, data_help="ImageFolder tree (or one with train/ and val/), a pack (python -m gray_effnet "
                      "pack), or with --labels the folder of the table's images; default: the digits demo",
                      img_size_help="input size, H != W is fine (default: 64 64; with --evaluate, the checkpoint's)",
-                     workers_help="data loader processes per training process")
+                     workers_help="data loader processes per training process; auto: on the CPU none (read in "
+                     "the process) where an image reads faster than a training step spends on it, else 2",
+                     workers_default="auto")
     g.add_argument("--val-split", type=float, default=0.2, help="validation fraction when DIR has no train/val")
     g.add_argument("--batch-size", type=int, default=64, help="per process")
     g.add_argument("--windows", nargs="+", default=None, metavar="C:W", help=WINDOWS_HELP)
@@ -147,7 +156,7 @@ def check_args(args) -> None:
     checks = [
         (args.epochs >= 1, f"--epochs must be at least 1; got {args.epochs}"),
         (args.batch_size >= 1, f"--batch-size must be at least 1; got {args.batch_size}"),
-        (args.workers >= 0, f"--workers must be 0 or more; got {args.workers}"),
+        (args.workers == "auto" or args.workers >= 0, f"--workers must be 0 or more, or auto; got {args.workers}"),
         (args.lr > 0, f"--lr must be positive; got {args.lr}"),
         (args.weight_decay >= 0, f"--weight-decay must be 0 or more; got {args.weight_decay}"),
         (args.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more; got {args.warmup_epochs}"),
@@ -287,16 +296,10 @@ def run_training(args, held: contextlib.ExitStack) -> None:
     train_ds = source.dataset("train", (h, w), intensity, augment=augmentation)
     val_ds = source.dataset("val", (h, w), intensity)
     batch_augment = source.batch_augment((h, w), augmentation, seed=args.seed + 1_000_003 * rank)  # ranks differ
-    workers = source.loader_workers(args.workers)
-    loader_kw = {"workers": workers, "pin_memory": device.type == "cuda", "seed": args.seed,
-                 "world_size": world, "rank": rank}
-    train_loader = make_loader(train_ds, args.batch_size, train=True, **loader_kw)
-    val_loader = make_loader(val_ds, args.batch_size, train=False, **loader_kw)
     log(source.describe(train_ds.wide))
-    threads = plan_threads(workers=workers, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-                           requested=args.threads)
+    threads = plan_threads(workers=0, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                           requested=args.threads)  # its workers are filled in once the loader is chosen
     torch.set_num_threads(threads.threads)
-    log(threads.describe())
     # On the CPU, fewer threads once the cores turn out to be shared (benchmarks/threads.py measures why).
     governor = ThreadGovernor(threads.threads if device.type == "cpu" and args.threads is None else 1, log=log)
 
@@ -309,9 +312,18 @@ def run_training(args, held: contextlib.ExitStack) -> None:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     channels_last, why = choose_channels_last(args.channels_last, model, device, (args.batch_size, 1, h, w),
-                                              train=True, autocast=autocast, cache=channels_last_cache())
+                                              train=True, autocast=autocast, cache=probe_cache("channels_last"))
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    requested, why_workers = source.loader_workers(args.workers)  # on the CPU: read here or beside, from the costs
+    workers, why_workers = choose_workers(requested, device, why=why_workers, dataset=train_ds, model=model,
+                                          input_shape=(args.batch_size, 1, h, w), channels_last=channels_last,
+                                          autocast=autocast, cache=probe_cache("step_time"))
+    loader_kw = {"workers": workers, "pin_memory": device.type == "cuda", "seed": args.seed, "world_size": world,
+                 "rank": rank}
+    train_loader = make_loader(train_ds, args.batch_size, train=True, **loader_kw)
+    val_loader = make_loader(val_ds, args.batch_size, train=False, **loader_kw)
+    log(dataclasses.replace(threads, workers=workers).describe())
     unwrapped = model  # saved and evaluated (eagerly): no DDP collectives, no '_orig_mod.' prefixes, no 2nd graph
     steps_per_epoch = len(train_loader)
     optimizer, scheduler, lr = make_optimizer_and_schedule(  # --lr is for a global batch of 64, scaled linearly
@@ -320,7 +332,7 @@ def run_training(args, held: contextlib.ExitStack) -> None:
     done = state["epoch"] + 1 if state is not None else 0  # the epochs a resumed run has behind it
     compiled, why_compile = choose_compile(args.compile, device, steps_per_epoch * (args.epochs - done), (h, w),
                                            channels_last=channels_last)
-    log(f"{why}\n{why_compile}")
+    log(f"{why}\n{why_workers}\n{why_compile}")
     model = torch.compile(model) if compiled else model
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -68,6 +68,7 @@ from synthetic import generate
 from torch import nn
 
 from gray_effnet import GrayEfficientNet
+from gray_effnet.cli import workers_count
 from gray_effnet.data import make_loader, set_loader_epoch
 from gray_effnet.engine import AMP_DTYPES, amp_setup, make_optimizer_and_schedule
 from gray_effnet.images import read_gray
@@ -278,7 +279,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what runs (defaults: train.py's)")
     add_step_arguments(g)
     g.add_argument("--img-size", nargs=2, type=int, default=None, metavar=("H", "W"))
-    g.add_argument("--workers", type=int, default=None, help="loader processes of the files run")
+    g.add_argument("--workers", type=workers_count, default=None,
+                   help="loader processes of the files run, or auto (default: train.py's)")
     g.add_argument("--epochs", type=int, default=None, help="train.py epochs, at least 2: the first is warm-up")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                    help="train.py from ImageNet weights (the speed is the same; startup_s includes loading them)")

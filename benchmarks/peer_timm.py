@@ -73,6 +73,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from gray_effnet import GrayEfficientNet
+from gray_effnet.cli import workers_count
 from gray_effnet.folders import default_cache_dir
 from gray_effnet.weights import (
     classifier_keys,
@@ -90,7 +91,7 @@ else:  # run as python benchmarks/peer_timm.py, which puts this folder first on 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tf_efficientnet_lite0"
 TOOLS = ("timm", "ours")
-# The issue's reference flags for timm's train.py, beyond the shared epochs, batch, size and workers.
+# The issue's reference flags for timm's train.py, beyond the shared epochs, batch and size, and its --workers.
 TIMM_REFERENCE = ["--opt", "adamw", "--lr", "1e-3", "--hflip", "0", "--device", "cpu"]
 TIMM_CHANNELS_LAST = ["--channels-last"]
 SUMMARY_COLUMNS = ["config", "rounds", "timm_s", "ours_s", "ratio", "ratio_min", "ratio_max", "goal", "timm_acc",
@@ -292,7 +293,7 @@ def ours_command(args: argparse.Namespace, cfg: Config, data: Path, out: Path, p
     s = str(args.img_size)
     data = pack if cfg.data == "pack" else data
     return [sys.executable, str(ROOT / "train.py"), "--data", str(data), "--img-size", s, s,
-            "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--workers", str(args.workers),
+            "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--workers", str(args.ours_workers),
             "--device", "cpu", "--output", str(out), "--no-progress", *cfg.ours, *shlex.split(args.ours_args)]
 
 
@@ -419,7 +420,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--img-size", type=int, default=32, help="the square input size both train at")
-    p.add_argument("--workers", type=int, default=2, help="data loader processes, both")
+    p.add_argument("--workers", type=int, default=2, help="timm's data loader processes")
+    p.add_argument("--ours-workers", type=workers_count, default="auto",
+                   help="ours' --workers (default: train.py's own, auto: on the CPU it reads in the training process "
+                   "where that measures faster)")
     p.add_argument("--n-images", type=int, default=5000, help="images in the generated folder, before the split")
     p.add_argument("--image-size", type=int, default=28, help="side of the generated images")
     p.add_argument("--data-dir", type=Path, default=None,
@@ -462,7 +466,7 @@ def main(args: argparse.Namespace) -> int:
 
     env_vars = {**os.environ, "HF_HUB_OFFLINE": "1"}  # both offline: any download attempt fails loudly
     env = environment(torch.device("cpu"), "float32", model=MODEL, epochs=args.epochs, batch_size=args.batch_size,
-                      img_size=f"{args.img_size}x{args.img_size}", workers=args.workers,
+                      img_size=f"{args.img_size}x{args.img_size}", workers=args.workers, ours_workers=args.ours_workers,
                       omp_num_threads=os.environ.get("OMP_NUM_THREADS", "unset"),
                       omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"),
                       timm_train_py_sha256=hashlib.sha256(args.timm_train_py.read_bytes()).hexdigest()[:16])

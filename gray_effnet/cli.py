@@ -19,7 +19,7 @@ from .limits import MAX_PIXELS_HELP
 from .table_options import UNCERTAIN_POLICIES, TableOptions
 
 __all__ = ["CHANNELS_LAST_MODES", "COMPILE_MODES", "HelpFormatter", "add_data_options", "add_speed_options",
-           "command_line", "plural", "resolve_device", "run_cli", "table_options"]
+           "command_line", "plural", "resolve_device", "run_cli", "table_options", "workers_count"]
 
 CHANNELS_LAST_MODES = ("auto", "on", "off")
 COMPILE_MODES = ("auto", "on", "off")
@@ -34,10 +34,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action) or ""
 
 
+def workers_count(text: str) -> int | str:
+    """``--workers``' type: a number, or ``auto`` (``speed.choose_workers``); a negative number is ``check_args``'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of loader processes, or auto; got {text!r}") from None
+
+
 def add_data_options(group, *, data_help: str, img_size_help: str, data_required: bool = False,
                      img_size_required: bool = False, intensity_default: list[str] | None = None,
-                     workers_help: str = "data loader processes", workers_default: int | None = 2) -> None:
-    """--data, --img-size, --intensity, --strict-data, --max-pixels, --workers, and a label table's (--labels ...)."""
+                     workers_help: str = "data loader processes", workers_default: int | str | None = 2) -> None:
+    """--data, --img-size, --intensity, --strict-data, --max-pixels, --workers, and a label table's (--labels ...).
+
+    ``workers_default`` ``"auto"`` lets ``--workers`` take ``auto`` too (train.py's ``speed.choose_workers``).
+    """
     group.add_argument("--data", required=data_required, default=None, help=data_help)
     group.add_argument("--img-size", nargs=2, type=int, required=img_size_required, default=None,
                        metavar=("H", "W"), help=img_size_help)
@@ -45,7 +58,8 @@ def add_data_options(group, *, data_help: str, img_size_help: str, data_required
     group.add_argument("--strict-data", action="store_true",
                        help="decode every file first; refuse to start if any is bad")
     group.add_argument("--max-pixels", type=int, default=None, metavar="N", help=MAX_PIXELS_HELP)
-    group.add_argument("--workers", type=int, default=workers_default, help=workers_help)
+    group.add_argument("--workers", type=workers_count if workers_default == "auto" else int,
+                       default=workers_default, help=workers_help)
     # A label table (docs/tables.md). The checks are TableOptions', made by table_options below.
     group.add_argument("--labels", default=None, metavar="FILE.csv",
                        help="a CSV label table: a row per image, its path relative to --data and its labels")

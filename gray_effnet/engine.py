@@ -110,7 +110,7 @@ def train_one_epoch(
     log_every: int = 20,
     progress: bool = True,
     augment: Callable[[Tensor], Tensor] | None = None,
-    on_step: Callable[[], None] | None = None,
+    on_step: Callable[[float], None] | None = None,
 ) -> dict[str, float]:
     """Train for one epoch; returns loss, accuracy, images/s, seconds (of which waiting for data), skipped files.
 
@@ -118,7 +118,8 @@ def train_one_epoch(
     ``gray_effnet.tasks``): means over the known entries, the accuracy at probability 0.5; NaN when none was known.
 
     ``augment``, when given, transforms each batch once it is on the device (``gray_effnet.augment.BatchAugment``).
-    ``on_step`` is called after every optimizer step (``gray_effnet.speed.ThreadGovernor.step``).
+    ``on_step`` is called after every optimizer step with the epoch's seconds of waiting for data so far
+    (``gray_effnet.speed.ThreadGovernor.step``).
 
     ``.item()`` waits for the device, so losses are checked for NaN/inf only every ``log_every`` steps
     and at the end; the error names the first bad step of that window. Raises ``NonFiniteLossError``.
@@ -179,7 +180,7 @@ def train_one_epoch(
         if (step + 1) % log_every == 0:
             check(step)
         if on_step is not None:
-            on_step()
+            on_step(data_wait[0])
     if window:
         check(steps_per_epoch - 1)
     if device.type == "cuda":

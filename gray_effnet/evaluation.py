@@ -27,7 +27,7 @@ from .files import atomic_write
 from .metrics import DEFAULT_THRESHOLD
 from .model import GrayEfficientNet
 from .sources import DataSource
-from .speed import channels_last_cache, choose_channels_last, plan_threads
+from .speed import DEFAULT_WORKERS, choose_channels_last, plan_threads, probe_cache
 
 __all__ = ["Evaluation", "csv_safe", "evaluate_checkpoint", "format_eval", "format_findings", "number_text",
            "report_predictions", "use_checkpoint_thresholds", "write_predictions"]
@@ -174,7 +174,7 @@ def evaluate_checkpoint(
     *,
     split: str,
     batch_size: int = 64,
-    workers: int = 2,
+    workers: int | str = DEFAULT_WORKERS,
     device: torch.device | str = "cpu",
     img_size: Sequence[int] | None = None,
     intensity: str | None = None,
@@ -196,7 +196,7 @@ def evaluate_checkpoint(
         source: the data (``gray_effnet.sources.open_source``).
         split: ``val`` (``train.py --evaluate``) or ``all`` (``predict``).
         batch_size: images per batch.
-        workers: loader processes (a pack uses none).
+        workers: loader processes (a pack uses none); ``auto`` (train.py's default) is ``DEFAULT_WORKERS`` here.
         device: where to run.
         img_size: (H, W) instead of the checkpoint's.
         intensity: a mapping instead of the checkpoint's.
@@ -215,7 +215,7 @@ def evaluate_checkpoint(
     if min(size) < model.min_size:
         raise InputError(f"--img-size {size[0]} {size[1]} is smaller than the model's total stride {model.min_size}")
     dataset = source.dataset(split, size, intensity, class_names=names)
-    workers = source.loader_workers(workers)
+    workers = source.loader_workers(DEFAULT_WORKERS if workers == "auto" else workers)[0]
     loader = make_loader(dataset, batch_size, train=False, workers=workers, pin_memory=device.type == "cuda")
     note = source.describe(dataset.wide)
     log(f"{note}; evaluating the {len(dataset)} images of the {split} split, {size[0]}x{size[1]}, intensity "
@@ -223,7 +223,7 @@ def evaluate_checkpoint(
     torch.set_num_threads(plan_threads(workers=workers, requested=threads).threads)
     autocast, _ = amp_setup(device, amp)
     use_nhwc, why = choose_channels_last(channels_last, model, device, (batch_size, 1, *size), train=False,
-                                         autocast=autocast, cache=channels_last_cache())
+                                         autocast=autocast, cache=probe_cache("channels_last"))
     log(why)
     if use_nhwc:
         model.to(memory_format=torch.channels_last)

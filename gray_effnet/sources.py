@@ -139,8 +139,10 @@ class DataSource:
         """The augmentation applied to whole batches on the device, or ``None`` if the dataset augments."""
         return None
 
-    def loader_workers(self, requested: int) -> int:
-        return requested
+    def loader_workers(self, requested: int | str) -> tuple[int | str, str | None]:
+        """The loader workers for ``--workers requested`` (``auto``: ``speed.choose_workers`` decides), and why, if
+        the source decides it itself."""
+        return requested, None
 
     def check_model(self, model) -> None:
         """Refuse a checkpoint of another task, or whose classes (or findings) the labels cannot be counted in."""
@@ -325,8 +327,9 @@ class PackSource(DataSource):
         return BatchAugment(img_size, crop_scale=augment.crop_scale, hflip=augment.hflip, rotate=augment.rotate,
                             seed=seed)
 
-    def loader_workers(self, requested: int) -> int:
-        return 0  # one index into a memory map per batch: worker processes would only add their start-up
+    def loader_workers(self, requested):
+        # Worker processes would only add their start-up.
+        return 0, "a pack: one slice of its memory map per batch, nothing to decode"
 
     def describe(self, wide: bool) -> str:
         pack = self.pack

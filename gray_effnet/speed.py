@@ -11,6 +11,10 @@ Two things decide much of a CPU run's speed and neither has one right value ever
 * **Memory format.** ``channels_last`` (NHWC) can double a CPU training step where oneDNN has fast NHWC
   kernels (AVX-512 Xeons) and do nothing elsewhere; on CUDA it is what tensor cores want. ``auto`` measures it:
   a few steps of a copy of the model in each format (``choose_channels_last``).
+* **Loader workers.** On the CPU, a loader worker that decodes while the step runs takes a core from one of the
+  step's OpenMP threads, and the others wait for it at the next barrier. Where reading an image costs less than
+  the training step spends on it, reading in the training process, between steps, is faster (``choose_workers``
+  measures both).
 * **Compiling.** ``torch.compile`` made Lite0's CPU training step 1.2-2x faster in NCHW, after about a minute of
   compiling (seconds with Inductor's cache, on a repeat run), and no faster in NHWC, where the eager step was
   already faster than the compiled NCHW one. ``auto`` compiles an NCHW run that is long enough to repay the
@@ -28,6 +32,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -37,19 +42,27 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .cli import CHANNELS_LAST_MODES, COMPILE_MODES
+from .cli import CHANNELS_LAST_MODES, COMPILE_MODES, plural
 from .errors import InputError
 from .files import atomic_write, default_cache_dir
 from .runinfo import device_name
 
-__all__ = ["COMPILE_BREAK_EVEN", "PROBE_CACHE_ENTRIES", "ThreadGovernor", "ThreadPlan", "available_cores",
-           "channels_last_cache", "choose_channels_last", "choose_compile", "compile_threshold", "plan_threads"]
+__all__ = ["COMPILE_BREAK_EVEN", "DEFAULT_WORKERS", "PROBE_CACHE_ENTRIES", "ThreadGovernor", "ThreadPlan",
+           "available_cores", "choose_channels_last", "choose_compile", "choose_workers", "compile_threshold",
+           "data_seconds", "plan_threads", "probe_cache", "step_seconds"]
 
 # benchmarks/results/compile-cpu.md (tf_efficientnet_lite0, batch 64, NCHW, 2 threads of an AMD EPYC, torch 2.14): by
 # the input's pixels, the training steps after which compiling with an empty Inductor cache had paid for itself. In
 # NHWC (compile-cpu-nhwc.md) the compiled step was 0.96x and 0.97x the eager one at 32x32 and 64x64: it never pays.
 COMPILE_BREAK_EVEN = ((32 * 32, 340), (64 * 64, 916), (224 * 224, 23))
 COMPILE_MARGIN = 1.5  # one machine, one model, one batch size: auto asks for half as many steps again
+# --workers auto: the loader workers a training process gets where it does not read in the process itself.
+DEFAULT_WORKERS = 2
+# --workers auto on the CPU reads in the training process while an image's reading costs at most this many times
+# the training step's time per image. benchmarks/results/workers-cpu.md (2 cores of an AMD EPYC, Lite0 at 32x32,
+# batch 32): at 0.1 and 0.4 times the step, reading in the process trained 8-12% faster than 2 workers; at 1.2 times
+# still 17% faster; at 3.6 times 2 workers were 1.6x faster, and at 9 times 1.8x.
+WORKERS_BREAK_EVEN = 1.0
 
 
 
@@ -114,8 +127,9 @@ class ThreadGovernor:
     per second (idle threads spin, and spinning counts). When another job runs on the same cores, the OS shares
     them out and the spinning threads wait on each other at every barrier: steps slow down many-fold while the
     process gets only about one core's time. ``step()``, called after each training step, measures the CPU time
-    per wall second over windows of at least ``window_s``; below ``min_share * threads`` it sets 1 thread for
-    the rest of the run, where one thread cannot spin against another, and logs why.
+    per wall second (not counting the wait for data) over windows of at least ``window_s``; below
+    ``min_share * threads`` it sets 1 thread for the rest of the run, where one thread cannot spin against
+    another, and logs why.
 
     Args:
         threads: the intra-op threads the run started with; with fewer than 2 there is nothing to do.
@@ -128,20 +142,23 @@ class ThreadGovernor:
                  log: Callable[[str], None] = print) -> None:
         self.threads, self.min_share, self.window_s, self.log = threads, min_share, window_s, log
         self.dropped = False
-        self._start: tuple[float, float] | None = None
+        self._start: tuple[float, float, float] | None = None  # (wall, CPU, waited) seconds
 
-    def step(self) -> None:
+    def step(self, waited: float = 0.0) -> None:
+        """``waited``: the seconds this epoch has so far spent waiting for the loader (it restarts each epoch). A
+        process that waits for its workers is idle, not short of cores, so that time is left out."""
         if self.dropped or self.threads < 2:
             return
         now, cpu = time.perf_counter(), time.process_time()
-        if self._start is None:  # the first step (allocations, oneDNN's kernel choice) is not measured
-            self._start = (now, cpu)
+        # The first step (allocations, oneDNN's kernel choice) is not measured, nor a window across epochs.
+        if self._start is None or waited < self._start[2]:
+            self._start = (now, cpu, waited)
             return
-        wall = now - self._start[0]
+        wall = now - self._start[0] - (waited - self._start[2])
         if wall < self.window_s:
             return
         share = (cpu - self._start[1]) / wall
-        self._start = (now, cpu)
+        self._start = (now, cpu, waited)
         if share < self.min_share * self.threads:
             torch.set_num_threads(1)
             self.dropped = True
@@ -176,9 +193,10 @@ def _time_steps(model: nn.Module, x: torch.Tensor, *, train: bool, autocast: Cal
 PROBE_CACHE_ENTRIES = 256  # the cache file keeps the newest decisions only
 
 
-def channels_last_cache() -> Path:
-    """Where ``--channels-last auto`` remembers its CPU probes: ``channels_last.json`` in the user's cache folder."""
-    return default_cache_dir() / "channels_last.json"
+def probe_cache(kind: str) -> Path:
+    """Where the CPU probes of one kind are remembered, in the user's cache folder: ``channels_last.json``
+    (``--channels-last auto``'s decisions) and ``step_time.json`` (``--workers auto``'s training step timings)."""
+    return default_cache_dir() / f"{kind}.json"
 
 
 def _probe_key(model: nn.Module, device: torch.device, input_shape: tuple[int, ...], train: bool,
@@ -192,8 +210,18 @@ def _probe_key(model: nn.Module, device: torch.device, input_shape: tuple[int, .
             f"{'train' if train else 'infer'} | amp {amp}")
 
 
-def _read_cache(path: Path) -> dict:
-    """The cached decisions; an unreadable or malformed file (it is only a cache) counts as empty."""
+def _is_decision(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and isinstance(v[0], bool) and isinstance(v[1], str)
+
+
+def _is_seconds(v) -> bool:
+    return (isinstance(v, list) and len(v) == 1 and isinstance(v[0], float) and math.isfinite(v[0])
+            and v[0] > 0)
+
+
+def _read_cache(path: Path, valid: Callable[[object], bool] = _is_decision) -> dict:
+    """The cached entries that ``valid`` accepts; an unreadable or malformed file (it is only a cache) counts as
+    empty."""
     try:
         if path.stat().st_size > 1 << 20:
             return {}
@@ -202,14 +230,13 @@ def _read_cache(path: Path) -> dict:
         return {}
     if not isinstance(entries, dict):
         return {}
-    return {k: v for k, v in entries.items() if isinstance(k, str) and isinstance(v, list) and len(v) == 2
-            and isinstance(v[0], bool) and isinstance(v[1], str)}
+    return {k: v for k, v in entries.items() if isinstance(k, str) and valid(v)}
 
 
-def _write_cache(path: Path, key: str, decision: tuple[bool, str]) -> None:
-    entries = _read_cache(path)
+def _write_cache(path: Path, key: str, value: tuple | list, valid: Callable[[object], bool] = _is_decision) -> None:
+    entries = _read_cache(path, valid)
     entries.pop(key, None)
-    entries[key] = list(decision)
+    entries[key] = list(value)
     try:
         with atomic_write(path) as tmp:
             tmp.write_text(json.dumps(dict(list(entries.items())[-PROBE_CACHE_ENTRIES:]), indent=1))
@@ -237,7 +264,7 @@ def choose_channels_last(mode: str, model: nn.Module, device: torch.device, inpu
         autocast: the run's autocast context factory.
         steps: timed steps per format, after one untimed.
         min_gain: the speed-up NHWC must show to be chosen.
-        cache: a JSON file of earlier decisions (``channels_last_cache()``): ``auto`` on the CPU probes only when
+        cache: a JSON file of earlier decisions (``probe_cache("channels_last")``): ``auto`` on the CPU probes only when
             it holds none for this CPU, torch version, model, input shape, train/infer and AMP, and records the
             probe's answer there. ``None``: always probe.
     """
@@ -270,6 +297,97 @@ def choose_channels_last(mode: str, model: nn.Module, device: torch.device, inpu
                            f"{min_gain:.2f}x faster)")
         if cache is not None:
             _write_cache(cache, key, decision[0])
+    if dist.is_initialized():
+        dist.broadcast_object_list(decision, src=0)
+    return decision[0]
+
+
+def step_seconds(model: nn.Module, device: torch.device, input_shape: tuple[int, ...], *, channels_last: bool,
+                 autocast: Callable = nullcontext, steps: int = 2, cache: Path | None = None) -> float:
+    """Seconds per image of a training step (forward and backward) of a copy of ``model``, in the run's format.
+
+    Timed as ``choose_channels_last`` times its probe: ``steps`` steps after one untimed, on a random batch of
+    ``input_shape`` capped at 16 images; the model, its statistics and the random generator are left as they were.
+    ``cache``: a JSON file of earlier timings (``probe_cache("step_time")``), keyed as the channels_last probes are
+    and by the memory format; ``None``: always time.
+    """
+    key = _probe_key(model, device, input_shape, True, autocast) + f" | {'nhwc' if channels_last else 'nchw'}"
+    cached = _read_cache(cache, _is_seconds).get(key) if cache is not None else None
+    if cached is not None:
+        return cached[0]
+    b, *rest = input_shape
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        x = torch.rand(min(b, 16), *rest, device=device)
+        probe = copy.deepcopy(model).train()
+        if channels_last:
+            probe.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        seconds = _time_steps(probe, x, train=True, autocast=autocast, steps=steps, device=device) / x.shape[0]
+    del probe
+    if cache is not None:
+        _write_cache(cache, key, [seconds], _is_seconds)
+    return seconds
+
+
+def data_seconds(dataset, *, samples: int = 32, budget_s: float = 0.5) -> float:
+    """Seconds per image of reading ``dataset``'s samples in this process, as a training epoch reads them.
+
+    Up to ``samples`` of them, evenly spaced, stopping once ``budget_s`` has passed (after at least one): a folder
+    of large scans is timed on a few. Datasets seeded per sample (``takes_sample_seeds``) get (index, seed) keys;
+    the random generator is left as it was, and the warnings of unreadable files (the run reports those) are not
+    shown twice.
+    """
+    n = len(dataset)
+    if n == 0:
+        return 0.0
+    indices = sorted({i * n // min(n, samples) for i in range(min(n, samples))})
+    seeded = getattr(dataset, "takes_sample_seeds", False)
+    count, start = 0, time.perf_counter()
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in indices:
+            dataset[(i, i) if seeded else i]
+            count += 1
+            if time.perf_counter() - start >= budget_s:
+                break
+    return (time.perf_counter() - start) / count
+
+
+def choose_workers(requested: int | str, device: torch.device, *, dataset, model: nn.Module,
+                   input_shape: tuple[int, ...], channels_last: bool, autocast: Callable = nullcontext,
+                   cache: Path | None = None, why: str | None = None, default: int = DEFAULT_WORKERS,
+                   break_even: float | None = None) -> tuple[int, str]:
+    """Resolve ``--workers N|auto`` to a number of loader worker processes, with a line saying why.
+
+    ``auto`` off the CPU is ``default`` workers: the training process only queues the device's work, and the
+    workers read beside it. On the CPU the workers and the step's threads share the cores, so ``auto`` compares
+    the seconds an image of ``dataset`` takes to read here (``data_seconds``) with the seconds a training step of
+    ``model`` spends per image (``step_seconds``, at ``input_shape`` in the run's memory format, ``cache`` as
+    there): up to ``break_even`` times the step, the training process reads its own batches between steps (0
+    workers); beyond it, ``default`` workers read beside the steps (``break_even`` default:
+    ``WORKERS_BREAK_EVEN``). Under ``torch.distributed`` rank 0 measures and decides for every rank. Nothing is
+    measured unless ``auto`` on the CPU asks for it. A number is taken as it is, with ``why`` (the data source's
+    reason) or as asked for.
+    """
+    if requested != "auto":
+        n = int(requested)
+        return n, f"loader: {plural(n, 'worker') if n else 'in this process'} ({why or 'asked for'})"
+    if device.type != "cpu":
+        return default, (f"loader: {plural(default, 'worker')} (auto: on {device.type} the training process only "
+                         "queues the device's work, and the workers read beside it)")
+    decision = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        break_even = WORKERS_BREAK_EVEN if break_even is None else break_even
+        read = data_seconds(dataset)
+        step = step_seconds(model, device, input_shape, channels_last=channels_last, autocast=autocast, cache=cache)
+        measured = f"reading an image took {read * 1e3:.2f} ms here, a training step {step * 1e3:.2f} ms an image"
+        if read <= break_even * step:
+            decision[0] = (0, f"loader: in this process (auto: {measured}; loader workers would take cores from "
+                              "the step's threads)")
+        else:
+            decision[0] = (default, f"loader: {plural(default, 'worker')} (auto: {measured}; workers read beside "
+                                    "the steps, and a pack (docs/packs.md) would not read at all)")
     if dist.is_initialized():
         dist.broadcast_object_list(decision, src=0)
     return decision[0]

@@ -103,6 +103,18 @@ class TestPackConfig:
             cmd = peer_timm.ours_command(args, configs[name], Path("D"), Path("O"), pack=Path("P"))
             assert cmd[cmd.index("--data") + 1] == data, name
 
+    @pytest.mark.parametrize("argv, ours, timm", [([], "auto", "2"),
+                                                  (["--ours-workers", "0", "--workers", "4"], "0", "4")])
+    def test_each_tool_its_own_workers(self, argv, ours, timm):
+        """timm gets --workers; ours --ours-workers, train.py's auto unless given, and train.py parses it."""
+        args = peer_timm.get_args_parser().parse_args(["--timm-train-py", "t.py", *argv])
+        cfg = peer_timm.builtin_configs()["channels_last"]
+        cmd = peer_timm.ours_command(args, cfg, Path("D"), Path("O"))
+        assert cmd[cmd.index("--workers") + 1] == ours
+        assert str(train.get_args_parser().parse_args(cmd[2:]).workers) == ours
+        cmd = peer_timm.timm_command(args, cfg, Path("D"), Path("W"), Path("O"), num_classes=10)
+        assert cmd[cmd.index("--workers") + 1] == timm
+
     def test_the_gap_sentence(self):
         summary = [{"config": "channels_last", "ours_acc": 0.970}, {"config": "pack", "ours_acc": 0.962}]
         assert peer_timm.pack_gap(summary) == (

@@ -8,7 +8,7 @@ import torch
 
 from gray_effnet import speed
 from gray_effnet.errors import InputError
-from gray_effnet.speed import available_cores, choose_channels_last, plan_threads
+from gray_effnet.speed import available_cores, choose_channels_last, choose_workers, plan_threads
 
 from .helpers import make_model
 
@@ -59,6 +59,30 @@ class TestThreadGovernor:
             advance()
             governor.step()
         assert governor.dropped is drops and threads == ([1] if drops else [])
+
+    def test_waiting_for_data_is_not_shared_cores(self, monkeypatch):
+        """A run that waits for its loader workers is idle, not short of cores: the wait leaves the window. Here
+        2 s of wall with 1.9 s of it waiting and 0.2 s of CPU is 0.1 s of stepping on 2 cores' time."""
+        threads = []
+        monkeypatch.setattr(speed.torch, "set_num_threads", threads.append)
+        advance = self.clock(monkeypatch, [(0.0, 0.0), (2.0, 0.2), (4.0, 0.4)])
+        governor = speed.ThreadGovernor(2, log=lambda line: None)
+        for waited in (0.0, 1.9, 3.8):
+            advance()
+            governor.step(waited)
+        assert threads == [] and not governor.dropped
+
+    def test_a_new_epoch_starts_a_new_window(self, monkeypatch):
+        """The wait restarts at 0 each epoch: a window across the boundary (validation, the checkpoint) is not
+        measured."""
+        threads = []
+        monkeypatch.setattr(speed.torch, "set_num_threads", threads.append)
+        advance = self.clock(monkeypatch, [(0.0, 0.0), (3.0, 0.5), (6.0, 1.0)])
+        governor = speed.ThreadGovernor(2, log=lambda line: None)
+        for waited in (2.0, 0.0, 0.0):  # the second call is the first step of the next epoch
+            advance()
+            governor.step(waited)
+        assert governor.dropped and threads == [1]  # the last window alone: 3 s of wall, 0.5 s of CPU
 
     def test_one_thread_is_left_alone(self, monkeypatch):
         monkeypatch.setattr(speed.time, "perf_counter", lambda: pytest.fail("a 1-thread run measures nothing"))
@@ -198,3 +222,123 @@ class TestChooseCompile:
         on, why = speed.choose_compile("auto", self.cpu, 10**6, (224, 224))
         assert not on and why == ("compile: off (auto: no C++ compiler on the PATH, which torch.compile needs on "
                                   "the CPU)")
+
+
+class TestChooseWorkers:
+    """--workers N|auto: on the CPU, reading in the training process where an image reads faster than a step."""
+
+    def choose(self, requested="auto", device="cpu", **kw):
+        dataset = kw.pop("dataset", [torch.zeros(1, 8, 8)] * 4)
+        return choose_workers(requested, torch.device(device), dataset=dataset, model=kw.pop("model", None),
+                              input_shape=(4, 1, 32, 32), channels_last=False, **kw)
+
+    @pytest.mark.parametrize("n, line", [(3, "loader: 3 workers (asked for)"),
+                                         (0, "loader: in this process (asked for)")])
+    def test_a_number_is_taken_as_it_is(self, monkeypatch, n, line):
+        monkeypatch.setattr(speed, "data_seconds", lambda *a, **k: pytest.fail("nothing is measured"))
+        assert self.choose(n) == (n, line)
+
+    def test_the_sources_reason(self):
+        assert self.choose(0, why="a pack") == (0, "loader: in this process (a pack)")
+
+    def test_off_the_cpu_without_measuring(self, monkeypatch):
+        monkeypatch.setattr(speed, "data_seconds", lambda *a, **k: pytest.fail("nothing is measured"))
+        n, why = self.choose(device="cuda")
+        assert n == speed.DEFAULT_WORKERS and why.startswith("loader: 2 workers (auto: on cuda")
+
+    @pytest.mark.parametrize("read, step, want", [(0.001, 0.002, 0), (0.002, 0.002, 0), (0.003, 0.002, 2)])
+    def test_cpu_compares_reading_with_the_step(self, monkeypatch, read, step, want):
+        monkeypatch.setattr(speed, "data_seconds", lambda dataset: read)
+        monkeypatch.setattr(speed, "step_seconds", lambda *a, **k: step)
+        n, why = self.choose()
+        assert n == want
+        assert f"reading an image took {read * 1e3:.2f} ms here, a training step {step * 1e3:.2f} ms an image" in why
+        assert why.startswith("loader: in this process (auto: " if want == 0 else "loader: 2 workers (auto: ")
+
+    def test_measures_for_real(self):
+        """The real measurements on a tiny model and dataset: break_even decides between them."""
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+        model(torch.zeros(1, 1, 32, 32))
+        assert self.choose(model=model, break_even=1e9)[0] == 0
+        assert self.choose(model=model, break_even=0.0, dataset=SlowDataset())[0] == 2
+
+
+class SlowDataset:
+    """4 samples that each take 10 ms to read."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, key):
+        import time
+        time.sleep(0.01)
+        return torch.zeros(1, 8, 8), 0, "x"
+
+
+class TestDataSeconds:
+    def test_per_image_within_the_budget(self):
+        seconds = speed.data_seconds(SlowDataset())
+        assert 0.009 < seconds < 0.1
+
+    def test_budget_stops_early(self):
+        keys = []
+
+        class Counting(SlowDataset):
+            def __len__(self):
+                return 1000
+
+            def __getitem__(self, key):
+                keys.append(key)
+                return super().__getitem__(key)
+
+        speed.data_seconds(Counting(), samples=32, budget_s=0.03)
+        assert 1 <= len(keys) < 32
+        assert keys[:2] == [0, 31]  # evenly spaced over the dataset
+
+    def test_seeded_datasets_get_index_and_seed_and_the_generator_is_kept(self):
+        keys = []
+
+        class Seeded(SlowDataset):
+            takes_sample_seeds = True
+
+            def __getitem__(self, key):
+                keys.append(key)
+                torch.rand(3)  # what a transform draws
+                return torch.zeros(1, 8, 8), 0, "x"
+
+        torch.manual_seed(3)
+        state = torch.get_rng_state()
+        speed.data_seconds(Seeded())
+        assert all(isinstance(k, tuple) and len(k) == 2 for k in keys) and len(keys) == 4
+        assert torch.equal(torch.get_rng_state(), state)
+
+    def test_empty(self):
+        assert speed.data_seconds([]) == 0.0
+
+
+class TestStepSeconds:
+    def test_cached_per_format_and_leaves_the_model_alone(self, tmp_path):
+        model = make_model("tf_efficientnet_lite0", "fold")
+        before = copy.deepcopy(model.state_dict())
+        cache = tmp_path / "step_time.json"
+        first = speed.step_seconds(model, torch.device("cpu"), (4, 1, 32, 32), channels_last=False, cache=cache)
+        assert first > 0
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, before[key]), key
+        assert all(p.grad is None for p in model.parameters())
+        (entry,) = json.loads(cache.read_text()).values()
+        assert entry == [first]
+        again = speed.step_seconds(model, torch.device("cpu"), (4, 1, 32, 32), channels_last=False, cache=cache)
+        assert again == first  # read back, not timed again
+        speed.step_seconds(model, torch.device("cpu"), (4, 1, 32, 32), channels_last=True, cache=cache)
+        assert len(json.loads(cache.read_text())) == 2  # NHWC is timed on its own
+
+    def test_a_malformed_entry_is_timed_again(self, tmp_path):
+        cache = tmp_path / "step_time.json"
+        model = make_model("tf_efficientnet_lite0", "fold")
+        speed.step_seconds(model, torch.device("cpu"), (2, 1, 32, 32), channels_last=False, cache=cache)
+        (key,) = json.loads(cache.read_text())
+        for bad in (["fast"], [-1.0], [float("nan")], "x"):
+            cache.write_text(json.dumps({key: bad}))  # NaN is written as JSON's NaN
+            assert speed.step_seconds(model, torch.device("cpu"), (2, 1, 32, 32), channels_last=False,
+                                      cache=cache) > 0

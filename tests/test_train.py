@@ -22,7 +22,7 @@ from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import train
-from gray_effnet import GrayEffnetError, NonFiniteLossError, WeightsError, load_model
+from gray_effnet import GrayEffnetError, NonFiniteLossError, WeightsError, load_model, speed
 from gray_effnet.augment import build_transforms
 from gray_effnet.checkpoint import STATE_NAME, read_checkpoint
 from gray_effnet.folders import prepare_digits
@@ -437,6 +437,27 @@ class TestSpeedFlags:
         assert all(observed["contiguous"])  # --channels-last off: NCHW
         assert torch.load(out / STATE_NAME, weights_only=True)["scaler"]  # a GradScaler only for fp16
 
+    @pytest.mark.parametrize("break_even, line", [(1e9, "loader: in this process (auto: reading an image took "),
+                                                  (0.0, "loader: 2 workers (auto: reading an image took ")])
+    def test_workers_auto_reads_where_it_measured_faster(self, digits, tmp_path, capsys, monkeypatch, break_even,
+                                                         line):
+        """--workers auto (the default) measures, says what it chose, and the loaders use it."""
+        monkeypatch.setattr(speed, "WORKERS_BREAK_EVEN", break_even)
+        loaders = []
+        real = train.make_loader
+        monkeypatch.setattr(train, "make_loader", lambda *a, **k: loaders.append(k["workers"]) or real(*a, **k))
+        run("--data", digits, "--epochs", "1", "--output", tmp_path / "run", *FAST, "--workers", "auto")
+        out = capsys.readouterr().out
+        want = 0 if break_even else speed.DEFAULT_WORKERS
+        assert line in out and loaders == [want, want]
+        assert f"; {want} loader worker" in out  # the threads line counts them
+        assert json.loads((tmp_path / "run" / "config.json").read_text())["args"]["workers"] == "auto"
+
+    def test_workers_not_a_number(self, capsys):
+        with pytest.raises(SystemExit) as e:
+            train.get_args_parser().parse_args(["--workers", "two"])
+        assert e.value.code == 2 and "a number of loader processes, or auto; got 'two'" in capsys.readouterr().err
+
     def test_without_flags_nothing_changes(self, digits, tmp_path, observed):
         """The observers themselves: float32 logits and unclipped gradients when no flag is given."""
         run("--data", digits, "--epochs", "1", "--output", tmp_path / "run", *FAST)
@@ -586,6 +607,7 @@ class TestRefusedRunsWriteNothing:
         (["--model", "efficientnet_bo"], "unknown timm model 'efficientnet_bo'; did you mean"),
         (["--resume", "nowhere.state.pt"], "no checkpoint at"),
         (["--adapter", "wso"], "needs windows in physical units"),
+        (["--workers", "-1"], "--workers must be 0 or more, or auto; got -1"),
     ])
     def test_refused_before_any_work(self, digits, tmp_path, capsys, argv, message):
         out = tmp_path / "run"

@@ -295,8 +295,9 @@ def _loop_table(name: str) -> list[str]:
     md = name.removesuffix(".csv") + ".md"
     lines = [
         f"{bare['model']} ({bare['adapter']}), {bare['img_size']}, batch {bare['batch_size']}, "
-        f"{bare['memory_format']}, amp {bare['amp']}, {bare['threads']} threads, {bare['workers']} loader workers "
-        f"for the files, {bare['n_images']} {bare['source']}s, {bare['epochs']} epochs ({_machine(rows)}; "
+        f"{bare['memory_format']}, amp {bare['amp']}, {bare['threads']} threads, "
+        f"{'--workers auto' if bare['workers'] == 'auto' else bare['workers'] + ' loader workers'} for the files, "
+        f"{bare['n_images']} {bare['source']}s, {bare['epochs']} epochs ({_machine(rows)}; "
         f"`{_portable(_command(md))}`; [table](benchmarks/results/{md})):",
         "",
         "| run | img/s | of the bare step | goal | data path alone (ms an image) | first step after the imports (s) | "
