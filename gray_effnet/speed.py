@@ -59,9 +59,9 @@ COMPILE_MARGIN = 1.5  # one machine, one model, one batch size: auto asks for ha
 # --workers auto: the loader workers a training process gets where it does not read in the process itself.
 DEFAULT_WORKERS = 2
 # --workers auto on the CPU reads in the training process while an image's reading costs at most this many times
-# the training step's time per image. benchmarks/results/workers-cpu.md (2 cores of an AMD EPYC, Lite0 at 32x32,
-# batch 32): at 0.1 and 0.4 times the step, reading in the process trained 8-12% faster than 2 workers; at 1.2 times
-# still 17% faster; at 3.6 times 2 workers were 1.6x faster, and at 9 times 1.8x.
+# the training step's time per image, both as choose_workers measures them. benchmarks/results/workers-cpu.md (2
+# cores of an AMD EPYC, Lite0 at 32x32, batch 32): at 0.2, 0.34 and 0.79 times the step, reading in the process
+# trained 1.16x, 1.18x and 1.13x as fast as 2 workers; at 2.8 and 6.4 times, 2 workers were 1.68x and 1.61x as fast.
 WORKERS_BREAK_EVEN = 1.0
 
 

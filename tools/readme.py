@@ -115,6 +115,26 @@ def threads() -> str:
     return "\n".join(lines)
 
 
+def workers() -> str:
+    """Loader workers against reading in the training process, by an image's cost to read (benchmarks/workers.py)."""
+    rows = _rows("workers-cpu.csv")
+    first = rows[0]
+    lines = [
+        f"`train.py` on synthetic X-ray-like PNG folders, trained at {first['img_size']}, batch {first['batch_size']} "
+        f"({_machine(rows)}; `{_portable(_command('workers-cpu.md'))}`; median of {first['rounds']} rounds), "
+        "training images per second of the epochs after the first:",
+        "",
+        "| folder | reading an image (ms) | a step per image (ms) | reading / step | 0 workers | 2 workers | "
+        "0 over 2 | auto chose | right |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    lines += [f"| {r['images']} {r['source']}s | {float(r['read_ms']):.2f} | {float(r['step_ms']):.2f} | "
+              f"{float(r['read_over_step']):.2f} | {float(r['img_s_0']):.0f} | {float(r['img_s_2']):.0f} | "
+              f"**{float(r['in_process_speedup']):.2f}x** | {r['auto']} | {'yes' if r['auto_ok'] == 'True' else 'NO'} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def peer() -> str:
     """Our train.py against timm's train.py on the same data and weights, from benchmarks/peer_timm.py."""
     rows = _rows("peer_timm/runs.csv")
@@ -400,7 +420,7 @@ def pack_accuracy() -> str:
 REGIONS: dict[str, Callable[[], str]] = {
     "demo": demo, "speed": speed, "pipeline": pipeline, "fidelity": fidelity, "compare": compare, "pick": pick,
     "windows": windows, "threads": threads, "peer": peer, "pack": pack, "loop": loop, "compile": torch_compile,
-    "optimizer": optimizer,
+    "optimizer": optimizer, "workers": workers,
     "pack_accuracy": pack_accuracy,
 }
 
