@@ -170,6 +170,8 @@ def check_args(args) -> None:
         (args.threads is None or args.threads >= 1, f"--threads must be at least 1; got {args.threads}"),
         (args.max_pixels is None or args.max_pixels >= 1, f"--max-pixels must be at least 1; got {args.max_pixels}"),
         (not args.evaluate or args.weights, "--evaluate needs --weights PATH (a checkpoint of this project)"),
+        (not args.evaluate or int(os.environ.get("WORLD_SIZE", 1)) == 1,  # each rank would write the same files
+         "--evaluate runs in one process: start it with python, not torchrun"),
     ]
     if failed := next((message for ok, message in checks if not ok), None):
         raise InputError(failed)

@@ -403,7 +403,10 @@ def validate_pack_meta(meta: Any, source: Any) -> dict[str, Any]:
         raise DataError(f"{source}: unknown pack field(s) {unknown[:5]}; expected only {list(_FIELDS)}")
     missing = [k for k in _FIELDS if k not in meta]
     if missing:
-        raise DataError(f"{source}: pack field {missing[0]!r} is missing")
+        # 'task' and 'table' came with label tables, after the first packs of format 2: those have neither.
+        old = ("; packs written before gray_effnet read label tables have none: pack it again"
+               if missing[0] in ("task", "table") else "")
+        raise DataError(f"{source}: pack field {missing[0]!r} is missing{old}")
 
     version = meta["format_version"]
     if not _is_int(version) or version < 1:

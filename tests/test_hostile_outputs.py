@@ -185,6 +185,8 @@ HOSTILE_PACKS = {
     "not-json": ("pack8", lambda p: (p / "pack.json").write_text("{oops"), "it is not JSON"),
     "a-list": ("pack8", lambda p: (p / "pack.json").write_text("[1, 2]"), "must be a JSON object"),
     "no-rows": ("pack8", lambda p: _drop(p, "rows"), "'rows' is missing"),
+    "no-task": ("pack8", lambda p: _drop(p, "task"),
+                "'task' is missing; packs written before gray_effnet read label tables have none: pack it again"),
     "val-row-out-of-range": ("pack8", lambda p: _edit_meta(p, val=[0, 10**6]), "'val' must be row indices in [0, 8)"),
     "negative-row": ("pack8", lambda p: _edit_meta(p, train=[-1]), "'train' must be row indices in [0, 8)"),
     "val-equals-train": ("pack8", lambda p: _edit_meta(p, val=lambda m: m["train"]), "'val' must be rows disjoint"),

@@ -616,6 +616,13 @@ class TestRefusedRunsWriteNothing:
         assert code == 2 and message in err and err.count("error:") == 1
         assert not out.exists()
 
+    def test_evaluate_under_torchrun(self, digits, tmp_path, capsys, monkeypatch):
+        """Every rank would evaluate the whole split and write the same CSV and report."""
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        code = train.cli(["--data", str(digits), "--evaluate", "--weights", str(tmp_path / "w.safetensors"), *FAST])
+        err = capsys.readouterr().err
+        assert code == 2 and "--evaluate runs in one process: start it with python, not torchrun" in err
+
     def test_bad_data_folder_writes_nothing(self, tmp_path, capsys):
         (tmp_path / "data" / "only_class").mkdir(parents=True)
         Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "data" / "only_class" / "0.png")
@@ -631,10 +638,11 @@ class TestTorchrun:
             pytest.skip("torchrun is not installed")
         out = tmp_path / "ddp"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-               "--data", str(digits), "--epochs", "1", "--output", str(out), *FAST]
+               "--data", str(digits), "--epochs", "1", "--output", str(out), *FAST, "--workers", "auto"]
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stdout + res.stderr
         assert "on cpu x2" in res.stdout
+        assert res.stdout.count("loader: ") == 1 and "(auto: reading an image took" in res.stdout  # rank 0's, sent
         assert res.stdout.count("epoch 0:") == 1  # rank-0 logging only
         assert len(metrics(out)) == 1
         assert load_model(out / "last.safetensors").adapter == train.get_args_parser().get_default("adapter")
