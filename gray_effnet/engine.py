@@ -82,15 +82,17 @@ def _to_device(images: Tensor, targets: Tensor, device: torch.device, channels_l
 
 
 def _waited(loader: Iterable, clock: list[float]) -> Iterator:
-    """Yield ``loader``'s batches, adding to ``clock[0]`` the seconds spent waiting for each."""
+    """Yield ``loader``'s batches, adding to ``clock[0]`` the seconds spent waiting for each, and to ``clock[1]`` the
+    CPU seconds this process spent meanwhile (reading, when the loader has no workers)."""
     batches = iter(loader)
     while True:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             batch = next(batches)
         except StopIteration:
             return
         clock[0] += time.perf_counter() - start
+        clock[1] += time.process_time() - cpu
         yield batch
 
 
@@ -110,7 +112,7 @@ def train_one_epoch(
     log_every: int = 20,
     progress: bool = True,
     augment: Callable[[Tensor], Tensor] | None = None,
-    on_step: Callable[[float], None] | None = None,
+    on_step: Callable[[float, float], None] | None = None,
 ) -> dict[str, float]:
     """Train for one epoch; returns loss, accuracy, images/s, seconds (of which waiting for data), skipped files.
 
@@ -118,8 +120,8 @@ def train_one_epoch(
     ``gray_effnet.tasks``): means over the known entries, the accuracy at probability 0.5; NaN when none was known.
 
     ``augment``, when given, transforms each batch once it is on the device (``gray_effnet.augment.BatchAugment``).
-    ``on_step`` is called after every optimizer step with the epoch's seconds of waiting for data so far
-    (``gray_effnet.speed.ThreadGovernor.step``).
+    ``on_step`` is called after every optimizer step with the epoch's seconds of waiting for data so far, and the
+    CPU seconds of the process while it waited (``gray_effnet.speed.ThreadGovernor.step``).
 
     ``.item()`` waits for the device, so losses are checked for NaN/inf only every ``log_every`` steps
     and at the end; the error names the first bad step of that window. Raises ``NonFiniteLossError``.
@@ -134,7 +136,7 @@ def train_one_epoch(
     window: list[Tensor] = []
     skipped = 0
     start = time.perf_counter()
-    data_wait = [0.0]  # where the time goes: a loader that cannot keep up shows here, not in the steps
+    data_wait = [0.0, 0.0]  # where the time goes: a loader that cannot keep up shows here, not in the steps
     bar = tqdm(_waited(loader, data_wait), total=steps_per_epoch, desc=f"epoch {epoch} train", leave=False,
                disable=not progress, dynamic_ncols=True)
 
@@ -180,7 +182,7 @@ def train_one_epoch(
         if (step + 1) % log_every == 0:
             check(step)
         if on_step is not None:
-            on_step(data_wait[0])
+            on_step(*data_wait)
     if window:
         check(steps_per_epoch - 1)
     if device.type == "cuda":

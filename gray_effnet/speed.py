@@ -127,7 +127,7 @@ class ThreadGovernor:
     per second (idle threads spin, and spinning counts). When another job runs on the same cores, the OS shares
     them out and the spinning threads wait on each other at every barrier: steps slow down many-fold while the
     process gets only about one core's time. ``step()``, called after each training step, measures the CPU time
-    per wall second (not counting the wait for data) over windows of at least ``window_s``; below
+    per wall second (leaving out the wait for data) over windows of at least ``window_s``; below
     ``min_share * threads`` it sets 1 thread for the rest of the run, where one thread cannot spin against
     another, and logs why.
 
@@ -142,23 +142,25 @@ class ThreadGovernor:
                  log: Callable[[str], None] = print) -> None:
         self.threads, self.min_share, self.window_s, self.log = threads, min_share, window_s, log
         self.dropped = False
-        self._start: tuple[float, float, float] | None = None  # (wall, CPU, waited) seconds
+        self._start: tuple[float, float, float, float] | None = None  # (wall, CPU, waited, its CPU) seconds
 
-    def step(self, waited: float = 0.0) -> None:
-        """``waited``: the seconds this epoch has so far spent waiting for the loader (it restarts each epoch). A
-        process that waits for its workers is idle, not short of cores, so that time is left out."""
+    def step(self, waited: float = 0.0, waited_cpu: float = 0.0) -> None:
+        """``waited``: the seconds this epoch has so far spent waiting for the loader (it restarts each epoch), and
+        ``waited_cpu`` the CPU seconds of the process meanwhile. That time is left out: a process that waits for
+        its workers is idle, not short of cores, and one that reads its own batches runs 1 thread, not its
+        ``threads``."""
         if self.dropped or self.threads < 2:
             return
         now, cpu = time.perf_counter(), time.process_time()
         # The first step (allocations, oneDNN's kernel choice) is not measured, nor a window across epochs.
         if self._start is None or waited < self._start[2]:
-            self._start = (now, cpu, waited)
+            self._start = (now, cpu, waited, waited_cpu)
             return
         wall = now - self._start[0] - (waited - self._start[2])
         if wall < self.window_s:
             return
-        share = (cpu - self._start[1]) / wall
-        self._start = (now, cpu, waited)
+        share = (cpu - self._start[1] - (waited_cpu - self._start[3])) / wall
+        self._start = (now, cpu, waited, waited_cpu)
         if share < self.min_share * self.threads:
             torch.set_num_threads(1)
             self.dropped = True

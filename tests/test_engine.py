@@ -133,10 +133,11 @@ class TestTrainOneEpoch:
         optimizer.register_step_post_hook(lambda *_: events.append("step"))
         train_one_epoch(model, dark_or_bright(3, 4), optimizer=optimizer, scheduler=None,
                         criterion=nn.CrossEntropyLoss(), device=CPU, epoch=0, progress=False,
-                        on_step=lambda waited: events.append(("hook", waited)))
+                        on_step=lambda waited, cpu: events.append(("hook", waited, cpu)))
         assert [e if e == "step" else e[0] for e in events] == ["step", "hook"] * 3
-        waits = [e[1] for e in events if e != "step"]  # the epoch's wait for data so far: never less, never negative
-        assert waits == sorted(waits) and waits[0] >= 0
+        for k in (1, 2):  # the epoch's wait for data so far, wall and CPU: never less, never negative
+            waits = [e[k] for e in events if e != "step"]
+            assert waits == sorted(waits) and waits[0] >= 0
 
     @pytest.mark.parametrize("scaled", [False, True], ids=["no-scaler", "grad-scaler"])
     def test_clip_grad_bounds_the_norm_the_optimizer_sees(self, scaled, monkeypatch):

@@ -72,6 +72,21 @@ class TestThreadGovernor:
             governor.step(waited)
         assert threads == [] and not governor.dropped
 
+    @pytest.mark.parametrize("steps_cpu, drops", [(2.2, True), (3.9, False)], ids=["shared", "alone"])
+    def test_reading_in_the_process_is_left_out_too(self, monkeypatch, steps_cpu, drops):
+        """A process that reads its own batches: 3 s of wall, 1 s of it reading with 1.6 s of CPU (the reader and a
+        spinning thread), 2 s of steps. Shared (2.2 s of CPU in the steps: 1.1 cores of 2) it drops; counting the
+        reading's CPU against the steps' wall (1.9) or all of it against all the wall (1.27) it would not. Alone
+        (3.9 s: 1.95 cores) it keeps its threads."""
+        threads = []
+        monkeypatch.setattr(speed.torch, "set_num_threads", threads.append)
+        advance = self.clock(monkeypatch, [(0.0, 0.0), (3.0, steps_cpu + 1.6)])
+        governor = speed.ThreadGovernor(2, log=lambda line: None)
+        for waited, cpu in ((0.0, 0.0), (1.0, 1.6)):
+            advance()
+            governor.step(waited, cpu)
+        assert governor.dropped is drops and threads == ([1] if drops else [])
+
     def test_a_new_epoch_starts_a_new_window(self, monkeypatch):
         """The wait restarts at 0 each epoch: a window across the boundary (validation, the checkpoint) is not
         measured."""
