@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import gray_effnet
 from gray_effnet import GrayEfficientNet, GrayEffnetError, InputError, WeightsError, list_adapters
+from gray_effnet.adapters import adapter_options
 from gray_effnet.checkpoint import (
     META_KEY,
     SELECT_BY,
@@ -70,7 +71,7 @@ from gray_effnet.engine import amp_setup, evaluate, make_optimizer_and_schedule,
 from gray_effnet.evaluation import evaluate_checkpoint, report_predictions
 from gray_effnet.files import atomic_write, check_output_folder, cleanup_temporaries, output_lock
 from gray_effnet.folders import prepare_digits
-from gray_effnet.intensity import WINDOWS_HELP, parse_intensity, parse_intensity_args, parse_windows
+from gray_effnet.intensity import WINDOWS_HELP, parse_intensity_args
 from gray_effnet.limits import input_size_limit, pixel_limit, set_max_pixels
 from gray_effnet.model import min_input_size
 from gray_effnet.run_report import report_after_training, report_line, write_report
@@ -204,25 +205,6 @@ def resolve_data(args, primary: bool) -> DataSource:
                        table=table_options(args))
 
 
-def adapter_options(args) -> tuple[str, dict]:
-    """The intensity mapping and the adapter's options; windows are in physical units, so they need a range."""
-    intensity = parse_intensity_args(args.intensity) or parse_intensity("full")
-    windowed = "windows" in gray_effnet.ADAPTERS[args.adapter].option_names
-    if args.windows and not windowed:
-        raise InputError(f"--windows is for --adapter window or wso; this run uses {args.adapter!r}")
-    if not windowed:
-        return str(intensity), {}
-    if intensity.kind != "range" or not args.windows:
-        raise InputError(
-            f"--adapter {args.adapter} needs windows in physical units and the range they are read in, e.g. for CT: "
-            "--intensity range -1024 3071 --windows 40:80 80:200 600:2800"
-            + (f" (the intensity mapping is {str(intensity)!r})" if intensity.kind != "range" else ""))
-    windows = parse_windows(args.windows)
-    if len(windows) != 3:  # before the data scan, which can take a while on a large DICOM folder
-        raise InputError(f"--adapter {args.adapter} needs 3 windows, one per stem channel; got {len(windows)}")
-    return str(intensity), {"windows": windows, "range": [intensity.low, intensity.high]}
-
-
 def run_evaluate(args, device: torch.device) -> None:
     """--evaluate: the validation split through the one evaluation path that predict uses too."""
     source = resolve_data(args, primary=True)
@@ -272,7 +254,7 @@ def run_training(args, held: contextlib.ExitStack) -> None:
     if args.evaluate:
         return run_evaluate(args, device)
     autocast, scaler = amp_setup(device, args.amp)
-    intensity, adapter_kwargs = adapter_options(args)
+    intensity, adapter_kwargs = adapter_options(args.adapter, args.intensity, args.windows)
     output = Path(args.output or f"runs/{args.model}-{args.adapter}")
     lock_output(output, primary, held)  # before any work; its temporaries are cleaned only holding it
 
@@ -314,7 +296,8 @@ def run_training(args, held: contextlib.ExitStack) -> None:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     channels_last, why = choose_channels_last(args.channels_last, model, device, (args.batch_size, 1, h, w),
-                                              train=True, autocast=autocast, cache=probe_cache("channels_last"))
+                                              train=True, autocast=autocast, cache=probe_cache("channels_last"),
+                                              step_cache=probe_cache("step_time"))
     if channels_last:
         model.to(memory_format=torch.channels_last)
     requested, why_workers = source.loader_workers(args.workers)  # on the CPU: read here or beside, from the costs

@@ -36,6 +36,7 @@ from timm.models import adapt_input_conv
 from torch import Tensor, nn
 
 from .errors import InputError
+from .intensity import parse_intensity, parse_intensity_args, parse_windows
 
 __all__ = [
     "ADAPTERS",
@@ -49,6 +50,7 @@ __all__ = [
     "conv_with_weight",
     "WindowStem",
     "WsoStem",
+    "adapter_options",
     "create_adapter",
     "fold_weights",
     "get_adapter_class",
@@ -90,6 +92,33 @@ def get_adapter_class(name: str) -> type["StemAdapter"]:
         return ADAPTERS[name]
     except KeyError:
         raise InputError(f"unknown adapter {name!r}; choose one of: {', '.join(list_adapters())}") from None
+
+
+def adapter_options(name: str, intensity: Sequence[str] | None, windows: Sequence[str] | None) -> tuple[str, dict]:
+    """The intensity mapping and adapter ``name``'s options from the command line's words (``--intensity``,
+    ``--windows``), checked before any data is read: windows are in physical units, so they need a range.
+
+    Returns:
+        The mapping's text and the adapter's options (``create_adapter``'s ``**options``).
+
+    Raises:
+        InputError: windows for an adapter that takes none, or a windowed adapter without a range and 3 windows.
+    """
+    mapping = parse_intensity_args(intensity) or parse_intensity("full")
+    windowed = "windows" in get_adapter_class(name).option_names
+    if windows and not windowed:
+        raise InputError(f"--windows is for --adapter window or wso; this run uses {name!r}")
+    if not windowed:
+        return str(mapping), {}
+    if mapping.kind != "range" or not windows:
+        raise InputError(
+            f"--adapter {name} needs windows in physical units and the range they are read in, e.g. for CT: "
+            "--intensity range -1024 3071 --windows 40:80 80:200 600:2800"
+            + (f" (the intensity mapping is {str(mapping)!r})" if mapping.kind != "range" else ""))
+    parsed = parse_windows(windows)
+    if len(parsed) != 3:  # before the data scan, which can take a while on a large DICOM folder
+        raise InputError(f"--adapter {name} needs 3 windows, one per stem channel; got {len(parsed)}")
+    return str(mapping), {"windows": parsed, "range": [mapping.low, mapping.high]}
 
 
 def create_adapter(

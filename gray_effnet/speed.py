@@ -248,7 +248,8 @@ def _write_cache(path: Path, key: str, value: tuple | list, valid: Callable[[obj
 
 def choose_channels_last(mode: str, model: nn.Module, device: torch.device, input_shape: tuple[int, ...], *,
                          train: bool, autocast: Callable = nullcontext, steps: int = 2,
-                         min_gain: float = 1.05, cache: Path | None = None) -> tuple[bool, str]:
+                         min_gain: float = 1.05, cache: Path | None = None,
+                         step_cache: Path | None = None) -> tuple[bool, str]:
     """Resolve ``--channels-last auto|on|off`` to a bool, with a line saying why.
 
     ``auto`` on CUDA is on (cuDNN's NHWC kernels are what tensor cores run, as timm recommends). On the CPU it
@@ -269,6 +270,8 @@ def choose_channels_last(mode: str, model: nn.Module, device: torch.device, inpu
         cache: a JSON file of earlier decisions (``probe_cache("channels_last")``): ``auto`` on the CPU probes only when
             it holds none for this CPU, torch version, model, input shape, train/infer and AMP, and records the
             probe's answer there. ``None``: always probe.
+        step_cache: ``step_seconds``' cache (``probe_cache("step_time")``): a training probe records its two steps'
+            timings there too, so that ``--workers auto`` does not time the same steps again.
     """
     if mode not in CHANNELS_LAST_MODES:
         raise InputError(f"channels_last must be one of {', '.join(CHANNELS_LAST_MODES)}; got {mode!r}")
@@ -299,9 +302,18 @@ def choose_channels_last(mode: str, model: nn.Module, device: torch.device, inpu
                            f"{min_gain:.2f}x faster)")
         if cache is not None:
             _write_cache(cache, key, decision[0])
+        if train and step_cache is not None:
+            for nhwc_format, seconds in ((False, nchw), (True, nhwc)):
+                _write_cache(step_cache, _step_key(model, device, input_shape, autocast, nhwc_format),
+                             [seconds / x.shape[0]], _is_seconds)
     if dist.is_initialized():
         dist.broadcast_object_list(decision, src=0)
     return decision[0]
+
+
+def _step_key(model: nn.Module, device: torch.device, input_shape: tuple[int, ...], autocast: Callable,
+              channels_last: bool) -> str:
+    return _probe_key(model, device, input_shape, True, autocast) + f" | {'nhwc' if channels_last else 'nchw'}"
 
 
 def step_seconds(model: nn.Module, device: torch.device, input_shape: tuple[int, ...], *, channels_last: bool,
@@ -310,10 +322,11 @@ def step_seconds(model: nn.Module, device: torch.device, input_shape: tuple[int,
 
     Timed as ``choose_channels_last`` times its probe: ``steps`` steps after one untimed, on a random batch of
     ``input_shape`` capped at 16 images; the model, its statistics and the random generator are left as they were.
-    ``cache``: a JSON file of earlier timings (``probe_cache("step_time")``), keyed as the channels_last probes are
-    and by the memory format; ``None``: always time.
+    ``cache``: a JSON file of earlier timings (``probe_cache("step_time")``, where a training probe of
+    ``choose_channels_last`` leaves its own), keyed as the channels_last probes are and by the memory format;
+    ``None``: always time.
     """
-    key = _probe_key(model, device, input_shape, True, autocast) + f" | {'nhwc' if channels_last else 'nchw'}"
+    key = _step_key(model, device, input_shape, autocast, channels_last)
     cached = _read_cache(cache, _is_seconds).get(key) if cache is not None else None
     if cached is not None:
         return cached[0]

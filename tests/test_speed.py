@@ -348,6 +348,20 @@ class TestStepSeconds:
         speed.step_seconds(model, torch.device("cpu"), (4, 1, 32, 32), channels_last=True, cache=cache)
         assert len(json.loads(cache.read_text())) == 2  # NHWC is timed on its own
 
+    def test_the_channels_last_probe_times_the_steps_once(self, tmp_path, monkeypatch):
+        """A training probe of channels_last records both formats' steps; step_seconds then times nothing."""
+        model = make_model("tf_efficientnet_lite0", "fold")
+        times = iter([0.4, 0.2])  # NCHW, then NHWC: seconds of a 4-image step
+        monkeypatch.setattr(speed, "_time_steps", lambda *a, **k: next(times))
+        cache = tmp_path / "step_time.json"
+        on, _ = choose_channels_last("auto", model, torch.device("cpu"), (4, 1, 32, 32), train=True,
+                                     step_cache=cache)
+        assert on
+        monkeypatch.setattr(speed, "_time_steps", lambda *a, **k: pytest.fail("timed again"))
+        for nhwc, want in ((False, 0.1), (True, 0.05)):
+            assert speed.step_seconds(model, torch.device("cpu"), (4, 1, 32, 32), channels_last=nhwc,
+                                      cache=cache) == pytest.approx(want)
+
     def test_a_malformed_entry_is_timed_again(self, tmp_path):
         cache = tmp_path / "step_time.json"
         model = make_model("tf_efficientnet_lite0", "fold")
