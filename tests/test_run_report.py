@@ -118,6 +118,29 @@ class TestReportPage:
             assert (run[0] / "report" / f"{name}.png").read_bytes() == data
 
 
+class TestGallery:
+    def test_tiles_keep_their_aspect_ratio_and_sit_under_their_captions(self):
+        """A black 16x32 image and a black 32x16 one on white: each fills the largest box of its aspect ratio that
+        fits its cell, centred, below its caption's text."""
+        black_wide, black_tall = np.zeros((16, 32)), np.zeros((32, 16))
+        fig = run_report.gallery_figure([[(black_wide, "wide"), (black_tall, "tall")]], 2, ["row"])
+        img = np.asarray(Image.open(io.BytesIO(run_report._png(fig))).convert("L"))
+        dpi, left = run_report.DPI, 0.3  # the row title's strip
+        assert img.shape == (round(2.5 * dpi), round((2 * 2.1 + left) * dpi))
+        for c, aspect in ((0, 2.0), (1, 0.5)):
+            x0, x1 = round((left + 2.1 * c) * dpi), round((left + 2.1 * (c + 1)) * dpi)
+            cell = img[:, x0:x1]
+            ys, xs = np.nonzero(cell < 20)
+            ys, xs = ys[ys >= 0.45 * dpi], xs[ys >= 0.45 * dpi]  # the image, below the caption strip
+            width, height = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+            assert width / height == pytest.approx(aspect, rel=0.03)
+            assert max(width, height) >= 1.9 * dpi  # as large as the cell allows
+            assert (xs.min() + xs.max()) / 2 == pytest.approx((x1 - x0) / 2, abs=2)  # centred
+            caption = cell[: int(0.45 * dpi)]
+            assert (caption < 128).any()  # its caption's text
+        assert (img[:, : int(left * dpi)] < 128).any()  # the row title
+
+
 class TestReportNumbers:
     def test_confusion_is_evaluates(self, run, evaluated):
         page = (run[0] / "report.html").read_text()
