@@ -12,7 +12,6 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -97,7 +96,7 @@ def _has_dicom_magic(path: str | os.PathLike) -> bool:
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
     """A ``.dcm`` (``.dicom``, ``.dic``) name, or the ``DICM`` magic at byte 128 under any name."""
-    suffix = Path(path).suffix.lower()
+    suffix = _suffix(path)
     if suffix in DICOM_EXTENSIONS:
         return True
     return suffix not in IMG_EXTENSIONS and _has_dicom_magic(path)
@@ -112,7 +111,12 @@ def is_image_file(path: str | os.PathLike) -> bool:
     name = os.path.basename(path)
     if name.startswith("."):
         return False
-    return Path(name).suffix.lower() in IMG_EXTENSIONS or is_dicom_file(path)
+    return _suffix(name) in IMG_EXTENSIONS or is_dicom_file(path)
+
+
+def _suffix(path: str | os.PathLike) -> str:
+    """``Path(path).suffix.lower()`` without building a Path (read once per image per epoch)."""
+    return os.path.splitext(os.fspath(path))[1].lower()
 
 
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")

@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 import train
 from gray_effnet import DataError, GrayEfficientNet, InputError, save_weights
 from gray_effnet.__main__ import main as gray_main
-from gray_effnet.augment import BatchAugment, _rotate, build_transforms
+from gray_effnet.augment import BatchAugment, RandomResizedCrop, _rotate, build_transforms, crop_box
 from gray_effnet.checkpoint import read_checkpoint
 from gray_effnet.data import GrayImageFolder, collate, make_loader, set_loader_epoch
 from gray_effnet.folders import load_folder
@@ -398,6 +398,59 @@ def trained_on_pack(tmp_path_factory):
     printed = run("--data", tmp / "pack", "--epochs", "1", "--output", tmp / "run", "--no-pretrained",
                   "--hflip", "0.5", *PACK_FAST)
     return tmp, printed
+
+
+class TestRandomResizedCrop:
+    """The files path's crop: BatchAugment's box rule for one image, v2's resize, and the same random source."""
+
+    @pytest.mark.parametrize("shape", [(40, 30), (30, 40), (12, 40), (28, 28), (1, 1)])
+    def test_box_is_the_batch_paths_box_from_the_same_generator_state(self, shape):
+        """(12, 40) falls back to the centre crop often: that branch is compared too."""
+        h, w = shape
+        batch = BatchAugment((8, 8), crop_scale=0.3)
+        fallbacks = 0
+        for seed in range(200):
+            boxes = batch.crop_boxes(1, h, w, torch.Generator().manual_seed(seed))
+            left, top, right, bottom = (int(v) for v in boxes[0])
+            box = crop_box(h, w, batch.scale, generator=torch.Generator().manual_seed(seed))
+            assert box == (top, left, bottom - top, right - left), seed
+            fallbacks += box[2] == h
+        if shape == (12, 40):
+            assert fallbacks > 50
+
+    def test_a_plain_tensor_is_v2s_resized_crop_of_the_box_drawn(self):
+        x = torch.randint(0, 256, (1, 40, 30), dtype=torch.uint8)
+        crop = RandomResizedCrop((24, 20), scale=(0.3, 1.0), antialias=True)
+        for seed in range(20):
+            torch.manual_seed(seed)
+            top, left, h, w = crop_box(40, 30, crop.scale, crop.ratio)
+            torch.manual_seed(seed)
+            y = crop(x)
+            assert y.dtype == torch.uint8 and y.shape == (1, 24, 20)
+            torch.testing.assert_close(y, TF.resized_crop(x, top, left, h, w, [24, 20], antialias=True), rtol=0, atol=0)
+
+    def test_a_tv_tensor_goes_through_v2_with_the_same_result(self):
+        from torchvision import tv_tensors
+
+        x = torch.rand(1, 33, 47)
+        crop = RandomResizedCrop((16, 16), scale=(0.5, 1.0), antialias=True)
+        torch.manual_seed(3)
+        plain = crop(x)
+        torch.manual_seed(3)
+        wrapped = crop(tv_tensors.Image(x))
+        assert isinstance(wrapped, tv_tensors.Image)
+        torch.testing.assert_close(wrapped.as_subclass(torch.Tensor), plain, rtol=0, atol=0)
+
+    def test_draws_from_the_global_generator_as_the_per_sample_seeds_expect(self):
+        """GrayImageFolder seeds torch's global generator per sample: the same seed, the same crop; another, not."""
+        x = torch.rand(1, 64, 64)
+        crop = build_transforms((16, 16), train=True, crop_scale=0.3)
+        outs = []
+        for seed in (5, 5, 6):
+            torch.manual_seed(seed)
+            outs.append(crop(x))
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+        assert not torch.equal(outs[0], outs[2])
 
 
 class TestTrainOnPack:
