@@ -167,6 +167,22 @@ class TestReadme:
         for name, text in regions:  # a path of the machine that measured it says nothing to a reader
             assert not re.search(r"(?<![\w.:/~-])/(home|root|tmp|work|Users|mnt|opt|var)/", text), name
 
+    def test_peer_ratios_and_verdicts_are_the_benchmarks_own(self):
+        """The peer table's ratio and goal verdict per config are peer_timm.py's (the median of per-round ratios),
+        not a ratio of medians, which can land on the other side of a goal."""
+        report = (ROOT / "benchmarks" / "results" / "peer_timm" / "results.md").read_text()
+        own = {m[0]: (float(m[1]), m[2]) for m in
+               re.findall(r"^\| (\w+) \| \d+ \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|.*\| (yes|no) \| (?:yes|no) \|$",
+                          report, flags=re.M)}
+        page = (ROOT / "docs" / "benchmarks.md").read_text()
+        shown = {m[0]: (float(m[1]), m[2]) for m in
+                 re.findall(r"^\| (\w+) \| \d+ \| \d+ \| \*\*([\d.]+)x\*\* \| <= [\d.]+x \((met|NOT met)\)",
+                            page, flags=re.M)}
+        assert own and set(shown) == set(own)
+        for config, (ratio, met) in own.items():
+            assert shown[config][0] == pytest.approx(ratio, abs=0.005), config
+            assert (shown[config][1] == "met") == (met == "yes"), config
+
     def test_explain_output_is_what_the_command_prints(self, workdir):
         """The explain output block (docs/adapters.md) is the real output of the command above it, number for number."""
         root, env = workdir
