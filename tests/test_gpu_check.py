@@ -268,6 +268,21 @@ class TestLoopSummary:
         assert value("--device") == ["cpu"] and value("--epochs") == ["2"] and cmd[-1] == "--no-pretrained"
 
 
+    @pytest.mark.parametrize("given, passed",
+                             [([], "auto"), (["--workers", "3"], "3"), (["--workers", "auto"], "auto")])
+    def test_workers_default_to_train_pys_auto(self, given, passed):
+        """The files run reads as train.py would (its default, auto) unless --workers says otherwise."""
+        args = loop.resolve_args(loop.get_args_parser().parse_args(["--device", "cpu", *given]),
+                                 loop.train_defaults(), loop.resolve_device("cpu"))
+        cmd = loop.train_command(args, Path("d"), Path("o"), channels_last=False)
+        assert cmd[cmd.index("--workers") + 1] == passed
+
+    def test_workers_not_a_count_is_a_usage_error(self, capsys):
+        with pytest.raises(SystemExit) as e:
+            loop.get_args_parser().parse_args(["--workers", "two"])
+        assert e.value.code == 2 and "--workers" in capsys.readouterr().err
+
+
 class TestLoaderCost:
     def test_each_data_path_alone_costs_time_per_image(self, tmp_path):
         data = synthetic.generate(tmp_path / "s", 12, 40, bits=8, workers=1)
