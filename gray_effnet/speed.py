@@ -192,6 +192,25 @@ def _time_steps(model: nn.Module, x: torch.Tensor, *, train: bool, autocast: Cal
     return sorted(times)[len(times) // 2]
 
 
+def _probe_steps(model: nn.Module, device: torch.device, input_shape: tuple[int, ...], formats: tuple[bool, ...], *,
+                 train: bool, autocast: Callable, steps: int) -> tuple[list[float], int]:
+    """Seconds a step of a copy of ``model`` takes in each of ``formats`` (True: NHWC, in that order on one copy),
+    on a random batch of ``input_shape`` capped at 16 images, and that batch's size. The model, its statistics and
+    the run's random generator (the probe's batch and dropout) are left as they were."""
+    b, *rest = input_shape
+    seconds = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        x = torch.rand(min(b, 16), *rest, device=device)
+        probe = copy.deepcopy(model).train(train)
+        for nhwc in formats:
+            if nhwc:
+                probe.to(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
+            seconds.append(_time_steps(probe, x, train=train, autocast=autocast, steps=steps, device=device))
+    return seconds, x.shape[0]
+
+
 PROBE_CACHE_ENTRIES = 256  # the cache file keeps the newest decisions only
 
 
@@ -285,19 +304,11 @@ def choose_channels_last(mode: str, model: nn.Module, device: torch.device, inpu
     if cached is not None:
         decision[0] = (cached[0], f"{cached[1]}; cached in {cache}, delete it to probe again")
     elif not dist.is_initialized() or dist.get_rank() == 0:
-        b, *rest = input_shape
-        with torch.random.fork_rng(devices=[]):  # the probe's batch and dropout leave the run's generator alone
-            torch.manual_seed(0)
-            x = torch.rand(min(b, 16), *rest, device=device)
-            probe = copy.deepcopy(model).train(train)
-            nchw = _time_steps(probe, x, train=train, autocast=autocast, steps=steps, device=device)
-            probe.to(memory_format=torch.channels_last)
-            nhwc = _time_steps(probe, x.contiguous(memory_format=torch.channels_last), train=train,
-                               autocast=autocast, steps=steps, device=device)
-        del probe
+        (nchw, nhwc), n = _probe_steps(model, device, input_shape, (False, True), train=train, autocast=autocast,
+                                       steps=steps)
         on = nchw >= min_gain * nhwc
         what = "training" if train else "inference"
-        decision[0] = (on, f"channels_last: {'on' if on else 'off'} (auto: a {x.shape[0]}-image {what} step took "
+        decision[0] = (on, f"channels_last: {'on' if on else 'off'} (auto: a {n}-image {what} step took "
                            f"{nhwc * 1e3:.0f} ms in NHWC, {nchw * 1e3:.0f} ms in NCHW; NHWC is taken from "
                            f"{min_gain:.2f}x faster)")
         if cache is not None:
@@ -305,7 +316,7 @@ def choose_channels_last(mode: str, model: nn.Module, device: torch.device, inpu
         if train and step_cache is not None:
             for nhwc_format, seconds in ((False, nchw), (True, nhwc)):
                 _write_cache(step_cache, _step_key(model, device, input_shape, autocast, nhwc_format),
-                             [seconds / x.shape[0]], _is_seconds)
+                             [seconds / n], _is_seconds)
     if dist.is_initialized():
         dist.broadcast_object_list(decision, src=0)
     return decision[0]
@@ -320,8 +331,9 @@ def step_seconds(model: nn.Module, device: torch.device, input_shape: tuple[int,
                  autocast: Callable = nullcontext, steps: int = 2, cache: Path | None = None) -> float:
     """Seconds per image of a training step (forward and backward) of a copy of ``model``, in the run's format.
 
-    Timed as ``choose_channels_last`` times its probe: ``steps`` steps after one untimed, on a random batch of
-    ``input_shape`` capped at 16 images; the model, its statistics and the random generator are left as they were.
+    Timed as ``choose_channels_last`` times its probe (``_probe_steps``: ``steps`` steps after one untimed, on a
+    random batch of ``input_shape`` capped at 16 images; the model, its statistics and the random generator are left
+    as they were).
     ``cache``: a JSON file of earlier timings (``probe_cache("step_time")``, where a training probe of
     ``choose_channels_last`` leaves its own), keyed as the channels_last probes are and by the memory format;
     ``None``: always time.
@@ -330,16 +342,9 @@ def step_seconds(model: nn.Module, device: torch.device, input_shape: tuple[int,
     cached = _read_cache(cache, _is_seconds).get(key) if cache is not None else None
     if cached is not None:
         return cached[0]
-    b, *rest = input_shape
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        x = torch.rand(min(b, 16), *rest, device=device)
-        probe = copy.deepcopy(model).train()
-        if channels_last:
-            probe.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
-        seconds = _time_steps(probe, x, train=True, autocast=autocast, steps=steps, device=device) / x.shape[0]
-    del probe
+    (seconds,), n = _probe_steps(model, device, input_shape, (channels_last,), train=True, autocast=autocast,
+                                 steps=steps)
+    seconds /= n
     if cache is not None:
         _write_cache(cache, key, [seconds], _is_seconds)
     return seconds
