@@ -44,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 import gray_effnet
 from gray_effnet import GrayEfficientNet, GrayEffnetError, InputError, WeightsError, list_adapters
 from gray_effnet.adapters import adapter_options
+from gray_effnet.cache import attach_caches, parse_budget
 from gray_effnet.checkpoint import (
     META_KEY,
     SELECT_BY,
@@ -109,6 +110,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                      "the process) where an image reads faster than a training step spends on it, else 2",
                      workers_default="auto")
     g.add_argument("--val-split", type=float, default=0.2, help="validation fraction when DIR has no train/val")
+    g.add_argument("--ram-cache", type=parse_budget, default="auto", metavar="GIB",
+                   help="keep decoded images in memory after their first read, up to GIB (shared by the processes "
+                   "of a machine); auto: a quarter of the available memory; off: decode every file every epoch")
     g.add_argument("--batch-size", type=int, default=64, help="per process")
     g.add_argument("--windows", nargs="+", default=None, metavar="C:W", help=WINDOWS_HELP)
     g.add_argument("--crop-scale", type=float, default=0.8, help="smallest area of the random crop (1 = no crop)")
@@ -304,6 +308,8 @@ def run_training(args, held: contextlib.ExitStack) -> None:
     workers, why_workers = choose_workers(requested, device, why=why_workers, dataset=train_ds, model=model,
                                           input_shape=(args.batch_size, 1, h, w), channels_last=channels_last,
                                           autocast=autocast, cache=probe_cache("step_time"))
+    why_cache = attach_caches([train_ds, val_ds], args.ram_cache, workers=workers,  # before the workers start
+                              processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     loader_kw = {"workers": workers, "pin_memory": device.type == "cuda", "seed": args.seed, "world_size": world,
                  "rank": rank}
     train_loader = make_loader(train_ds, args.batch_size, train=True, **loader_kw)
@@ -317,7 +323,7 @@ def run_training(args, held: contextlib.ExitStack) -> None:
     done = state["epoch"] + 1 if state is not None else 0  # the epochs a resumed run has behind it
     compiled, why_compile = choose_compile(args.compile, device, steps_per_epoch * (args.epochs - done), (h, w),
                                            channels_last=channels_last)
-    log(f"{why}\n{why_workers}\n{why_compile}")
+    log(f"{why}\n{why_workers}\n{why_cache}\n{why_compile}")
     model = torch.compile(model) if compiled else model
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

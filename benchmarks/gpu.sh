@@ -65,7 +65,7 @@ profile() {
     img=(224 224)
     train_extra=(--device cuda)
     loop_args=(--device cuda --n-images 2048 --source-size 512 --bits 16 --img-size 224 224 --batch-size 64
-               --workers 8 --epochs 3)
+               --workers 8 --epochs 3 --rounds 1)  # 1 round: 3 train.py runs (files, files-nocache, pack)
     compile_args=(--device cuda --sizes 224 --batch-size 64 --steps 20 --rounds 5 --warmup 3)
     optimizer_args=(--device cuda --sizes 224 --batch-size 64 --steps 20 --rounds 5 --warmup 3)
     adapters_args=(--device cuda --img-size 224 224 --batch-size 128 --repeats 5 --iters 10 --warmup 5)

@@ -2,16 +2,18 @@
 
 * ``bare``: the training step alone (forward, cross-entropy, backward, train.py's AdamW) on a random batch that
   stays on the device: train.py's model, loss and optimizer settings (its parser's defaults), nothing else.
-* ``files``: ``train.py`` itself, a subprocess, on a folder of synthetic X-ray-like PNGs (``synthetic.py``).
+* ``files``: ``train.py`` itself, a subprocess, on a folder of synthetic X-ray-like PNGs (``synthetic.py``), at
+  its defaults: each image is decoded in the first epoch and kept in memory after (``--ram-cache auto``).
+* ``files-nocache``: the same with ``--ram-cache off``: every epoch decodes every file.
 * ``pack``: ``train.py`` on the same folder packed by ``python -m gray_effnet pack`` (timed too).
 
 All three run at the same model, adapter, batch, image size, memory format, autocast, device and threads, eagerly:
 train.py gets them as flags (``--channels-last on|off``, ``--amp``, ``--threads``, ``--compile off``), so that its
-own choices (the CPU probe, the thread governor, compiling) stay out. ``--rounds`` repeats the pair of runs (files,
-then pack); the bare step is timed in a block of ``--bare-steps`` before the first run and after every run, so that
-each run has a block on either side. Their spread shows how much the machine drifted (on a shared virtual machine
-it can change by 1.5x within a minute): each run is compared with the mean of its two neighbouring blocks, and
-the medians over rounds are reported with their range.
+own choices (the CPU probe, the thread governor, compiling) stay out. ``--rounds`` repeats the runs (files,
+files-nocache, then pack); the bare step is timed in a block of ``--bare-steps`` before the first run and after
+every run, so that each run has a block on either side. Their spread shows how much the machine drifted (on a
+shared virtual machine it can change by 1.5x within a minute): each run is compared with the mean of its two
+neighbouring blocks, and the medians over rounds are reported with their range.
 
 From train.py's ``metrics.csv``: ``img_per_s`` and ``seconds`` (``train_one_epoch``'s own timing) of every epoch
 but the first, which pays for the loader's start and the first step. Reported for each run:
@@ -29,8 +31,9 @@ but the first, which pays for the loader's start and the first step. Reported fo
   ``imports_s``: ``startup_s`` minus that line's figure (the interpreter and train.py's imports). Goal: ``ready_s``
   at most 3 s on a repeat run (the runs here are repeats of their kind's start: same caches, no probe).
 * ``loader_ms``: the data path alone, in this process with no worker and no model, at the run's threads:
-  milliseconds per training image for one pass over the training split (files: read, decode, crop and
-  resize each image, collate; pack: index the memory map, then the batch augmentation). The ``bare`` row holds
+  milliseconds per training image for one pass over the training split (files-nocache: read, decode, crop and
+  resize each image, collate; files: the same from the images kept in memory, a second pass; pack: index the
+  memory map, then the batch augmentation). The ``bare`` row holds
   the training step's own milliseconds per image there, so the two read side by side: the data path's share of
   the cores. ``decode_ms`` (files): the part of it that reads and decodes the files alone (``read_gray``, no crop,
   resize or collate): what no faster transform can remove, so ``step / (step + decode_ms)`` bounds the files
@@ -58,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +72,7 @@ from synthetic import generate
 from torch import nn
 
 from gray_effnet import GrayEfficientNet
+from gray_effnet.cache import attach_caches
 from gray_effnet.cli import workers_count
 from gray_effnet.data import make_loader, set_loader_epoch
 from gray_effnet.engine import AMP_DTYPES, amp_setup, make_optimizer_and_schedule
@@ -204,19 +209,23 @@ def run_logged(name: str, cmd: list[str], log_path: Path) -> TrainRun:
     return run
 
 
-def loader_ms(data: Path, args: argparse.Namespace, defaults: argparse.Namespace) -> float:
-    """Milliseconds per training image of train.py's data path for ``data`` (a folder or a pack), no model."""
+def loader_ms(data: Path, args: argparse.Namespace, defaults: argparse.Namespace, cached: bool = False) -> float:
+    """Milliseconds per training image of train.py's data path for ``data`` (a folder or a pack), no model;
+    ``cached``: an epoch after the first, from the images a RAM cache kept (train.py's default)."""
     source = open_source(str(data), seed=args.seed)
     size, intensity = source.settings(args.img_size, None)
     augmentation = Augmentation(crop_scale=defaults.crop_scale, hflip=defaults.hflip, rotate=defaults.rotate)
     dataset = source.dataset("train", size, intensity, augment=augmentation)
+    if cached:
+        attach_caches([dataset], None)
     batch_augment = source.batch_augment(size, augmentation, seed=args.seed)
     loader = make_loader(dataset, args.batch_size, train=True, workers=0, seed=args.seed)
-    set_loader_epoch(loader, 0, args.seed)
-    images, start = 0, time.perf_counter()
-    for batch in loader:
-        x = batch.images if batch_augment is None else batch_augment(batch.images)
-        images += len(x)
+    for epoch in range(2 if cached else 1):
+        set_loader_epoch(loader, epoch, args.seed)
+        images, start = 0, time.perf_counter()
+        for batch in loader:
+            x = batch.images if batch_augment is None else batch_augment(batch.images)
+            images += len(x)
     return 1000 * (time.perf_counter() - start) / max(images, 1)
 
 
@@ -237,14 +246,15 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
         return [{k: float(r[k]) for k in ("epoch", "img_per_s", "seconds")} for r in csv.DictReader(f)]
 
 
-def train_command(args: argparse.Namespace, data: Path, output: Path, channels_last: bool) -> list[str]:
-    """train.py with every setting that the bare step shares given explicitly."""
+def train_command(args: argparse.Namespace, data: Path, output: Path, channels_last: bool,
+                  extra: Sequence[str] = ()) -> list[str]:
+    """train.py with every setting that the bare step shares given explicitly, and ``extra`` flags."""
     cmd = [sys.executable, str(TRAIN_PY), "--data", str(data), "--img-size", *map(str, args.img_size),
            "--model", args.model, "--adapter", args.adapter, "--batch-size", str(args.batch_size),
            "--epochs", str(args.epochs), "--workers", str(args.workers), "--amp", args.amp,
            "--channels-last", "on" if channels_last else "off", "--compile", "off", "--threads", str(args.threads),
            "--device", args.device, "--seed", str(args.seed), "--output", str(output), "--no-progress"]
-    return cmd + ([] if args.pretrained else ["--no-pretrained"])
+    return cmd + ([] if args.pretrained else ["--no-pretrained"]) + list(extra)
 
 
 # -- the options of the step, shared with torch_compile.py and optimizer.py ---------------------------------
@@ -293,7 +303,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--bits", type=int, default=8, choices=(8, 16), help="bit depth of the PNGs")
     g = p.add_argument_group("timing and output")
     g.add_argument("--bare-steps", type=int, default=None, help="steps per timed block of the bare step (default: 20)")
-    g.add_argument("--rounds", type=int, default=None, help="pairs of train.py runs, files then pack (default: 2)")
+    g.add_argument("--rounds", type=int, default=None,
+                   help="rounds of train.py runs: files, files-nocache, pack (default: 2)")
     g.add_argument("--warmup", type=int, default=None, help="untimed bare steps first (default: 5)")
     g.add_argument("--work", default=None, help="folder for the pack and train.py's runs (default: a temporary one)")
     g.add_argument("--csv", default=None, help="default: benchmarks/results/loop-<device>.csv")
@@ -352,16 +363,19 @@ def main(args: argparse.Namespace) -> tuple[list[dict], bool]:
             blocks.append(args.batch_size * args.bare_steps / time_block(step, args.bare_steps, device))
             print(f"bare step: {blocks[-1]:.1f} img/s", flush=True)
 
-        loader_costs = {name: loader_ms(source, args, defaults) for name, source in (("files", data), ("pack", pack))}
+        # (name, data, train.py's extra flags, the data path's cost alone)
+        candidates = [("files", data, [], loader_ms(data, args, defaults, cached=True)),
+                      ("files-nocache", data, ["--ram-cache", "off"], loader_ms(data, args, defaults)),
+                      ("pack", pack, [], loader_ms(pack, args, defaults))]
         decoding = decode_ms(data, args)
-        print("data path alone: " + ", ".join(f"{k} {v:.2f} ms an image" for k, v in loader_costs.items())
+        print("data path alone: " + ", ".join(f"{c[0]} {c[3]:.2f} ms an image" for c in candidates)
               + f" (decoding the files: {decoding:.2f})", flush=True)
-        runs: dict[str, list[tuple[TrainRun, float]]] = {"files": [], "pack": []}  # (run, bare img/s around it)
+        runs: dict[str, list[tuple[TrainRun, float]]] = {c[0]: [] for c in candidates}  # (run, bare img/s around)
         bare_block()
         for rnd in range(args.rounds):
-            for name, source in (("files", data), ("pack", pack)):
+            for name, source, extra, _ in candidates:
                 tag = name if rnd == 0 else f"{name}-r{rnd}"
-                cmd = train_command(args, source, work / f"run-{tag}", channels_last)
+                cmd = train_command(args, source, work / f"run-{tag}", channels_last, extra)
                 run = run_logged(name, cmd, out_csv.with_name(f"{out_csv.stem}-{tag}.log"))
                 run.metrics = read_metrics(work / f"run-{tag}" / "metrics.csv")
                 bare_block()
@@ -380,10 +394,12 @@ def main(args: argparse.Namespace) -> tuple[list[dict], bool]:
                       bare_blocks=len(blocks))
     rows = [{"candidate": "bare", "img_per_s": bare.median, "bare_min": bare.min, "bare_max": bare.max,
              "loader_ms": 1000 / bare.median, "returncode": 0, **env}]
-    for name, done in runs.items():
-        target = goal(device.type, name, args.bits)
-        row = {"candidate": name, **median_summary(done), "loader_ms": loader_costs[name],
-               "decode_ms": decoding if name == "files" else None}
+    for name, _, _, cost in candidates:
+        done = runs[name]
+        kind = name.split("-")[0]  # files-nocache has the files' goal
+        target = goal(device.type, kind, args.bits)
+        row = {"candidate": name, **median_summary(done), "loader_ms": cost,
+               "decode_ms": decoding if kind == "files" else None}
         efficiency = row["efficiency"]
         met = None if target is None or efficiency is None else ("yes" if efficiency >= target else "NO")
         rows.append({**row, "goal": target, "met": met, "returncode": max(r.returncode for r, _ in done), **env})

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .cache import ImageCache
 from .images import UnreadableImageWarning, read_gray
 from .intensity import Intensity, parse_intensity
 from .limits import pixel_limit, set_max_pixels
@@ -26,15 +27,28 @@ class GrayImageFolder(Dataset):
             batch has one dtype); otherwise 8-bit files stay uint8.
         intensity: see ``gray_effnet.intensity``.
         max_pixels: the most pixels a file may decode to (default: the process's limit when the dataset is made).
+        pixels: each sample's pixel count from its header (the scan's), which lets ``attach_caches`` give the
+            dataset an ``ImageCache`` (``cache``): an image is then decoded once, and read from memory after.
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform=None, *, wide: bool = False,
-                 intensity: str | Intensity = "full", max_pixels: int | None = None) -> None:
+                 intensity: str | Intensity = "full", max_pixels: int | None = None,
+                 pixels: Sequence[int] | None = None) -> None:
         self.intensity = parse_intensity(intensity)
         self.samples = list(samples)
         self.transform = transform
         self.wide = wide or self.intensity.kind != "full"
         self.max_pixels = pixel_limit(max_pixels)
+        self.pixels = None if pixels is None else [int(n) for n in pixels]
+        if self.pixels is not None and len(self.pixels) != len(self.samples):
+            raise ValueError(f"{len(self.pixels)} pixel counts for {len(self.samples)} samples")
+        self.cache: ImageCache | None = None
+
+    def cache_bytes(self) -> list[int] | None:
+        """The bytes each sample's image takes before its transform (uint8, or float32 if ``wide``), if known."""
+        if self.pixels is None:
+            return None
+        return [n * (4 if self.wide else 1) for n in self.pixels]
 
     def __setstate__(self, state: dict) -> None:
         # Unpickled in a loader worker that was spawned, not forked: it has Pillow's default limit, not the
@@ -52,15 +66,19 @@ class GrayImageFolder(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int | Tensor, str] | None:
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
-        try:
-            # The scan reported multi-frame files once.
-            img = read_gray(path, self.intensity, warn_frames=False, max_pixels=self.max_pixels)
-        except Exception as e:  # noqa: BLE001 - any decoder error must skip the file, not end the run
-            warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e})", UnreadableImageWarning,
-                          stacklevel=2)
-            return None
-        if self.wide and img.dtype == torch.uint8:
-            img = img.float().div_(255)
+        img = None if self.cache is None else self.cache.get(index)
+        if img is None:
+            try:
+                # The scan reported multi-frame files once.
+                img = read_gray(path, self.intensity, warn_frames=False, max_pixels=self.max_pixels)
+            except Exception as e:  # noqa: BLE001 - any decoder error must skip the file, not end the run
+                warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e})", UnreadableImageWarning,
+                              stacklevel=2)
+                return None
+            if self.wide and img.dtype == torch.uint8:
+                img = img.float().div_(255)
+            if self.cache is not None:
+                self.cache.put(index, img)
         if self.transform is not None:
             if seed is None:
                 img = self.transform(img)

@@ -295,8 +295,9 @@ def _check_finite(a: np.ndarray, what: str) -> None:
         raise DataError(f"DICOM image with {np.count_nonzero(~np.isfinite(a))} NaN or infinite {what}(s)")
 
 
-def probe_dicom(path: str, verify: bool, max_pixels: int | None = None) -> tuple[str, int]:
-    """(mode, frames) of a DICOM file from its header (pixel data deferred); ``verify`` decodes it too.
+def probe_dicom(path: str, verify: bool, max_pixels: int | None = None) -> tuple[str, int, int]:
+    """(mode, frames, pixels of a frame) of a DICOM file from its header (pixel data deferred); ``verify`` decodes
+    it too.
 
     The header checks are ``read_dicom``'s: pixel count against the limit, modality LUT, decoder."""
     _need_pydicom()
@@ -304,4 +305,5 @@ def probe_dicom(path: str, verify: bool, max_pixels: int | None = None) -> tuple
     if verify:
         read_dicom(path, "minmax", warn_frames=False, max_pixels=max_pixels)
     ds, frames = _read_header(path, max_pixels, pixels=False)
-    return f"DICOM {str(ds.get('PhotometricInterpretation', 'MONOCHROME2')).strip()}", frames
+    pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+    return f"DICOM {str(ds.get('PhotometricInterpretation', 'MONOCHROME2')).strip()}", frames, pixels

@@ -184,6 +184,7 @@ class ScanResult:
     modes: Counter  # PIL mode (or "DICOM <photometric>") -> count, of the readable files
     wide: bool  # some file is deeper than 8 bit (or DICOM)
     frames: dict[str, int] = field(default_factory=dict)  # multi-frame files -> their number of frames
+    pixels: dict[str, int] = field(default_factory=dict)  # readable files -> pixels of the (first) frame, by header
 
     @property
     def converted(self) -> int:
@@ -191,21 +192,21 @@ class ScanResult:
         return sum(n for m, n in self.modes.items() if m not in GRAY_MODES)
 
 
-def _probe(path: str, verify: bool, max_pixels: int | None = None) -> tuple[str | None, str, int]:
-    """(mode, "", frames) of a readable file, (None, reason, 0) of a bad one."""
+def _probe(path: str, verify: bool, max_pixels: int | None = None) -> tuple[str | None, str, int, int]:
+    """(mode, "", frames, pixels of a frame) of a readable file, (None, reason, 0, 0) of a bad one."""
     try:
         if is_dicom_file(path):
             _regular(path)
-            mode, frames = probe_dicom(path, verify, max_pixels=max_pixels)
-            return mode, "", frames
+            mode, frames, pixels = probe_dicom(path, verify, max_pixels=max_pixels)
+            return mode, "", frames, pixels
         with open_image(path, max_pixels) as img:
             if verify:
                 img.seek(0)
                 img.load()
                 _decode(img, Intensity("full"))  # what training will do to it: a NaN in a float image shows here
-            return img.mode, "", 1
+            return img.mode, "", 1, img.width * img.height
     except Exception as e:  # noqa: BLE001 - malformed files raise all kinds (KeyError, struct.error, ...)
-        return None, f"{type(e).__name__}: {e}", 0
+        return None, f"{type(e).__name__}: {e}", 0, 0
 
 
 SCAN_CHUNK = 64  # files probed per thread task
@@ -225,11 +226,12 @@ def scan_images(paths: Sequence[str], verify: bool = False, threads: int = 8,
     chunks = [paths[i:i + SCAN_CHUNK] for i in range(0, len(paths), SCAN_CHUNK)]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         results = [r for chunk in pool.map(lambda c: [_probe(p, verify, max_pixels) for p in c], chunks) for r in chunk]
-    bad = [(p, why) for p, (mode, why, _) in zip(paths, results) if mode is None]
-    modes = Counter(mode for mode, _, _ in results if mode is not None)
-    frames = {p: n for p, (_, _, n) in zip(paths, results) if n > 1}
+    bad = [(p, why) for p, (mode, why, _, _) in zip(paths, results) if mode is None]
+    modes = Counter(mode for mode, _, _, _ in results if mode is not None)
+    frames = {p: n for p, (_, _, n, _) in zip(paths, results) if n > 1}
+    pixels = {p: n for p, (mode, _, _, n) in zip(paths, results) if mode is not None}
     wide = any(m in _WIDE_MODES or m.startswith("DICOM") for m in modes)
-    return ScanResult(bad, modes, wide, frames)
+    return ScanResult(bad, modes, wide, frames, pixels)
 
 
 def drop_unreadable(

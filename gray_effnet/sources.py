@@ -187,7 +187,8 @@ def _file_dataset(source: DataSource, split: str, img_size, intensity, *, augmen
     transform = (build_transforms(img_size, train=True, crop_scale=augment.crop_scale, hflip=augment.hflip,
                                   rotate=augment.rotate)
                  if augment is not None else build_transforms(img_size, train=False))
-    return GrayImageFolder(samples, transform, wide=source.scan.wide, intensity=intensity)
+    pixels = [source.scan.pixels.get(p, 0) for p, _ in samples] if source.scan.pixels else None
+    return GrayImageFolder(samples, transform, wide=source.scan.wide, intensity=intensity, pixels=pixels)
 
 
 class FolderSource(DataSource):

@@ -392,8 +392,8 @@ class TestLoopSmoke:
         _, _, details, _ = rehearsal
         with open(details / "loop" / "loop-cpu.csv", newline="") as f:
             rows = {r["candidate"]: r for r in csv.DictReader(f)}
-        assert list(rows) == ["bare", "files", "pack"]
-        for name in ("files", "pack"):
+        assert list(rows) == ["bare", "files", "files-nocache", "pack"]
+        for name in ("files", "files-nocache", "pack"):
             r = rows[name]
             assert r["returncode"] == "0"
             # one round: the run against the mean of the bare blocks on either side of it

@@ -1,0 +1,205 @@
+"""Decoded images kept in memory between epochs: each file is decoded once a run, not once an epoch.
+
+Decoding is most of what reading an image file costs (a 256x256 PNG: ~0.37 ms of the ~0.5 ms it takes to read,
+crop and resize one), and an epoch decodes every file again to crop it differently. ``ImageCache`` keeps each
+image as it left the decoder, before any augmentation, so a cached run's batches are exactly an uncached run's
+(tf.data's ``Dataset.cache()``; timm has no such cache). It holds the dataset's images up to a budget of bytes,
+the first ones in the dataset's order; the rest are read from their files every epoch, as before.
+
+Room is laid out up front, from each image's pixel count (the scan read it from the header), in one arena: a
+file that decodes to another size than its header said (it changed since the scan) is simply not kept. The arena
+is allocated, not touched: memory is only used as images arrive. With loader workers it is allocated in shared
+memory before they start (and then committed at once, as torch does), so what one worker decodes every worker
+reads; a slot is written once, by whichever process reads that image first, and read only in later
+epochs, after the batches that wrote it went through the loader's queues.
+
+``--ram-cache`` (``parse_budget``, ``attach_caches``) sets the budget: ``auto`` is a quarter of the memory
+available at the start, shared by the training processes of the machine; ``off`` or ``0`` turns it off.
+"""
+
+import math
+import os
+from argparse import ArgumentTypeError
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["ALIGN", "AUTO_SHARE", "ImageCache", "attach_caches", "available_memory", "parse_budget"]
+
+ALIGN = 64  # bytes: every slot starts on a cache line, so a float32 view of it is always aligned
+AUTO_SHARE = 0.25  # of the memory available at the start, for --ram-cache auto
+_DTYPES = (None, torch.uint8, torch.float32)  # the code kept in ``filled``: 0 is an empty slot
+GIB = 1024 ** 3
+
+
+class ImageCache:
+    """Room for the decoded (1, H, W) images of a dataset's first samples, within ``budget`` bytes.
+
+    Args:
+        nbytes: the bytes each sample decodes to, in the dataset's order (0: unknown, never kept).
+        budget: the most bytes the arena may take; samples are given room in order until the next does not fit.
+        shared: allocate it in shared memory, for loader workers (torch commits shared memory when it allocates
+            it, so that a full /dev/shm fails here rather than as a bus error in a worker).
+
+    Example:
+        >>> cache = ImageCache([4, 4, 4], budget=1 << 20)
+        >>> cache.put(1, torch.ones(1, 2, 2, dtype=torch.uint8))
+        True
+        >>> cache.get(1).sum().item(), cache.get(0)
+        (4, None)
+    """
+
+    def __init__(self, nbytes: Sequence[int], budget: int, *, shared: bool = False) -> None:
+        offsets, end = [0], 0
+        for n in nbytes:
+            size = math.ceil(int(n) / ALIGN) * ALIGN
+            if n <= 0 or end + size > budget:
+                break
+            end += size
+            offsets.append(end)
+        self.offsets = offsets  # slot i is arena[offsets[i]:offsets[i] + nbytes[i]]
+        self.nbytes = [int(n) for n in nbytes[:len(offsets) - 1]]
+        if shared:
+            self.arena = _shared_bytes(end)
+        else:
+            self.arena = torch.empty(end, dtype=torch.uint8)  # pages are used only as images arrive
+        self.shapes = torch.zeros(len(self.nbytes), 2, dtype=torch.int64)  # (H, W) of each kept image
+        self.filled = torch.zeros(len(self.nbytes), dtype=torch.uint8)  # index into _DTYPES
+        if shared:
+            self.shapes.share_memory_()
+            self.filled.share_memory_()
+
+    @property
+    def slots(self) -> int:
+        """The samples that have room (the first ``slots`` of the dataset)."""
+        return len(self.nbytes)
+
+    @property
+    def reserved(self) -> int:
+        """Bytes of the arena (allocated, used only as images arrive)."""
+        return self.arena.numel()
+
+    def kept(self) -> int:
+        """The images kept so far."""
+        return int(self.filled.count_nonzero())
+
+    def get(self, index: int) -> Tensor | None:
+        """A copy of the image kept for ``index`` (a transform may change its input in place), or ``None``."""
+        if index >= len(self.nbytes) or not (code := int(self.filled[index])):
+            return None
+        start = self.offsets[index]
+        h, w = self.shapes[index].tolist()
+        return self.arena[start:start + self.nbytes[index]].view(_DTYPES[code]).view(1, h, w).clone()
+
+    def put(self, index: int, img: Tensor) -> bool:
+        """Keep ``img`` ((1, H, W), uint8 or float32) for ``index`` if it has room of exactly its size."""
+        if (index >= len(self.nbytes) or self.filled[index] or img.dtype not in _DTYPES or img.dim() != 3
+                or img.shape[0] != 1 or img.numel() * img.element_size() != self.nbytes[index]):
+            return False
+        start = self.offsets[index]
+        self.arena[start:start + self.nbytes[index]].view(img.dtype).copy_(img.reshape(-1))
+        self.shapes[index] = torch.tensor(img.shape[1:])
+        self.filled[index] = _DTYPES.index(img.dtype)  # last: a reader sees the flag only after the pixels
+        return True
+
+
+def _shared_bytes(n: int) -> Tensor:
+    """A uint8 tensor of ``n`` bytes in shared memory, allocated there (``torch.empty(n).share_memory_()`` would
+    first copy, and so touch, every page of a private one)."""
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # torch's own route to shared memory
+    if new_shared is None:
+        return torch.empty(n, dtype=torch.uint8).share_memory_()
+    return torch.empty(0, dtype=torch.uint8).set_(new_shared(n))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux ``MemAvailable``; elsewhere free physical pages), or ``None``."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def parse_budget(text: str | float | None) -> float | None:
+    """``--ram-cache``: ``auto`` (``None``), ``off`` (0), or GiB (a number, 0 or more)."""
+    if text is None or isinstance(text, float):
+        return text
+    text = str(text).strip().lower()
+    if text == "auto":
+        return None
+    if text == "off":
+        return 0.0
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = -1.0
+    if not math.isfinite(gib) or gib < 0:
+        raise ArgumentTypeError(f"must be auto, off or a number of GiB (0 or more); got {text!r}")
+    return gib
+
+
+def _shared_memory_room() -> int | None:
+    """Free bytes of /dev/shm, where torch puts shared tensors on Linux (a container's is often 64 MB)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def attach_caches(datasets: Sequence, gib: float | None, *, processes: int = 1, workers: int = 0) -> str:
+    """Give each dataset that can keep its images (``cache_bytes()``) an ``ImageCache``, in order, within one budget.
+
+    Args:
+        datasets: the run's datasets, the training one first (it is read every epoch; validation too).
+        gib: ``parse_budget``'s value: ``None`` for auto (``AUTO_SHARE`` of the available memory), else GiB.
+        processes: training processes on this machine, which share the budget.
+        workers: loader workers per process: above 0 the arena goes to shared memory, so it is also bounded by
+            half of /dev/shm's free room.
+
+    Returns:
+        The line to log: what is kept, of how much, and why.
+    """
+    if not any(hasattr(d, "cache_bytes") for d in datasets):
+        return "ram cache: not needed (no image is decoded from a file)"
+    wanted = [d.cache_bytes() if hasattr(d, "cache_bytes") else None for d in datasets]
+    if not any(wanted):
+        return "ram cache: none (no image sizes known)"
+    if gib == 0:
+        return "ram cache: off (asked for): every epoch decodes every file"
+    if gib is None:
+        free = available_memory()
+        if free is None:
+            return "ram cache: off (auto: the available memory is unknown here; --ram-cache GIB sets a budget)"
+        budget, why = int(free * AUTO_SHARE / processes), f"auto: {AUTO_SHARE:.0%} of {free / GIB:.1f} GiB available"
+    else:
+        budget, why = int(gib * GIB / processes), f"--ram-cache {gib:g} GiB"
+    if processes > 1:
+        why += f", over {processes} processes"
+    if workers > 0 and (room := _shared_memory_room()) is not None and room // 2 < budget:
+        budget, why = room // 2, why + f"; half of /dev/shm's free {room / GIB:.2f} GiB, for {workers} workers"
+    kept = []
+    for dataset, sizes in zip(datasets, wanted):
+        if not sizes:
+            continue
+        try:
+            cache = ImageCache(sizes, budget, shared=workers > 0)
+        except RuntimeError as e:  # shared memory refused (a container's /dev/shm, a ulimit): read the files
+            for d in datasets:
+                if hasattr(d, "cache_bytes"):
+                    d.cache = None
+            return f"ram cache: off (shared memory for {workers} workers could not be had: {e})"
+        dataset.cache = cache
+        budget -= cache.reserved
+        kept.append((cache, len(sizes)))
+    total = sum(c.reserved for c, _ in kept)
+    parts = ", ".join(f"{c.slots} of {n}" for c, n in kept)
+    return f"ram cache: {parts} images kept after their first read, {total / 2**20:.0f} MiB at most ({why})"
