@@ -308,8 +308,9 @@ def run_training(args, held: contextlib.ExitStack) -> None:
     workers, why_workers = choose_workers(requested, device, why=why_workers, dataset=train_ds, model=model,
                                           input_shape=(args.batch_size, 1, h, w), channels_last=channels_last,
                                           autocast=autocast, cache=probe_cache("step_time"))
+    done = state["epoch"] + 1 if state is not None else 0  # the epochs a resumed run has behind it
     why_cache = attach_caches([train_ds, val_ds], args.ram_cache, workers=workers,  # before the workers start
-                              processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+                              processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), epochs=args.epochs - done)
     loader_kw = {"workers": workers, "pin_memory": device.type == "cuda", "seed": args.seed, "world_size": world,
                  "rank": rank}
     train_loader = make_loader(train_ds, args.batch_size, train=True, **loader_kw)
@@ -320,7 +321,6 @@ def run_training(args, held: contextlib.ExitStack) -> None:
     optimizer, scheduler, lr = make_optimizer_and_schedule(  # --lr is for a global batch of 64, scaled linearly
         model, lr=args.lr, batch_size=args.batch_size, world_size=world, weight_decay=args.weight_decay,
         epochs=args.epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=args.warmup_epochs)
-    done = state["epoch"] + 1 if state is not None else 0  # the epochs a resumed run has behind it
     compiled, why_compile = choose_compile(args.compile, device, steps_per_epoch * (args.epochs - done), (h, w),
                                            channels_last=channels_last)
     log(f"{why}\n{why_workers}\n{why_cache}\n{why_compile}")

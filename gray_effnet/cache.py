@@ -155,7 +155,8 @@ def _shared_memory_room() -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def attach_caches(datasets: Sequence, gib: float | None, *, processes: int = 1, workers: int = 0) -> str:
+def attach_caches(datasets: Sequence, gib: float | None, *, processes: int = 1, workers: int = 0,
+                  epochs: int = 2) -> str:
     """Give each dataset that can keep its images (``cache_bytes()``) an ``ImageCache``, in order, within one budget.
 
     Args:
@@ -164,6 +165,7 @@ def attach_caches(datasets: Sequence, gib: float | None, *, processes: int = 1, 
         processes: training processes on this machine, which share the budget.
         workers: loader workers per process: above 0 the arena goes to shared memory, so it is also bounded by
             half of /dev/shm's free room.
+        epochs: the epochs the run has left: with one, every image is read once and nothing is kept.
 
     Returns:
         The line to log: what is kept, of how much, and why.
@@ -175,6 +177,8 @@ def attach_caches(datasets: Sequence, gib: float | None, *, processes: int = 1, 
         return "ram cache: none (no image sizes known)"
     if gib == 0:
         return "ram cache: off (asked for): every epoch decodes every file"
+    if epochs < 2:
+        return "ram cache: not needed (one epoch left: each image is read once)"
     if gib is None:
         free = available_memory()
         if free is None:

@@ -137,6 +137,11 @@ class TestAttachCaches:
         ds = _dataset(_pngs(tmp_path, [(8, 8)]))
         assert attach_caches([ds], 0.0).startswith("ram cache: off (asked for)") and ds.cache is None
 
+    def test_one_epoch_keeps_nothing(self, tmp_path):
+        ds = _dataset(_pngs(tmp_path, [(8, 8)]))
+        assert attach_caches([ds], None, epochs=1) == "ram cache: not needed (one epoch left: each image is read once)"
+        assert ds.cache is None
+
     def test_nothing_to_keep(self, tmp_path):
         assert attach_caches([object()], None) == "ram cache: not needed (no image is decoded from a file)"
         ds = _dataset(_pngs(tmp_path, [(8, 8)]), pixels=None)
