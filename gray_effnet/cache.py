@@ -1,7 +1,7 @@
 """Decoded images kept in memory between epochs: each file is decoded once a run, not once an epoch.
 
-Decoding is most of what reading an image file costs (a 256x256 PNG: ~0.37 ms of the ~0.5 ms it takes to read,
-crop and resize one), and an epoch decodes every file again to crop it differently. ``ImageCache`` keeps each
+Decoding is most of what reading an image file costs (``benchmarks/loop.py``'s ``decode_ms`` against its
+``loader_ms``), and an epoch decodes every file again to crop it differently. ``ImageCache`` keeps each
 image as it left the decoder, before any augmentation, so a cached run's batches are exactly an uncached run's
 (tf.data's ``Dataset.cache()``; timm has no such cache). It holds the dataset's images up to a budget of bytes,
 the first ones in the dataset's order; the rest are read from their files every epoch, as before.
@@ -51,15 +51,16 @@ class ImageCache:
     """
 
     def __init__(self, nbytes: Sequence[int], budget: int, *, shared: bool = False) -> None:
+        nbytes = [max(int(n), 0) for n in nbytes]
         offsets, end = [0], 0
         for n in nbytes:
-            size = math.ceil(int(n) / ALIGN) * ALIGN
-            if n <= 0 or end + size > budget:
+            size = math.ceil(n / ALIGN) * ALIGN
+            if end + size > budget:
                 break
             end += size
             offsets.append(end)
-        self.offsets = offsets  # slot i is arena[offsets[i]:offsets[i] + nbytes[i]]
-        self.nbytes = [int(n) for n in nbytes[:len(offsets) - 1]]
+        self.offsets = offsets  # slot i is arena[offsets[i]:offsets[i] + nbytes[i]]; an empty one is never filled
+        self.nbytes = nbytes[:len(offsets) - 1]
         if shared:
             self.arena = _shared_bytes(end)
         else:
@@ -94,8 +95,8 @@ class ImageCache:
 
     def put(self, index: int, img: Tensor) -> bool:
         """Keep ``img`` ((1, H, W), uint8 or float32) for ``index`` if it has room of exactly its size."""
-        if (index >= len(self.nbytes) or self.filled[index] or img.dtype not in _DTYPES or img.dim() != 3
-                or img.shape[0] != 1 or img.numel() * img.element_size() != self.nbytes[index]):
+        if (index >= len(self.nbytes) or not self.nbytes[index] or self.filled[index] or img.dtype not in _DTYPES
+                or img.dim() != 3 or img.shape[0] != 1 or img.numel() * img.element_size() != self.nbytes[index]):
             return False
         start = self.offsets[index]
         self.arena[start:start + self.nbytes[index]].view(img.dtype).copy_(img.reshape(-1))
@@ -204,6 +205,7 @@ def attach_caches(datasets: Sequence, gib: float | None, *, processes: int = 1, 
         dataset.cache = cache
         budget -= cache.reserved
         kept.append((cache, len(sizes)))
-    total = sum(c.reserved for c, _ in kept)
+    mib = sum(c.reserved for c, _ in kept) / 2**20
     parts = ", ".join(f"{c.slots} of {n}" for c, n in kept)
-    return f"ram cache: {parts} images kept after their first read, {total / 2**20:.0f} MiB at most ({why})"
+    return (f"ram cache: {parts} images kept after their first read, {mib:.{1 if mib < 10 else 0}f} MiB at most "
+            f"({why})")

@@ -54,8 +54,11 @@ class TestImageCache:
         assert cache.put(2, img)
         torch.testing.assert_close(cache.get(2), img, rtol=0, atol=0)
 
-    def test_a_sample_of_unknown_size_ends_the_room(self):
-        assert ImageCache([4, 0, 4], budget=1 << 20).slots == 1
+    def test_a_sample_of_unknown_size_is_never_kept_the_next_ones_are(self):
+        cache = ImageCache([4, 0, 4], budget=1 << 20)
+        assert cache.slots == 3 and cache.offsets == [0, ALIGN, ALIGN, 2 * ALIGN]
+        assert not cache.put(1, torch.zeros(1, 0, 0, dtype=torch.uint8))
+        assert cache.put(2, torch.zeros(1, 2, 2, dtype=torch.uint8)) and cache.get(1) is None
 
     @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
     def test_round_trip_keeps_shape_dtype_and_values(self, dtype):
@@ -173,7 +176,7 @@ class TestAttachCaches:
         a = _dataset(_pngs(tmp_path / "a", [(8, 8)] * 3))
         b = _dataset(_pngs(tmp_path / "b", [(8, 8)] * 2))
         assert attach_caches([a, b], 1.0) == ("ram cache: 3 of 3, 2 of 2 images kept after their first read, "
-                                               "0 MiB at most (--ram-cache 1 GiB)")
+                                               "0.0 MiB at most (--ram-cache 1 GiB)")
 
 
 class TestScanPixels:
