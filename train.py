@@ -110,9 +110,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                      "the process) where an image reads faster than a training step spends on it, else 2",
                      workers_default="auto")
     g.add_argument("--val-split", type=float, default=0.2, help="validation fraction when DIR has no train/val")
-    g.add_argument("--ram-cache", type=parse_budget, default="auto", metavar="GIB",
+    g.add_argument("--ram-cache", type=parse_budget, default=None, metavar="GIB|auto|off",
                    help="keep decoded images in memory after their first read, up to GIB (shared by the processes "
-                   "of a machine); auto: a quarter of the available memory; off: decode every file every epoch")
+                   "of a machine); auto (the default): a quarter of the available memory; off: decode every file "
+                   "every epoch")
     g.add_argument("--batch-size", type=int, default=64, help="per process")
     g.add_argument("--windows", nargs="+", default=None, metavar="C:W", help=WINDOWS_HELP)
     g.add_argument("--crop-scale", type=float, default=0.8, help="smallest area of the random crop (1 = no crop)")
@@ -308,13 +309,13 @@ def run_training(args, held: contextlib.ExitStack) -> None:
     workers, why_workers = choose_workers(requested, device, why=why_workers, dataset=train_ds, model=model,
                                           input_shape=(args.batch_size, 1, h, w), channels_last=channels_last,
                                           autocast=autocast, cache=probe_cache("step_time"))
-    done = state["epoch"] + 1 if state is not None else 0  # the epochs a resumed run has behind it
-    why_cache = attach_caches([train_ds, val_ds], args.ram_cache, workers=workers,  # before the workers start
-                              processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), epochs=args.epochs - done)
     loader_kw = {"workers": workers, "pin_memory": device.type == "cuda", "seed": args.seed, "world_size": world,
                  "rank": rank}
     train_loader = make_loader(train_ds, args.batch_size, train=True, **loader_kw)
     val_loader = make_loader(val_ds, args.batch_size, train=False, **loader_kw)
+    done = state["epoch"] + 1 if state is not None else 0  # the epochs a resumed run has behind it
+    why_cache = attach_caches([train_loader, val_loader], args.ram_cache, epochs=args.epochs - done,  # before
+                              processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # the workers start
     log(dataclasses.replace(threads, workers=workers).describe())
     unwrapped = model  # saved and evaluated (eagerly): no DDP collectives, no '_orig_mod.' prefixes, no 2nd graph
     steps_per_epoch = len(train_loader)

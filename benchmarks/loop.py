@@ -216,10 +216,10 @@ def loader_ms(data: Path, args: argparse.Namespace, defaults: argparse.Namespace
     size, intensity = source.settings(args.img_size, None)
     augmentation = Augmentation(crop_scale=defaults.crop_scale, hflip=defaults.hflip, rotate=defaults.rotate)
     dataset = source.dataset("train", size, intensity, augment=augmentation)
-    if cached:
-        attach_caches([dataset], None)
     batch_augment = source.batch_augment(size, augmentation, seed=args.seed)
     loader = make_loader(dataset, args.batch_size, train=True, workers=0, seed=args.seed)
+    if cached:
+        attach_caches([loader], None)
     for epoch in range(2 if cached else 1):
         set_loader_epoch(loader, epoch, args.seed)
         images, start = 0, time.perf_counter()

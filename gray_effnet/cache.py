@@ -4,7 +4,8 @@ Decoding is most of what reading an image file costs (``benchmarks/loop.py``'s `
 ``loader_ms``), and an epoch decodes every file again to crop it differently. ``ImageCache`` keeps each
 image as it left the decoder, before any augmentation, so a cached run's batches are exactly an uncached run's
 (tf.data's ``Dataset.cache()``; timm has no such cache). It holds the dataset's images up to a budget of bytes,
-the first ones in the dataset's order; the rest are read from their files every epoch, as before.
+in the dataset's order, each that still fits; the rest are read from their files every epoch, as before. Each
+training process has its own (under ``torchrun`` an image is decoded once in each process that reads it).
 
 Room is laid out up front, from each image's pixel count (the scan read it from the header), in one arena: a
 file that decodes to another size than its header said (it changed since the scan) is simply not kept. The arena
@@ -34,11 +35,11 @@ GIB = 1024 ** 3
 
 
 class ImageCache:
-    """Room for the decoded (1, H, W) images of a dataset's first samples, within ``budget`` bytes.
+    """Room for the decoded (1, H, W) images of a dataset's samples, within ``budget`` bytes.
 
     Args:
-        nbytes: the bytes each sample decodes to, in the dataset's order (0: unknown, never kept).
-        budget: the most bytes the arena may take; samples are given room in order until the next does not fit.
+        nbytes: the bytes each sample decodes to, in the dataset's order (0: unknown or not read here, never kept).
+        budget: the most bytes the arena may take; samples are given room in order, each that still fits.
         shared: allocate it in shared memory, for loader workers (torch commits shared memory when it allocates
             it, so that a full /dev/shm fails here rather than as a bus error in a worker).
 
@@ -51,16 +52,15 @@ class ImageCache:
     """
 
     def __init__(self, nbytes: Sequence[int], budget: int, *, shared: bool = False) -> None:
-        nbytes = [max(int(n), 0) for n in nbytes]
-        offsets, end = [0], 0
+        self.nbytes, self.offsets, end = [], [], 0  # slot i is arena[offsets[i]:offsets[i] + nbytes[i]]
         for n in nbytes:
+            n = max(int(n), 0)
             size = math.ceil(n / ALIGN) * ALIGN
-            if end + size > budget:
-                break
+            if end + size > budget:  # an empty slot, never filled: a smaller image later may still fit
+                n = size = 0
+            self.nbytes.append(n)
+            self.offsets.append(end)
             end += size
-            offsets.append(end)
-        self.offsets = offsets  # slot i is arena[offsets[i]:offsets[i] + nbytes[i]]; an empty one is never filled
-        self.nbytes = nbytes[:len(offsets) - 1]
         if shared:
             self.arena = _shared_bytes(end)
         else:
@@ -73,8 +73,8 @@ class ImageCache:
 
     @property
     def slots(self) -> int:
-        """The samples that have room (the first ``slots`` of the dataset)."""
-        return len(self.nbytes)
+        """The samples that have room."""
+        return sum(1 for n in self.nbytes if n)
 
     @property
     def reserved(self) -> int:
@@ -87,7 +87,7 @@ class ImageCache:
 
     def get(self, index: int) -> Tensor | None:
         """A copy of the image kept for ``index`` (a transform may change its input in place), or ``None``."""
-        if index >= len(self.nbytes) or not (code := int(self.filled[index])):
+        if not 0 <= index < len(self.nbytes) or not (code := int(self.filled[index])):
             return None
         start = self.offsets[index]
         h, w = self.shapes[index].tolist()
@@ -95,8 +95,9 @@ class ImageCache:
 
     def put(self, index: int, img: Tensor) -> bool:
         """Keep ``img`` ((1, H, W), uint8 or float32) for ``index`` if it has room of exactly its size."""
-        if (index >= len(self.nbytes) or not self.nbytes[index] or self.filled[index] or img.dtype not in _DTYPES
-                or img.dim() != 3 or img.shape[0] != 1 or img.numel() * img.element_size() != self.nbytes[index]):
+        if (not 0 <= index < len(self.nbytes) or not self.nbytes[index] or self.filled[index]
+                or img.dtype not in _DTYPES or img.dim() != 3 or img.shape[0] != 1
+                or img.numel() * img.element_size() != self.nbytes[index]):
             return False
         start = self.offsets[index]
         self.arena[start:start + self.nbytes[index]].view(img.dtype).copy_(img.reshape(-1))
@@ -114,19 +115,41 @@ def _shared_bytes(n: int) -> Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(new_shared(n))
 
 
+# A container's memory limit and use: cgroup v2, then v1 (whose "no limit" is a huge number, not "max").
+CGROUP_MEMORY = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):  # absent, or "max" (no limit)
+        return None
+
+
 def available_memory() -> int | None:
-    """Bytes of memory available now (Linux ``MemAvailable``; elsewhere free physical pages), or ``None``."""
+    """Bytes of memory available now, or ``None``: Linux's ``MemAvailable`` (elsewhere, free physical pages), and
+    no more than what is left under this process's cgroup limit (a container's memory limit)."""
+    free = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                    free = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    for limit_path, usage_path in CGROUP_MEMORY:
+        limit, usage = _read_int(limit_path), _read_int(usage_path)
+        if limit is not None and usage is not None and limit < free + usage:
+            return max(limit - usage, 0)
+    return free
 
 
 def parse_budget(text: str | float | None) -> float | None:
@@ -156,21 +179,23 @@ def _shared_memory_room() -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def attach_caches(datasets: Sequence, gib: float | None, *, processes: int = 1, workers: int = 0,
-                  epochs: int = 2) -> str:
-    """Give each dataset that can keep its images (``cache_bytes()``) an ``ImageCache``, in order, within one budget.
+def attach_caches(loaders: Sequence, gib: float | None, *, processes: int = 1, epochs: int = 2) -> str:
+    """Give each loader's dataset that can keep its images (``cache_bytes()``) an ``ImageCache``, within one budget.
+
+    Call it before the loaders' first epoch: their worker processes must start with the cache in place. Each
+    dataset gets room only for the indices its loader reads in this process (a training loader's
+    ``DistributedSampler`` reads them all over the epochs; an evaluation loader's ``range`` its rank's share).
 
     Args:
-        datasets: the run's datasets, the training one first (it is read every epoch; validation too).
+        loaders: the run's loaders, the training one first (it is read every epoch; validation too).
         gib: ``parse_budget``'s value: ``None`` for auto (``AUTO_SHARE`` of the available memory), else GiB.
-        processes: training processes on this machine, which share the budget.
-        workers: loader workers per process: above 0 the arena goes to shared memory, so it is also bounded by
-            half of /dev/shm's free room.
+        processes: training processes on this machine, which share the budget (and /dev/shm).
         epochs: the epochs the run has left: with one, every image is read once and nothing is kept.
 
     Returns:
         The line to log: what is kept, of how much, and why.
     """
+    datasets = [loader.dataset for loader in loaders]
     if not any(hasattr(d, "cache_bytes") for d in datasets):
         return "ram cache: not needed (no image is decoded from a file)"
     wanted = [d.cache_bytes() if hasattr(d, "cache_bytes") else None for d in datasets]
@@ -189,22 +214,28 @@ def attach_caches(datasets: Sequence, gib: float | None, *, processes: int = 1, 
         budget, why = int(gib * GIB / processes), f"--ram-cache {gib:g} GiB"
     if processes > 1:
         why += f", over {processes} processes"
-    if workers > 0 and (room := _shared_memory_room()) is not None and room // 2 < budget:
-        budget, why = room // 2, why + f"; half of /dev/shm's free {room / GIB:.2f} GiB, for {workers} workers"
+    workers = max(loader.num_workers for loader in loaders)
+    # Shared memory also carries the workers' batches to the training process: half of it is left for them.
+    if workers > 0 and (room := _shared_memory_room()) is not None and room // 2 // processes < budget:
+        budget = room // 2 // processes
+        why += f"; half of /dev/shm's free {room / GIB:.2f} GiB" + (f", over {processes} processes" * (processes > 1))
     kept = []
-    for dataset, sizes in zip(datasets, wanted):
+    for loader, sizes in zip(loaders, wanted):
         if not sizes:
             continue
+        if isinstance(loader.sampler, range):  # evaluation: this rank's share of the indices
+            read = set(loader.sampler)
+            sizes = [n if i in read else 0 for i, n in enumerate(sizes)]
         try:
-            cache = ImageCache(sizes, budget, shared=workers > 0)
+            cache = ImageCache(sizes, budget, shared=loader.num_workers > 0)
         except RuntimeError as e:  # shared memory refused (a container's /dev/shm, a ulimit): read the files
             for d in datasets:
                 if hasattr(d, "cache_bytes"):
                     d.cache = None
             return f"ram cache: off (shared memory for {workers} workers could not be had: {e})"
-        dataset.cache = cache
+        loader.dataset.cache = cache
         budget -= cache.reserved
-        kept.append((cache, len(sizes)))
+        kept.append((cache, sum(1 for n in sizes if n)))
     mib = sum(c.reserved for c, _ in kept) / 2**20
     parts = ", ".join(f"{c.slots} of {n}" for c, n in kept)
     return (f"ram cache: {parts} images kept after their first read, {mib:.{1 if mib < 10 else 0}f} MiB at most "

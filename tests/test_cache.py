@@ -2,7 +2,9 @@
 
 import argparse
 import io
+import json
 import re
+import shlex
 from contextlib import redirect_stdout
 
 import numpy as np
@@ -12,6 +14,7 @@ from PIL import Image
 
 import gray_effnet.cache as cache_module
 import gray_effnet.data as data_module
+import train
 from gray_effnet.augment import build_transforms
 from gray_effnet.cache import ALIGN, ImageCache, attach_caches, parse_budget
 from gray_effnet.data import GrayImageFolder, make_loader, set_loader_epoch
@@ -41,11 +44,18 @@ def _dataset(paths, *, wide=False, transform="train", pixels="scan") -> GrayImag
     return GrayImageFolder([(p, i % 2) for i, p in enumerate(paths)], t, wide=wide, pixels=pixels)
 
 
+def _attach(datasets, gib, *, workers: int = 0, **kw) -> str:
+    """attach_caches on a training loader for each dataset (with ``workers``: none start until one is iterated)."""
+    return attach_caches([make_loader(d, 4, train=True, workers=workers) for d in datasets], gib, **kw)
+
+
 class TestImageCache:
-    def test_room_in_order_until_one_does_not_fit(self):
-        cache = ImageCache([100, 64, 200, 10], budget=ALIGN * 4)  # 128 + 64 fit; 200 (256) would not
-        assert cache.slots == 2 and cache.reserved == 192
-        assert cache.offsets == [0, 128, 192]
+    def test_room_in_order_for_each_that_still_fits(self):
+        cache = ImageCache([100, 64, 200, 10], budget=ALIGN * 4)  # 128 + 64 fit; 200 (256) would not; 10 (64) does
+        assert cache.slots == 3 and cache.reserved == 256
+        assert cache.offsets == [0, 128, 192, 192] and cache.nbytes == [100, 64, 0, 10]
+        assert not cache.put(2, torch.zeros(1, 10, 20, dtype=torch.uint8))
+        assert cache.put(3, torch.zeros(1, 2, 5, dtype=torch.uint8))
 
     def test_slots_are_aligned_for_float32(self):
         cache = ImageCache([3, 4 * 5, 4 * 7], budget=1 << 20)
@@ -56,7 +66,7 @@ class TestImageCache:
 
     def test_a_sample_of_unknown_size_is_never_kept_the_next_ones_are(self):
         cache = ImageCache([4, 0, 4], budget=1 << 20)
-        assert cache.slots == 3 and cache.offsets == [0, ALIGN, ALIGN, 2 * ALIGN]
+        assert cache.slots == 2 and cache.offsets == [0, ALIGN, ALIGN]
         assert not cache.put(1, torch.zeros(1, 0, 0, dtype=torch.uint8))
         assert cache.put(2, torch.zeros(1, 2, 2, dtype=torch.uint8)) and cache.get(1) is None
 
@@ -87,6 +97,7 @@ class TestImageCache:
         assert cache.put(0, torch.zeros(1, 2, 2, dtype=torch.uint8))
         assert not cache.put(0, torch.ones(1, 2, 2, dtype=torch.uint8))  # a slot is written once
         assert cache.get(0).sum().item() == 0 and cache.get(1) is None and cache.get(5) is None
+        assert cache.get(-1) is None and not cache.put(-1, torch.zeros(1, 2, 2, dtype=torch.uint8))
 
     def test_shared(self):
         cache = ImageCache([4, 4], budget=1 << 20, shared=True)
@@ -108,7 +119,6 @@ class TestParseBudget:
             parse_budget(text)
 
     def test_train_py_usage_error(self, capsys):
-        import train
         with pytest.raises(SystemExit) as e:
             train.get_args_parser().parse_args(["--ram-cache", "lots"])
         assert e.value.code == 2
@@ -120,41 +130,43 @@ class TestAttachCaches:
     def test_the_budget_goes_to_the_first_dataset_first(self, tmp_path):
         train = _dataset(_pngs(tmp_path / "a", [(8, 8)] * 4))
         val = _dataset(_pngs(tmp_path / "b", [(8, 8)] * 4))
-        line = attach_caches([train, val], 6 * ALIGN / 2**30)
+        line = _attach([train, val], 6 * ALIGN / 2**30)
         assert (train.cache.slots, val.cache.slots) == (4, 2)
         assert "4 of 4, 2 of 4 images" in line and "--ram-cache" in line
 
     def test_auto_is_a_share_of_the_available_memory_over_the_processes(self, tmp_path, monkeypatch):
         ds = _dataset(_pngs(tmp_path, [(8, 8)] * 4))
         monkeypatch.setattr(cache_module, "available_memory", lambda: 2 * ALIGN * 4 * 2)  # 2 slots: a quarter, 2 procs
-        line = attach_caches([ds], None, processes=2)
+        line = _attach([ds], None, processes=2)
         assert ds.cache.slots == 2 and "auto: 25%" in line and "over 2 processes" in line
 
     def test_unknown_available_memory_is_off(self, tmp_path, monkeypatch):
         ds = _dataset(_pngs(tmp_path, [(8, 8)]))
         monkeypatch.setattr(cache_module, "available_memory", lambda: None)
-        assert "off (auto: the available memory is unknown" in attach_caches([ds], None)
+        assert "off (auto: the available memory is unknown" in _attach([ds], None)
         assert ds.cache is None
 
     def test_off(self, tmp_path):
         ds = _dataset(_pngs(tmp_path, [(8, 8)]))
-        assert attach_caches([ds], 0.0).startswith("ram cache: off (asked for)") and ds.cache is None
+        assert _attach([ds], 0.0).startswith("ram cache: off (asked for)") and ds.cache is None
 
     def test_one_epoch_keeps_nothing(self, tmp_path):
         ds = _dataset(_pngs(tmp_path, [(8, 8)]))
-        assert attach_caches([ds], None, epochs=1) == "ram cache: not needed (one epoch left: each image is read once)"
+        assert _attach([ds], None, epochs=1) == "ram cache: not needed (one epoch left: each image is read once)"
         assert ds.cache is None
 
     def test_nothing_to_keep(self, tmp_path):
-        assert attach_caches([object()], None) == "ram cache: not needed (no image is decoded from a file)"
+        assert _attach([list(range(4))], None) == "ram cache: not needed (no image is decoded from a file)"
         ds = _dataset(_pngs(tmp_path, [(8, 8)]), pixels=None)
-        assert attach_caches([ds], None) == "ram cache: none (no image sizes known)"
+        assert _attach([ds], None) == "ram cache: none (no image sizes known)"
 
     def test_workers_share_it_within_half_of_dev_shm(self, tmp_path, monkeypatch):
         ds = _dataset(_pngs(tmp_path, [(8, 8)] * 4))
-        monkeypatch.setattr(cache_module, "_shared_memory_room", lambda: 4 * ALIGN)
-        line = attach_caches([ds], 1.0, workers=2)
-        assert ds.cache.arena.is_shared() and ds.cache.slots == 2 and "half of /dev/shm" in line
+        monkeypatch.setattr(cache_module, "_shared_memory_room", lambda: 8 * ALIGN)
+        line = _attach([ds], 1.0, workers=2)
+        assert ds.cache.arena.is_shared() and ds.cache.slots == 4 and "half of /dev/shm" in line
+        line = _attach([ds], 1.0, workers=2, processes=2)  # each training process: half of that half
+        assert ds.cache.slots == 2 and line.endswith("half of /dev/shm's free 0.00 GiB, over 2 processes)")
 
     def test_shared_memory_refused_is_off_for_every_dataset(self, tmp_path, monkeypatch):
         train, val = _dataset(_pngs(tmp_path / "a", [(8, 8)])), _dataset(_pngs(tmp_path / "b", [(8, 8)]))
@@ -167,16 +179,56 @@ class TestAttachCaches:
             return real(n)
 
         monkeypatch.setattr(torch.UntypedStorage, "_new_shared", refused_the_second_time)
-        line = attach_caches([train, val], 1.0, workers=2)
+        line = _attach([train, val], 1.0, workers=2)
         assert line == ("ram cache: off (shared memory for 2 workers could not be had: unable to allocate shared "
                         "memory(shm))")
         assert train.cache is None and val.cache is None and len(calls) == 2
 
+    def test_an_evaluation_loader_keeps_its_ranks_share(self, tmp_path):
+        """Under torchrun each rank evaluates every world_size-th image: it keeps those alone."""
+        val = _dataset(_pngs(tmp_path, [(8, 8)] * 5))
+        line = attach_caches([make_loader(val, 4, train=False, workers=0, world_size=2, rank=1)], 1.0)
+        assert [n > 0 for n in val.cache.nbytes] == [False, True, False, True, False]
+        assert val.cache.reserved == 2 * ALIGN and "2 of 2 images" in line
+
     def test_the_whole_line(self, tmp_path):
         a = _dataset(_pngs(tmp_path / "a", [(8, 8)] * 3))
         b = _dataset(_pngs(tmp_path / "b", [(8, 8)] * 2))
-        assert attach_caches([a, b], 1.0) == ("ram cache: 3 of 3, 2 of 2 images kept after their first read, "
+        assert _attach([a, b], 1.0) == ("ram cache: 3 of 3, 2 of 2 images kept after their first read, "
                                                "0.0 MiB at most (--ram-cache 1 GiB)")
+
+
+class TestAvailableMemory:
+    def _files(self, tmp_path, monkeypatch, meminfo_kb: int, limit: str | None, usage: int | None):
+        (tmp_path / "meminfo").write_text(f"MemTotal: 99999999 kB\nMemAvailable: {meminfo_kb} kB\n")
+        paths = {"/proc/meminfo": tmp_path / "meminfo"}
+        if limit is not None:
+            (tmp_path / "max").write_text(limit + "\n")
+            (tmp_path / "current").write_text(f"{usage}\n")
+            paths |= {"/sys/fs/cgroup/memory.max": tmp_path / "max",
+                      "/sys/fs/cgroup/memory.current": tmp_path / "current"}
+        real_open = open
+
+        def fake_open(path, *a, **k):
+            if str(path) in paths:
+                return real_open(paths[str(path)], *a, **k)
+            if str(path).startswith(("/proc/meminfo", "/sys/fs/cgroup")):
+                raise FileNotFoundError(path)
+            return real_open(path, *a, **k)
+
+        monkeypatch.setattr("builtins.open", fake_open)
+
+    def test_the_hosts_available_memory(self, tmp_path, monkeypatch):
+        self._files(tmp_path, monkeypatch, 4096, None, None)
+        assert cache_module.available_memory() == 4096 * 1024
+
+    def test_a_containers_limit_bounds_it(self, tmp_path, monkeypatch):
+        self._files(tmp_path, monkeypatch, 4096, str(3000 * 1024), 1000 * 1024)
+        assert cache_module.available_memory() == 2000 * 1024
+
+    def test_no_limit(self, tmp_path, monkeypatch):
+        self._files(tmp_path, monkeypatch, 4096, "max", 1000 * 1024)
+        assert cache_module.available_memory() == 4096 * 1024
 
 
 class TestScanPixels:
@@ -198,7 +250,7 @@ class TestCachedDataset:
     def test_later_epochs_read_memory_and_give_the_same_images(self, tmp_path, monkeypatch, bits, wide):
         paths = _pngs(tmp_path, [(20, 24), (24, 20), (30, 30)], bits=bits)
         plain, cached = _dataset(paths, wide=wide), _dataset(paths, wide=wide)
-        attach_caches([cached], 1.0)
+        _attach([cached], 1.0)
         first = [cached[(i, 100 + i)] for i in range(3)]
         assert cached.cache.kept() == 3
         assert cached.cache.get(0).dtype == (torch.float32 if wide else torch.uint8)
@@ -218,7 +270,7 @@ class TestCachedDataset:
     def test_a_file_that_changed_since_the_scan_is_read_each_time(self, tmp_path):
         paths = _pngs(tmp_path, [(8, 8), (8, 8)])
         ds = _dataset(paths, transform=None)
-        attach_caches([ds], 1.0)
+        _attach([ds], 1.0)
         _pngs(tmp_path, [(9, 9)])  # 0.png is now 9x9
         assert ds[0][0].shape == (1, 9, 9) and ds[1][0].shape == (1, 8, 8)
         assert ds.cache.get(0) is None and ds.cache.kept() == 1
@@ -226,7 +278,7 @@ class TestCachedDataset:
     def test_unreadable_is_still_skipped(self, tmp_path):
         paths = _pngs(tmp_path, [(8, 8)])
         ds = _dataset(paths, transform=None)
-        attach_caches([ds], 1.0)
+        _attach([ds], 1.0)
         open(paths[0], "wb").close()
         with pytest.warns(UserWarning, match="skipping unreadable image"):
             assert ds[0] is None
@@ -241,8 +293,8 @@ class TestCachedDataset:
         uncached loader's."""
         paths = _pngs(tmp_path, [(12 + i % 3, 12) for i in range(12)])
         plain, cached = _dataset(paths), _dataset(paths)
-        attach_caches([cached], 1.0, workers=2)
         loaders = [make_loader(d, 4, train=True, workers=2, seed=3) for d in (plain, cached)]
+        attach_caches(loaders[1:], 1.0)
         for epoch in range(2):
             batches = []
             for loader in loaders:
@@ -264,3 +316,8 @@ class TestTrainPy:
                          re.MULTILINE)
         run("--data", digits, "--epochs", "2", "--output", tmp_path / "plain", "--ram-cache", "off", *FAST)
         assert_same_run(tmp_path / "cached", tmp_path / "plain")
+        # config.json's command can be typed again: the default is left out, "off" is written as 0
+        commands = [json.loads((tmp_path / r / "config.json").read_text())["resolved"]["command"]
+                    for r in ("cached", "plain")]
+        assert "--ram-cache" not in commands[0] and "--ram-cache 0.0" in commands[1]
+        assert train.get_args_parser().parse_args(shlex.split(commands[1])[2:]).ram_cache == 0.0
