@@ -7,7 +7,7 @@
 * ``files-nocache``: the same with ``--ram-cache off``: every epoch decodes every file.
 * ``pack``: ``train.py`` on the same folder packed by ``python -m gray_effnet pack`` (timed too).
 
-All three run at the same model, adapter, batch, image size, memory format, autocast, device and threads, eagerly:
+All of them run at the same model, adapter, batch, image size, memory format, autocast, device and threads, eagerly:
 train.py gets them as flags (``--channels-last on|off``, ``--amp``, ``--threads``, ``--compile off``), so that its
 own choices (the CPU probe, the thread governor, compiling) stay out. ``--rounds`` repeats the runs (files,
 files-nocache, then pack); the bare step is timed in a block of ``--bare-steps`` before the first run and after

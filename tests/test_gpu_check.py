@@ -284,11 +284,12 @@ class TestLoopSummary:
 
 
 class TestLoaderCost:
-    def test_each_data_path_alone_costs_time_per_image(self, tmp_path):
+    @pytest.mark.parametrize("cached", [False, True])
+    def test_each_data_path_alone_costs_time_per_image(self, tmp_path, cached):
         data = synthetic.generate(tmp_path / "s", 12, 40, bits=8, workers=1)
         args = loop.resolve_args(loop.get_args_parser().parse_args(["--smoke", "--device", "cpu"]),
                                  loop.train_defaults(), loop.resolve_device("cpu"))
-        ms = loop.loader_ms(data, args, loop.train_defaults())
+        ms = loop.loader_ms(data, args, loop.train_defaults(), cached=cached)
         assert 0 < ms < 1000
 
 
