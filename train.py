@@ -28,13 +28,11 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import shlex
 import time
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 import torch.distributed as dist
 from timm.utils.distributed import init_distributed_device_so
@@ -44,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 import gray_effnet
 from gray_effnet import GrayEfficientNet, GrayEffnetError, InputError, WeightsError, list_adapters
 from gray_effnet.adapters import adapter_options
-from gray_effnet.cache import attach_caches, parse_budget
+from gray_effnet.cache import RAM_CACHE_HELP, attach_caches, parse_budget
 from gray_effnet.checkpoint import (
     META_KEY,
     SELECT_BY,
@@ -76,7 +74,7 @@ from gray_effnet.intensity import WINDOWS_HELP, parse_intensity_args
 from gray_effnet.limits import input_size_limit, pixel_limit, set_max_pixels
 from gray_effnet.model import min_input_size
 from gray_effnet.run_report import report_after_training, report_line, write_report
-from gray_effnet.runinfo import device_name, git_commit
+from gray_effnet.runinfo import device_name, git_commit, versions
 from gray_effnet.sources import Augmentation, DataSource, open_source
 from gray_effnet.speed import (
     ThreadGovernor,
@@ -110,10 +108,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                      "the process) where an image reads faster than a training step spends on it, else 2",
                      workers_default="auto")
     g.add_argument("--val-split", type=float, default=0.2, help="validation fraction when DIR has no train/val")
-    g.add_argument("--ram-cache", type=parse_budget, default=None, metavar="GIB|auto|off",
-                   help="keep decoded images in memory after their first read, up to GIB (shared by the processes "
-                   "of a machine); auto (the default): a quarter of the available memory; off: decode every file "
-                   "every epoch")
+    g.add_argument("--ram-cache", type=parse_budget, default=None, metavar="GIB|auto|off", help=RAM_CACHE_HELP)
     g.add_argument("--batch-size", type=int, default=64, help="per process")
     g.add_argument("--windows", nargs="+", default=None, metavar="C:W", help=WINDOWS_HELP)
     g.add_argument("--crop-scale", type=float, default=0.8, help="smallest area of the random crop (1 = no crop)")
@@ -370,8 +365,7 @@ def run_training(args, held: contextlib.ExitStack) -> None:
                                "command": command_line(get_args_parser(), args, ["python", "train.py"]),
                                "commit": git_commit(Path(__file__)),
                                **({"labels": str(Path(args.labels).resolve())} if args.labels else {})},
-                  "versions": {"gray_effnet": gray_effnet.__version__, "torch": torch.__version__,
-                               "timm": timm.__version__, "python": platform.python_version()}}
+                  "versions": {"gray_effnet": gray_effnet.__version__, **versions()}}
         with atomic_write(output / "config.json") as tmp:
             tmp.write_text(json.dumps(config, indent=2))
         split_csv = source.write_split(output / "split.csv")  # sources with groups (label tables) say which went where

@@ -26,12 +26,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ALIGN", "AUTO_SHARE", "ImageCache", "attach_caches", "available_memory", "parse_budget"]
+__all__ = ["ALIGN", "AUTO_SHARE", "RAM_CACHE_HELP", "ImageCache", "attach_caches", "available_memory",
+           "parse_budget"]
 
 ALIGN = 64  # bytes: every slot starts on a cache line, so a float32 view of it is always aligned
 AUTO_SHARE = 0.25  # of the memory available at the start, for --ram-cache auto
 _DTYPES = (None, torch.uint8, torch.float32)  # the code kept in ``filled``: 0 is an empty slot
 GIB = 1024 ** 3
+RAM_CACHE_HELP = ("keep decoded images in memory after their first read, up to GIB (shared by the processes of a "
+                  "machine); auto (the default): a quarter of the available memory; off: decode every file every epoch")
 
 
 class ImageCache:
@@ -107,12 +110,9 @@ class ImageCache:
 
 
 def _shared_bytes(n: int) -> Tensor:
-    """A uint8 tensor of ``n`` bytes in shared memory, allocated there (``torch.empty(n).share_memory_()`` would
-    first copy, and so touch, every page of a private one)."""
-    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # torch's own route to shared memory
-    if new_shared is None:
-        return torch.empty(n, dtype=torch.uint8).share_memory_()
-    return torch.empty(0, dtype=torch.uint8).set_(new_shared(n))
+    """A uint8 tensor of ``n`` bytes in shared memory, allocated there by torch's own route (what
+    ``share_memory_()`` calls; on a private tensor it would first copy, and so touch, every page)."""
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n))
 
 
 # A container's memory limit and use: cgroup v2, then v1 (whose "no limit" is a huge number, not "max").
@@ -152,11 +152,9 @@ def available_memory() -> int | None:
     return free
 
 
-def parse_budget(text: str | float | None) -> float | None:
+def parse_budget(text: str) -> float | None:
     """``--ram-cache``: ``auto`` (``None``), ``off`` (0), or GiB (a number, 0 or more)."""
-    if text is None or isinstance(text, float):
-        return text
-    text = str(text).strip().lower()
+    text = text.strip().lower()
     if text == "auto":
         return None
     if text == "off":

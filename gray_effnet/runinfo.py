@@ -5,9 +5,10 @@ import platform
 import subprocess
 from pathlib import Path
 
+import timm
 import torch
 
-__all__ = ["NA", "device_name", "git_commit"]
+__all__ = ["NA", "device_name", "git_commit", "versions"]
 
 NA = "n/a"
 
@@ -38,3 +39,8 @@ def git_commit(path: str | os.PathLike) -> str:
     except (OSError, subprocess.SubprocessError):
         return NA
     return f"{sha}+dirty" if dirty else sha
+
+
+def versions() -> dict[str, str]:
+    """The versions of what a run's results depend on, beside this package's own: torch, timm and Python."""
+    return {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()}
